@@ -1,0 +1,135 @@
+"""One transformers quantizer, ``quant_method = "hfcompress"``, for every format and algorithm.
+
+Quantize on load: data-free algorithms (RTN) swap nn.Linear for QuantLinear on the meta
+model and quantize each float weight as it arrives (:class:`QuantizeOnLoad`); calibration
+algorithms (GPTQ ...) load the float model and run after loading. Pre-quantized reload
+builds the same QuantLinear tree from the config and loads the packed tensors; every packed
+tensor is validated against the format before the model is returned.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.quantizers.quantizers_utils import get_module_from_name
+
+from hfcompress.api import AFTER_QUANTIZE_HOOKS, dequantize_, quantize_weight
+from hfcompress.config import QUANT_METHOD, HfCompressConfig
+from hfcompress.formats.int_group import FormatError, validate_tensors
+from hfcompress.modules import (
+    is_conv1d,
+    linear_modules,
+    linear_shape,
+    resolve_modules_to_not_convert,
+    set_submodule,
+)
+from hfcompress.nn import QuantLinear
+
+
+def _has_disk(device_map) -> bool:
+    return isinstance(device_map, dict) and any(v == "disk" for v in device_map.values())
+
+
+class HfCompressQuantizer(HfQuantizer):
+    requires_calibration = False
+    quantization_config: HfCompressConfig
+
+    def validate_environment(self, device_map=None, **kwargs):
+        if not self.pre_quantized and _has_disk(device_map):
+            raise ValueError(
+                "hfcompress: quantize-on-load with disk offload is not supported (the offload index would point at "
+                "the float weights). Quantize with device_map on cpu/gpu, save_pretrained, then load that checkpoint "
+                "with disk offload.")
+
+    def _process_model_before_weight_loading(self, model, dtype=None, **kwargs):
+        config = self.quantization_config
+        keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+        config.modules_to_not_convert = sorted(
+            set(resolve_modules_to_not_convert(model, config.modules_to_not_convert)) | set(keep_fp32))
+        if not (self.pre_quantized or config.data_free):
+            return model  # calibration algorithms quantize after the float weights are loaded
+        compute_dtype = dtype if isinstance(dtype, torch.dtype) else torch.get_default_dtype()
+        for name, module in linear_modules(model, config.modules_to_not_convert):
+            in_features, out_features = linear_shape(module)
+            try:
+                q = QuantLinear(in_features, out_features, module.bias is not None, config.spec,
+                                compute_dtype=compute_dtype, device="meta")
+            except FormatError as e:
+                raise FormatError(f"{name}: {e}") from None
+            q._source_conv1d = is_conv1d(module)
+            set_submodule(model, name, q)
+        return model
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        if self.pre_quantized or not self.quantization_config.data_free:
+            return False
+        module, tensor_name = get_module_from_name(model, param_name)
+        return isinstance(module, QuantLinear) and tensor_name == "weight"
+
+    def get_quantize_ops(self):
+        return QuantizeOnLoad(self)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        config = self.quantization_config
+        if self.pre_quantized:
+            for name, module in model.named_modules():
+                if isinstance(module, QuantLinear):
+                    tensors = {n: b for n, b in module._buffers.items() if b is not None}
+                    validate_tensors(tensors, module.spec, module.out_features, module.in_features, where=name)
+        elif not config.data_free:
+            config.calibrate_(model, **kwargs)
+        return model
+
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True  # adapters (LoRA ...) train on top of QuantLinear
+
+    def _dequantize(self, model, dtype=None):
+        dequantize_(model)
+        if dtype is not None:
+            model.to(dtype)
+        return model
+
+
+class QuantizeOnLoad(ConversionOps):
+    """float ``<prefix>.weight`` -> the packed tensors of the int_group format."""
+
+    def __init__(self, hf_quantizer: HfCompressQuantizer):
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict, full_layer_name=None, model=None, missing_keys=None, **kwargs):
+        (name, value), = input_dict.items()
+        value = value[0] if isinstance(value, list) else value
+        prefix = name.rpartition(".")[0]
+        module = model.get_submodule(prefix)
+        weight = value.t() if getattr(module, "_source_conv1d", False) else value
+        config = self.hf_quantizer.quantization_config
+
+        try:
+            q = quantize_weight(weight, None, config)
+        except ValueError as e:
+            raise type(e)(f"{prefix}: {e}") from None
+        return {f"{prefix}.{n}": b.to(value.device) for n, b in q._buffers.items() if b is not None}
+
+
+def attach(model, config: HfCompressConfig) -> None:
+    """Make an in-memory quantized model look like one loaded with ``quantization_config``."""
+    model.hf_quantizer = HfCompressQuantizer(config, pre_quantized=True)
+    if hasattr(model, "config"):
+        model.config.quantization_config = config
+        model.config._is_quantized = True
+    model.quantization_method = QUANT_METHOD
+
+
+def register() -> None:
+    if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not HfCompressConfig:
+        AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = HfCompressConfig
+    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not HfCompressQuantizer:
+        AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = HfCompressQuantizer
+    if attach not in AFTER_QUANTIZE_HOOKS:
+        AFTER_QUANTIZE_HOOKS.append(attach)

@@ -1,0 +1,1 @@
+"""Triton kernels for hfcompress formats. Imports only torch and triton, lazily."""

@@ -1,0 +1,32 @@
+"""hfcompress: compression methods from the papers, native in transformers, PEFT, the Trainer and the Hub.
+
+``import hfcompress`` registers the ``"hfcompress"`` quantization method with transformers
+and hfcompress layers with PEFT (see hfcompress.integrations); nothing touches a device.
+"""
+
+from .api import dequantize_, quantize_, requantize_
+from .config import ConfigError, HfCompressConfig, RTNConfig
+from .formats import FormatError, IntGroupSpec
+from .nn import QuantLinear
+
+__version__ = "0.1.0"
+
+# The package entry point wires the integrations (which import hfcompress, never the reverse).
+from hfcompress.integrations import register_all as _register_all  # noqa: E402
+
+_register_all()
+
+from hfcompress.integrations.peft import merge_and_requantize  # noqa: E402
+
+__all__ = [
+    "ConfigError",
+    "FormatError",
+    "HfCompressConfig",
+    "IntGroupSpec",
+    "QuantLinear",
+    "RTNConfig",
+    "dequantize_",
+    "merge_and_requantize",
+    "quantize_",
+    "requantize_",
+]

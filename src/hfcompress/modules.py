@@ -1,0 +1,85 @@
+"""Which linear layers of a model get compressed, and swapping them. Duck-typed on
+transformers' public model attributes; no host-library internals."""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2 style ``Conv1D``: a linear layer whose weight is stored ``[in, out]``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of an nn.Linear or Conv1D."""
+    if is_conv1d(module):
+        return module.weight.shape[0], module.nf
+    return module.in_features, module.out_features
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The ``[out, in]`` weight of an nn.Linear or Conv1D."""
+    return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def default_modules_to_not_convert(model: nn.Module) -> list[str]:
+    """Tied weights and the output embedding (lm_head) stay in float by default."""
+    return sorted(set(tied_modules(model)) | set(_output_embedding_names(model)))
+
+
+def tied_modules(model: nn.Module) -> list[str]:
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    keys = set(tied.keys()) | set(tied.values())
+    return sorted({k.removesuffix(".weight") for k in keys})
+
+
+def _output_embedding_names(model: nn.Module) -> list[str]:
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if get is not None else None
+    if out is None:
+        return []
+    return [name for name, m in model.named_modules() if m is out]
+
+
+def resolve_modules_to_not_convert(model: nn.Module, requested: list[str] | None) -> list[str]:
+    """``None`` -> the defaults; a list -> that list plus tied weights (never quantize a tied copy)."""
+    if requested is None:
+        return default_modules_to_not_convert(model)
+    return sorted(set(requested) | set(tied_modules(model)))
+
+
+def matches(name: str, patterns: list[str]) -> bool:
+    """A pattern matches a module name from its start up to a module boundary, as a regex with
+    the same boundary, or as a dotted suffix ("lm_head", "layers.0", "mlp.down_proj", "layers.*.q_proj")."""
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    for p in patterns:
+        if name == p or name.endswith("." + p):
+            return True
+        try:
+            if re.match(rf"(?:{p}){boundary}", name):
+                return True
+        except re.error:
+            continue
+    return False
+
+
+def linear_modules(model: nn.Module, skip: list[str]) -> Iterator[tuple[str, nn.Module]]:
+    """Every nn.Linear / Conv1D not matched by ``skip``."""
+    for name, module in list(model.named_modules()):
+        if is_linear(module) and not matches(name, skip):
+            yield name, module
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

@@ -1,0 +1,10 @@
+"""Operators behind the compressed layers (``torch.library`` custom ops).
+
+Each op has a pure-torch reference (the spec, used on CPU and in tests), a fake for
+torch.compile, and backend registrations added lazily: the Triton kernels of
+``hfcompress.kernels`` for CUDA tensors.
+"""
+
+from .int_group_mm import int_group_mm, int_group_mm_ref
+
+__all__ = ["int_group_mm", "int_group_mm_ref"]
