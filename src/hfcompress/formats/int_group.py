@@ -18,7 +18,7 @@ name                    dtype    shape                                        wh
 ======================  =======  ===========================================  ============
 ``<prefix>.weight``     int32    ``[N, ceil(K / 32) * bits]``                  always
 ``<prefix>.weight_scale``  fp16  ``[N, G]``                                    always
-``<prefix>.weight_zero``   int32 ``[N, ceil(G / 32) * bits]``                  asymmetric
+``<prefix>.weight_zero``   int32 ``[G, ceil(N / 32) * bits]``                  asymmetric
 ``<prefix>.weight_g_idx``  int32 ``[K]``, values in ``[0, G)``                 act_order
 ``<prefix>.bias``       float    ``[N]``                                       if bias
 ======================  =======  ===========================================  ============
@@ -27,7 +27,9 @@ name                    dtype    shape                                        wh
 bit stream along the last axis: every run of 32 codes becomes ``bits`` int32 words, code
 ``j`` of the run occupying bits ``[j*bits, (j+1)*bits)`` of the run; for 2/4/8 bits this is
 the usual "32/bits codes per word, lowest code in the lowest bits". The axis is padded with
-zero codes to a multiple of 32. The packed tensor is called ``weight`` on purpose: a
+zero codes to a multiple of 32. Zero points are packed the same way along out_features
+(``weight_zero[g]`` holds the zeros of group ``g`` for every output channel), so few groups
+cost no padding. The packed tensor is called ``weight`` on purpose: a
 process that never imported hfcompress sees an int32 tensor whose shape cannot fit the float
 ``nn.Linear.weight`` and transformers refuses to load it, instead of silently loading
 garbage.
@@ -96,7 +98,7 @@ class IntGroupSpec:
             "weight_scale": ((out_features, g), SCALE_DTYPE),
         }
         if not self.sym:
-            shapes["weight_zero"] = ((out_features, packed_len(g, self.bits)), torch.int32)
+            shapes["weight_zero"] = ((g, packed_len(out_features, self.bits)), torch.int32)
         if self.act_order:
             shapes["weight_g_idx"] = ((in_features,), torch.int32)
         return shapes
@@ -171,7 +173,7 @@ def dequantize(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """The reference: the float weight ``[N, K]`` this format stores (the spec above)."""
-    n_groups = scale.shape[-1]
+    n_out = scale.shape[0]
     codes = unpack_codes(qweight, spec.bits, in_features).to(torch.float32)
     if g_idx is None:
         g_idx = default_g_idx(spec, in_features, qweight.device)
@@ -180,7 +182,7 @@ def dequantize(
     if spec.sym:
         z = float(1 << (spec.bits - 1))
     else:
-        z = unpack_codes(qzero, spec.bits, n_groups).to(torch.float32)[:, g_idx]
+        z = unpack_codes(qzero, spec.bits, n_out).to(torch.float32).t()[:, g_idx]
     return ((codes - z) * s).to(dtype)
 
 

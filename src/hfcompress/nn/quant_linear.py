@@ -21,7 +21,7 @@ class QuantLinear(nn.Module):
     """``y = x W^T + b`` with ``W`` held as packed integer codes + per-group scales/zeros.
 
     Buffers (persistent, saved by ``state_dict``): ``weight`` (int32 packed codes),
-    ``weight_scale`` (fp16), ``weight_zero`` (int32 packed, asymmetric only),
+    ``weight_scale`` (fp16), ``weight_zero`` (int32, packed along out_features, asymmetric only),
     ``weight_g_idx`` (int32, act-order only). ``bias`` is an ordinary parameter.
     ``compute_dtype`` is the float dtype the layer was built for (what :meth:`dequantize`
     returns by default); activations of any float dtype are accepted.
@@ -95,7 +95,7 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, g_
     """Unpacked algorithm output -> the stored tensors of the int_group format."""
     out = {"weight": pack_codes(codes, spec.bits), "weight_scale": scale.to(torch.float16)}
     if not spec.sym:
-        out["weight_zero"] = pack_codes(zero, spec.bits)
+        out["weight_zero"] = pack_codes(zero.t(), spec.bits)  # [G, N] packed along N
     if spec.act_order:
         out["weight_g_idx"] = g_idx.to(torch.int32)
     return out

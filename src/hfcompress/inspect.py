@@ -1,0 +1,125 @@
+"""Describe a saved hfcompress checkpoint from its config.json and safetensors headers only
+(no weights are loaded)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+
+_DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
+               "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8}
+
+
+def read_safetensors_header(path: str) -> dict:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > 100_000_000:
+            raise ValueError(f"{path}: safetensors header of {n} bytes is not plausible; the file is corrupt")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header
+
+
+@dataclass
+class LayerSummary:
+    name: str
+    in_features: int
+    out_features: int
+    stored_bits: int = 0
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.stored_bits / (self.in_features * self.out_features)
+
+
+@dataclass
+class CheckpointSummary:
+    path: str
+    quantization_config: dict | None
+    size_bytes: int
+    total_params_bits: int
+    layers: list[LayerSummary] = field(default_factory=list)
+
+    @property
+    def quantized_bits_per_weight(self) -> float:
+        w = sum(lay.in_features * lay.out_features for lay in self.layers)
+        return sum(lay.stored_bits for lay in self.layers) / w if w else float("nan")
+
+
+def summarize(path: str) -> CheckpointSummary:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{path} has no config.json; is it a model directory?")
+    with open(cfg_path) as f:
+        config = json.load(f)
+    files = sorted(fn for fn in os.listdir(path) if fn.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no .safetensors files")
+    tensors: dict[str, dict] = {}
+    size = 0
+    for fn in files:
+        fp = os.path.join(path, fn)
+        size += os.path.getsize(fp)
+        tensors.update(read_safetensors_header(fp))
+    qcfg = config.get("quantization_config")
+    summary = CheckpointSummary(path, qcfg, size, 0)
+    for name, meta in tensors.items():
+        bits = _DTYPE_BITS.get(meta["dtype"], 32)
+        summary.total_params_bits += math.prod(meta["shape"]) * bits
+    if qcfg and qcfg.get("quant_method") == "hfcompress":
+        shapes = _linear_shapes(path)
+        for name, meta in tensors.items():
+            if not name.endswith(".weight_scale"):
+                continue
+            prefix = name.removesuffix(".weight_scale")
+            if prefix not in shapes:
+                raise ValueError(f"{path}: {name} belongs to no linear layer of the model in config.json")
+            in_f, out_f = shapes[prefix]
+            lay = LayerSummary(prefix, in_f, out_f)
+            for suffix in ("weight", "weight_scale", "weight_zero", "weight_g_idx"):
+                t = tensors.get(f"{prefix}.{suffix}")
+                if t is not None:
+                    lay.stored_bits += math.prod(t["shape"]) * _DTYPE_BITS[t["dtype"]]
+            summary.layers.append(lay)
+    summary.layers.sort(key=lambda lay: lay.name)
+    return summary
+
+
+def _linear_shapes(path: str) -> dict[str, tuple[int, int]]:
+    """``{module name: (in_features, out_features)}`` of the float model, built on meta."""
+    import torch
+    import transformers
+
+    from .modules import is_linear, linear_shape
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    config.quantization_config = None
+    del config.quantization_config
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    with torch.device("meta"):
+        model = cls._from_config(config) if cls is not None else transformers.AutoModel.from_config(config)
+    return {n: linear_shape(m) for n, m in model.named_modules() if is_linear(m)}
+
+
+def format_summary(s: CheckpointSummary, per_layer: bool = True) -> str:
+    lines = [f"checkpoint: {s.path}", f"size on disk: {s.size_bytes / 2**20:.2f} MiB"]
+    q = s.quantization_config
+    if not q:
+        lines.append("not quantized (no quantization_config)")
+        return "\n".join(lines)
+    lines.append(f"quant_method: {q.get('quant_method')}  format: {q.get('format')} v{q.get('format_version')}  "
+                 f"algorithm: {q.get('algorithm')}")
+    lines.append(f"bits: {q.get('bits')}  group_size: {q.get('group_size')}  sym: {q.get('sym')}  "
+                 f"act_order: {q.get('act_order')}")
+    lines.append(f"quantized layers: {len(s.layers)}  bits per weight (scales, zeros, g_idx included): "
+                 f"{s.quantized_bits_per_weight:.3f}")
+    lines.append(f"kept in float: {q.get('modules_to_not_convert')}")
+    if per_layer and s.layers:
+        lines.append(f"{'layer':<48} {'in':>6} {'out':>6} {'bits/w':>7}")
+        for lay in s.layers:
+            lines.append(f"{lay.name:<48} {lay.in_features:>6} {lay.out_features:>6} {lay.bits_per_weight:>7.3f}")
+    return "\n".join(lines)
