@@ -119,5 +119,133 @@ def _wrap_create_new_module() -> None:
     LoraModel._create_new_module = staticmethod(_create_new_module)
 
 
+# ---------------------------------------------------------------------------------------------
+# Third-party PEFT methods (Compacter, MoS, L4Q, ...): extend PeftType, fill peft's mappings.
+#
+# peft 0.21 only registers methods whose upper-cased name is already a member of the closed
+# ``PeftType`` str-Enum, so the member is added at runtime through the enum's own maps. This is
+# the one place that does it; ``tests/test_peft_registration.py`` fails loudly if peft changes
+# any of the internals used here.
+# ---------------------------------------------------------------------------------------------
+
+#: peft versions whose internals this section was checked against ([low, high)).
+PEFT_TESTED_RANGE = ((0, 21), (0, 22))
+
+
+class PeftInternalsError(RuntimeError):
+    """peft no longer exposes an internal that third-party method registration relies on."""
+
+
+def _peft_version() -> tuple[int, int]:
+    import peft
+
+    parts = peft.__version__.split(".")
+    return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+
+
+def check_peft_internals() -> None:
+    """Raise :class:`PeftInternalsError` naming what changed if peft's internals moved."""
+    import enum
+
+    import peft
+    from peft import mapping
+    from peft.utils import peft_types
+
+    where = f"peft {peft.__version__}"
+    pt = getattr(peft_types, "PeftType", None)
+    if not (isinstance(pt, enum.EnumMeta) and issubclass(pt, str)):
+        raise PeftInternalsError(f"{where}: peft.utils.peft_types.PeftType is no longer a str Enum")
+    for attr in ("_member_map_", "_member_names_", "_value2member_map_"):
+        if not hasattr(pt, attr):
+            raise PeftInternalsError(f"{where}: PeftType has no {attr}; update register_peft_method_type")
+    for attr in ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING",
+                 "PEFT_TYPE_TO_MIXED_MODEL_MAPPING"):
+        if not isinstance(getattr(mapping, attr, None), dict):
+            raise PeftInternalsError(f"{where}: peft.mapping.{attr} is gone or not a dict")
+    import inspect
+
+    params = inspect.signature(peft_types.register_peft_method).parameters
+    for p in ("name", "config_cls", "model_cls", "prefix"):
+        if p not in params:
+            raise PeftInternalsError(f"{where}: peft.utils.register_peft_method lost its {p!r} argument")
+    if not (PEFT_TESTED_RANGE[0] <= _peft_version() < PEFT_TESTED_RANGE[1]):
+        import warnings
+
+        warnings.warn(f"hfcompress registers its PEFT methods through peft internals checked on peft "
+                      f"{PEFT_TESTED_RANGE[0]}..<{PEFT_TESTED_RANGE[1]}; found {where}. The internals it needs "
+                      "are present, but if loading adapters misbehaves, install peft>=0.21,<0.22.", stacklevel=2)
+
+
+def _extend_peft_type(member: str):
+    """Add ``member`` (value == name, like every built-in PeftType) to the PeftType enum; return it."""
+    from peft.utils.peft_types import PeftType
+
+    if member in PeftType._member_map_:
+        return PeftType._member_map_[member]
+    obj = str.__new__(PeftType, member)
+    obj._name_ = member
+    obj._value_ = member
+    obj.__objclass__ = PeftType
+    obj._sort_order_ = len(PeftType._member_names_)
+    # set the class attribute first: EnumType.__setattr__ refuses names already in _member_map_
+    type.__setattr__(PeftType, member, obj)
+    PeftType._member_map_[member] = obj
+    PeftType._member_names_.append(member)
+    PeftType._value2member_map_[member] = obj
+    return obj
+
+
+def register_peft_method_type(name: str, config_cls, model_cls, prefix: str):
+    """Make ``name`` a PEFT method like the built-in ones: ``PeftType.<NAME>`` exists, and
+    ``get_peft_model`` / ``PeftModel.from_pretrained`` / ``load_adapter`` find ``config_cls``
+    and ``model_cls``. Idempotent (registering the same classes again is a no-op; a class
+    re-created by a module reload replaces the old one). Returns the ``PeftType`` member.
+
+    ``prefix`` must equal ``model_cls.prefix`` and appear in every adapter attribute name.
+    """
+    from peft import mapping
+    from peft.utils.peft_types import PeftType, register_peft_method
+
+    if not (isinstance(name, str) and name.isidentifier() and name.islower() and not name.endswith("_")):
+        raise ValueError(f"PEFT method name must be a lower-case identifier without a trailing '_', got {name!r}")
+    if getattr(model_cls, "prefix", None) != prefix:
+        raise ValueError(f"register_peft_method_type({name!r}): prefix {prefix!r} differs from "
+                         f"{model_cls.__name__}.prefix = {getattr(model_cls, 'prefix', None)!r}; make them equal")
+    check_peft_internals()
+    member = name.upper()
+    existing_cfg = mapping.PEFT_TYPE_TO_CONFIG_MAPPING.get(member)
+    if existing_cfg is not None:
+        same = existing_cfg is config_cls and mapping.PEFT_TYPE_TO_TUNER_MAPPING.get(member) is model_cls
+        reloaded = (_qualname(existing_cfg) == _qualname(config_cls)
+                    and _qualname(mapping.PEFT_TYPE_TO_TUNER_MAPPING.get(member)) == _qualname(model_cls))
+        if not (same or reloaded):
+            raise ValueError(f"PEFT method {name!r} is already registered with {_qualname(existing_cfg)}; "
+                             f"refusing to replace it with {_qualname(config_cls)} (choose another name)")
+        peft_type = PeftType(member)
+        if not same:  # a module reload re-created the classes: point the mappings at the new ones
+            mapping.PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
+            mapping.PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
+        return peft_type
+    clash = [t for t, p in mapping.PEFT_TYPE_TO_PREFIX_MAPPING.items() if p == prefix]
+    if clash:
+        raise ValueError(f"register_peft_method_type({name!r}): prefix {prefix!r} is already used by {clash[0]}")
+    peft_type = _extend_peft_type(member)
+    register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=prefix)
+    return peft_type
+
+
+def _qualname(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}" if cls is not None else "None"
+
+
+def _register_peft_methods() -> None:
+    """The hfcompress PEFT methods (each package under hfcompress.adapters that defines one)."""
+    from hfcompress.adapters import PEFT_METHODS
+
+    for name, (config_cls, model_cls, prefix) in PEFT_METHODS.items():
+        register_peft_method_type(name, config_cls, model_cls, prefix)
+
+
 def register() -> None:
     _wrap_create_new_module()
+    _register_peft_methods()
