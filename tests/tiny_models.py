@@ -58,3 +58,15 @@ def inputs(batch: int = 2, seq: int = 17, seed: int = 1) -> torch.Tensor:
 def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
     ref, test = ref.double(), test.double()
     return (10 * torch.log10(ref.pow(2).sum() / (ref - test).pow(2).sum().clamp_min(1e-300))).item()
+
+
+def char_tokenizer():
+    """A real (fast) tokenizer built in-process: one token per character, VOCAB ids, id 0 = unknown.
+    Enough for calibration text -> token batches and save/reload with a tiny model."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n", "\t"] + [chr(c) for c in range(0xC0, 0x100)]
+    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(chars[:VOCAB - 1])}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")

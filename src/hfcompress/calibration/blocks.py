@@ -1,0 +1,288 @@
+"""Block-by-block (true-sequential) runner over the decoder blocks of a Hugging Face model.
+
+Each block's inputs (hidden states and the keyword arguments the model passes it: attention
+mask, rotary position embeddings, ...) are captured once, by running the model up to the first
+block. Then, block after block, the caller gets a :class:`BlockStep` (the block, its inputs and
+ways to run it with hooks on its linear layers), changes the block as it likes, and the runner
+computes the changed block's outputs, which become the next block's inputs. Peak memory is one
+block's weights plus the activations of the calibration batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..modules import is_conv1d, is_linear, matches
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass early once everything needed was seen."""
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder block list: the ``nn.ModuleList`` whose length is the config's number of
+    layers and whose items share one class (``model.layers``, ``transformer.h`` ...)."""
+    config = getattr(model, "config", None)
+    n_layers = getattr(config, "num_hidden_layers", None)
+    candidates = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(b) for b in m}) == 1:
+            candidates.append((name, m))
+    exact = [c for c in candidates if n_layers is not None and len(c[1]) == n_layers]
+    pool = exact or candidates
+    if not pool:
+        raise ValueError(f"{type(model).__name__}: no list of decoder blocks found (an nn.ModuleList of "
+                         "identical blocks); block-by-block calibration needs one")
+    return max(pool, key=lambda c: len(c[1]))
+
+
+class _Catcher(nn.Module):
+    """Stands in for block 0: records the block's inputs, then stops the forward."""
+
+    def __init__(self, block: nn.Module, store: list):
+        super().__init__()
+        self.block = block
+        self.store = store
+
+    def __getattr__(self, name):  # models read attributes of their layers (e.g. attention_type)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["block"], name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.store.append((hidden_states, args, kwargs))
+        raise _StopForward
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor], device=None
+                         ) -> tuple[list[torch.Tensor], list[tuple], list[dict]]:
+    """Run ``model`` on each batch of token ids up to its first decoder block.
+
+    Returns per batch the block's hidden-state input ``[b, s, d]``, extra positional args and
+    keyword args (attention mask, position embeddings ...; caches are dropped). The modules
+    before the first block must hold real weights; the blocks may be on ``meta``.
+    """
+    _, blocks = find_blocks(model)
+    store: list = []
+    first = blocks[0]
+    blocks[0] = _Catcher(first, store)
+    try:
+        for ids in batches:
+            ids = ids.to(device) if device is not None else ids
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        blocks[0] = first
+    if len(store) != len(batches):
+        raise RuntimeError(f"{type(model).__name__}: the first decoder block was not reached for every batch")
+    drop = {"cache", "past_key_values", "past_key_value", "layer_past", "use_cache", "output_attentions"}
+    hidden = [h for h, _, _ in store]
+    args = [a for _, a, _ in store]
+    kwargs = [{k: v for k, v in kw.items() if k not in drop} for _, _, kw in store]
+    return hidden, args, kwargs
+
+
+@dataclass
+class InputStats:
+    """Running ``X^T X`` (fp32, ``[K, K]``) and token count of one linear layer's inputs."""
+
+    xtx: torch.Tensor
+    n_tokens: int = 0
+
+    def add_(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(torch.float32)  # [tokens, K]
+        self.xtx.addmm_(x.t(), x)
+        self.n_tokens += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        """GPTQ's ``H = 2 X X^T / n`` (``[K, K]``, fp32)."""
+        return self.xtx * (2.0 / max(self.n_tokens, 1))
+
+
+@dataclass
+class BlockStep:
+    """One decoder block as the runner hands it to the caller.
+
+    ``block`` is on the working device; ``inputs[i]`` / ``args[i]`` / ``kwargs[i]`` are what the
+    model passed it for calibration batch ``i``; ``linear_names`` are the block-relative names of
+    its linear layers (nn.Linear / Conv1D) not skipped, in execution order.
+    """
+
+    index: int
+    name: str
+    block: nn.Module
+    inputs: list[torch.Tensor]
+    args: list[tuple]
+    kwargs: list[dict]
+    linear_names: list[str]
+    _groups: list[list[str]] | None = field(default=None, repr=False)
+
+    def module(self, name: str) -> nn.Module:
+        """The module now at block-relative ``name`` (a QuantLinear once the caller replaced it)."""
+        return self.block.get_submodule(name)
+
+    @torch.no_grad()
+    def run(self, hooks: dict[str, Callable[[nn.Module, torch.Tensor, torch.Tensor], None]] | None = None,
+            stop_after: set[str] | None = None, keep_outputs: bool = True) -> list[torch.Tensor] | None:
+        """Run the block on every captured input, calling ``hooks[name](module, x, y)`` with each
+        input ``x`` and output ``y`` of the named linear layers. With ``stop_after``, each forward
+        ends as soon as all those layers ran (outputs are then not returned)."""
+        hooks = hooks or {}
+        handles = []
+        seen: set[str] = set()
+
+        def make(name, fn):
+            def hook(module, args, output):
+                if fn is not None:
+                    fn(module, args[0], output)
+                seen.add(name)
+                if stop_after and stop_after <= seen:
+                    raise _StopForward
+            return hook
+
+        names = set(hooks) | set(stop_after or ())
+        for name in names:
+            handles.append(self.module(name).register_forward_hook(make(name, hooks.get(name))))
+        outputs = [] if keep_outputs and not stop_after else None
+        try:
+            for x, a, kw in zip(self.inputs, self.args, self.kwargs):
+                seen.clear()
+                try:
+                    out = self.block(x, *a, **kw)
+                except _StopForward:
+                    continue
+                if outputs is not None:
+                    outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
+        finally:
+            for h in handles:
+                h.remove()
+        return outputs
+
+    def collect_input_stats(self, names: list[str] | None = None, stop_early: bool = True) -> dict[str, InputStats]:
+        """``X^T X`` of the inputs of the named linear layers (default: all) over all inputs."""
+        names = list(names or self.linear_names)
+        stats = {}
+        for n in names:
+            k = _in_features(self.module(n))
+            stats[n] = InputStats(torch.zeros(k, k, dtype=torch.float32, device=self.inputs[0].device))
+        self.run({n: (lambda s: lambda m, x, y: s.add_(x))(stats[n]) for n in names},
+                 stop_after=set(names) if stop_early else None, keep_outputs=False)
+        return stats
+
+    def sequential_groups(self) -> list[list[str]]:
+        """The linear layers in execution order, grouped by shared input (q/k/v, gate/up ...):
+        quantizing group by group, each group sees the outputs of the already-changed ones."""
+        if self._groups is None:
+            order: list[tuple[str, torch.Tensor]] = []
+
+            def make(name):
+                def hook(module, args):
+                    order.append((name, args[0]))  # keeps the tensor alive: identities stay unique
+                return hook
+
+            handles = [self.module(n).register_forward_pre_hook(make(n)) for n in self.linear_names]
+            try:
+                with torch.no_grad():
+                    self.block(self.inputs[0][:1], *self.args[0], **_first_row(self.kwargs[0]))
+            finally:
+                for h in handles:
+                    h.remove()
+            groups: list[list[str]] = []
+            last_input = None
+            for name, x in order:
+                if any(name in g for g in groups):
+                    continue
+                if last_input is not None and x is last_input:
+                    groups[-1].append(name)
+                else:
+                    groups.append([name])
+                last_input = x
+            missing = [n for n in self.linear_names if not any(n in g for g in groups)]
+            self._groups = groups + [[n] for n in missing]
+        return self._groups
+
+
+def _in_features(m: nn.Module) -> int:
+    """Input width of an nn.Linear, GPT-2 Conv1D (weight ``[in, out]``) or QuantLinear."""
+    return m.weight.shape[0] if is_conv1d(m) else m.in_features
+
+
+def _first_row(kwargs: dict) -> dict:
+    """Slice batch-shaped kwargs to their first row (for a one-row probe forward)."""
+    out = {}
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] > 1:
+            out[k] = v[:1]
+        elif isinstance(v, tuple) and all(isinstance(t, torch.Tensor) for t in v):
+            out[k] = tuple(t[:1] if t.dim() >= 1 and t.shape[0] > 1 else t for t in v)
+        else:
+            out[k] = v
+    return out
+
+
+def block_linear_names(block: nn.Module, block_name: str, skip: list[str]) -> list[str]:
+    """Block-relative names of the linear layers in ``block`` whose full name is not skipped."""
+    return [n for n, m in block.named_modules()
+            if n and is_linear(m) and not matches(f"{block_name}.{n}", skip)]
+
+
+def iterate_blocks(model: nn.Module, batches: list[torch.Tensor], skip: list[str] | None = None, device=None,
+                   load_block: Callable[[int, str, nn.Module], None] | None = None,
+                   release_block: Callable[[int, str, nn.Module], None] | None = None,
+                   progress: bool = False, desc: str = "calibrate") -> Iterator[BlockStep]:
+    """Yield a :class:`BlockStep` per decoder block, true-sequentially.
+
+    After the caller's loop body has changed ``step.block``, the runner runs the changed block on
+    the same inputs and feeds its outputs to the next block. ``device`` (default: where the model's
+    first parameter is) is where each block runs; the block goes back to its own device after.
+    ``load_block(i, name, block)`` / ``release_block(...)`` let a streaming caller materialise a
+    block's weights before its turn and free them after (see hfcompress.streaming).
+    """
+    skip = skip or []
+    prefix, blocks = find_blocks(model)
+    if device is None:
+        device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    device = torch.device(device)
+    hidden, args, kwargs = capture_block_inputs(model, batches, device=device)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(blocks), desc=desc, unit="block")
+    for i in range(len(blocks)):
+        name = f"{prefix}.{i}" if prefix else str(i)
+        if load_block is not None:
+            load_block(i, name, blocks[i])
+        block = blocks[i]
+        home = next((p.device for p in block.parameters()), device)
+        block.to(device)
+        step = BlockStep(i, name, block, hidden, args, kwargs, block_linear_names(block, name, skip))
+        yield step
+        block = blocks[i]  # the caller may have replaced modules inside it
+        hidden = step.run()
+        step.inputs = hidden
+        block.to(home)
+        if release_block is not None:
+            release_block(i, name, block)
+        if bar is not None:
+            bar.update(1)  # tqdm shows blocks done / total and the ETA
+    if bar is not None:
+        bar.close()

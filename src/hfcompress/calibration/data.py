@@ -1,0 +1,88 @@
+"""Text -> token batches for calibration.
+
+Texts are joined with blank lines, tokenized once, and cut into ``n_samples`` windows of
+``seq_len`` tokens at evenly spaced offsets (deterministic: the same text, tokenizer and sizes
+always give the same batches). No padding, so blocks see plain causal attention.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from typing import Any, Iterable
+
+import torch
+
+#: bundled texts (see hfcompress/data/SOURCES.md for where each comes from)
+BUNDLED = {
+    "calibration": "shakespeare_calibration.txt",   # five plays, never used for evaluation
+    "eval": "shakespeare_eval.txt",                 # Hamlet: same domain, disjoint text
+    "eval_technical": "sqlite_eval.txt",            # technical prose: a second, unrelated domain
+}
+
+
+def bundled_text(name: str = "calibration") -> str:
+    """The text of a bundled file: ``"calibration"``, ``"eval"`` or ``"eval_technical"``."""
+    if name not in BUNDLED:
+        raise ValueError(f"bundled text {name!r} is unknown; choose one of {sorted(BUNDLED)}")
+    return resources.files("hfcompress.data").joinpath(BUNDLED[name]).read_text(encoding="utf-8")
+
+
+def load_texts(dataset: Any = None) -> list[str]:
+    """Normalise a calibration source to a list of strings.
+
+    ``None`` -> the bundled calibration text; a path to a text file -> its content; the name of a
+    bundled text (``"calibration"``, ``"eval"``, ``"eval_technical"``); a list/tuple of strings; or
+    any object with a ``"text"`` column (``datasets.Dataset``) or an iterable of strings.
+    """
+    if dataset is None:
+        return [bundled_text("calibration")]
+    if isinstance(dataset, (str, os.PathLike)):
+        path = os.fspath(dataset)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                return [f.read()]
+        if path in BUNDLED:
+            return [bundled_text(path)]
+        raise FileNotFoundError(f"calibration dataset {path!r} is neither a text file nor a bundled text "
+                                f"({sorted(BUNDLED)}); pass a file path, a list of strings or a datasets.Dataset")
+    column_names = getattr(dataset, "column_names", None)
+    if column_names is not None:
+        if "text" not in column_names:
+            raise ValueError(f"calibration dataset has columns {column_names}; it needs a 'text' column")
+        dataset = dataset["text"]
+    if isinstance(dataset, Iterable):
+        texts = list(dataset)
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise TypeError(f"calibration dataset item {bad[0]} is {type(texts[bad[0]]).__name__}, expected str")
+        if not texts:
+            raise ValueError("calibration dataset is empty")
+        return texts
+    raise TypeError(f"calibration dataset must be None, a path, a list of strings or a datasets.Dataset; "
+                    f"got {type(dataset).__name__}")
+
+
+def tokenize_text(tokenizer, texts: list[str]) -> torch.Tensor:
+    """All texts joined by blank lines -> one LongTensor ``[T]`` of token ids (no special tokens)."""
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.as_tensor(ids, dtype=torch.long)
+
+
+def get_calibration_batches(tokenizer, dataset: Any = None, n_samples: int = 128, seq_len: int = 512,
+                            batch_size: int = 8) -> list[torch.Tensor]:
+    """Token batches for calibration: a list of LongTensors ``[b, seq_len]`` (``b <= batch_size``),
+    ``n_samples`` windows in all, cut at evenly spaced offsets of the tokenized ``dataset``
+    (see :func:`load_texts` for what ``dataset`` may be)."""
+    for name, v in (("n_samples", n_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"get_calibration_batches: {name} must be a positive int, got {v!r}")
+    if tokenizer is None:
+        raise ValueError("calibration needs a tokenizer: pass tokenizer=..., or calibration batches directly")
+    ids = tokenize_text(tokenizer, load_texts(dataset))
+    if ids.numel() < seq_len:
+        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}; "
+                         "give more text or a smaller seq_len")
+    starts = torch.linspace(0, ids.numel() - seq_len, n_samples).round().long()
+    windows = torch.stack([ids[s:s + seq_len] for s in starts.tolist()])  # [n_samples, seq_len]
+    return list(windows.split(batch_size))

@@ -1,0 +1,116 @@
+"""Calibration engine: text -> batches; block-by-block runner on Llama-GQA, Qwen2 and GPT-2."""
+
+import pytest
+import torch
+import tiny_models as tm
+
+from hfcompress.calibration import (
+    bundled_text,
+    find_blocks,
+    get_calibration_batches,
+    iterate_blocks,
+    load_texts,
+)
+
+ARCHS = ["llama", "qwen2", "gpt2"]
+
+
+def test_calibration_batches_shapes_deterministic_and_from_text():
+    tok = tm.char_tokenizer()
+    b1 = get_calibration_batches(tok, n_samples=10, seq_len=33, batch_size=4)
+    b2 = get_calibration_batches(tok, n_samples=10, seq_len=33, batch_size=4)
+    assert [tuple(b.shape) for b in b1] == [(4, 33), (4, 33), (2, 33)]
+    assert all(torch.equal(x, y) for x, y in zip(b1, b2))
+    # the windows are real text of the bundled calibration file, spread over it
+    first = tok.decode(b1[0][0]).replace(" ", "")
+    assert first in bundled_text("calibration").replace(" ", "")
+    assert not torch.equal(b1[0][0], b1[0][1])
+
+
+def test_calibration_sources_list_file_and_dataset_like(tmp_path):
+    tok = tm.char_tokenizer()
+    text = "To be, or not to be, that is the question. " * 20
+    p = tmp_path / "c.txt"
+    p.write_text(text)
+    from_list = get_calibration_batches(tok, [text], n_samples=3, seq_len=40)
+    from_file = get_calibration_batches(tok, str(p), n_samples=3, seq_len=40)
+
+    class Columns(dict):  # what a datasets.Dataset offers
+        column_names = ["text"]
+
+    from_ds = get_calibration_batches(tok, Columns(text=[text]), n_samples=3, seq_len=40)
+    assert torch.equal(from_list[0], from_file[0]) and torch.equal(from_list[0], from_ds[0])
+    assert load_texts("eval_technical")[0].startswith("This document was originally created")
+
+
+@pytest.mark.parametrize("bad, err", [
+    ("/no/such/file.txt", FileNotFoundError), ([1, 2], TypeError), ([], ValueError)])
+def test_calibration_bad_sources_name_the_problem(bad, err):
+    with pytest.raises(err, match="calibration dataset"):
+        get_calibration_batches(tm.char_tokenizer(), bad, n_samples=2, seq_len=8)
+
+
+def test_calibration_too_little_text():
+    with pytest.raises(ValueError, match="fewer than seq_len"):
+        get_calibration_batches(tm.char_tokenizer(), ["short"], n_samples=2, seq_len=64)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_calibration_runner_reproduces_hidden_states(arch):
+    """Unchanged blocks: every block's captured inputs equal the model's own hidden states."""
+    model = tm.BUILDERS[arch]()
+    ids = tm.inputs(3, 19)
+    with torch.no_grad():
+        ref = model(input_ids=ids, output_hidden_states=True).hidden_states
+    seen = []
+    for step in iterate_blocks(model, [ids[:2], ids[2:]]):
+        torch.testing.assert_close(torch.cat(step.inputs), ref[step.index], rtol=0, atol=1e-6)
+        seen.append(step.name)
+    prefix, blocks = find_blocks(model)
+    assert seen == [f"{prefix}.{i}" for i in range(len(blocks))]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_calibration_groups_and_input_stats(arch):
+    model = tm.BUILDERS[arch]()
+    ids = tm.inputs(2, 11)
+    step = next(iterate_blocks(model, [ids]))
+    groups = step.sequential_groups()
+    assert sorted(n for g in groups for n in g) == sorted(step.linear_names)
+    if arch != "gpt2":
+        assert groups[0] == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+        assert ["mlp.gate_proj", "mlp.up_proj"] in groups and groups[-1] == ["mlp.down_proj"]
+    # X^T X of q_proj / c_attn input equals the layer-normed block input, computed by hand
+    first = groups[0][0]
+    stats = step.collect_input_stats([first])[first]
+    norm = step.block.input_layernorm if arch != "gpt2" else step.block.ln_1
+    x = norm(step.inputs[0]).reshape(-1, stats.xtx.shape[0]).float()
+    assert stats.n_tokens == 22
+    torch.testing.assert_close(stats.xtx, x.t() @ x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.hessian(), 2 * x.t() @ x / 22, rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_feeds_changed_block_forward():
+    """True-sequential: block 1 sees the outputs of the *changed* block 0."""
+    model = tm.llama_gqa()
+    ids = tm.inputs(2, 9)
+    with torch.no_grad():
+        before = model(input_ids=ids, output_hidden_states=True).hidden_states
+    block1_inputs = None
+    for step in iterate_blocks(model, [ids]):
+        if step.index == 0:
+            step.module("mlp.down_proj").weight.data.mul_(0.5)
+        else:
+            block1_inputs = step.inputs[0]
+    with torch.no_grad():
+        after = model(input_ids=ids, output_hidden_states=True).hidden_states
+    assert (block1_inputs - before[1]).abs().max() > 1e-4
+    torch.testing.assert_close(block1_inputs, after[1], rtol=0, atol=1e-6)
+
+
+def test_calibration_skip_and_missing_blocks():
+    model = tm.llama_gqa()
+    step = next(iterate_blocks(model, [tm.inputs(1, 5)], skip=["mlp.down_proj"]))
+    assert "mlp.down_proj" not in step.linear_names and "mlp.up_proj" in step.linear_names
+    with pytest.raises(ValueError, match="no list of decoder blocks"):
+        find_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
