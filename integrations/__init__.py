@@ -16,4 +16,7 @@ def register_all() -> None:
 
     _transformers.register()
     _peft.register()
+    from hfcompress.prune.export import register as _register_pruned  # pruned model types, AutoModelForCausalLM
+
+    _register_pruned()
     _DONE = True
