@@ -4,14 +4,10 @@
 and hfcompress layers with PEFT (see hfcompress.integrations); nothing touches a device.
 """
 
-from .adapters.eora import EoRAConfig, compensate, merge_compensation
 from .api import dequantize_, quantize_, requantize_
 from .config import ConfigError, HfCompressConfig, RTNConfig
 from .formats import FormatError, IntGroupSpec
 from .nn import QuantLinear
-from .adapters import CompacterConfig, MoSConfig  # PEFT methods (Compacter/Compacter++, MoS)
-from .adapters import l4q  # noqa: E402  (L4Q: a PEFT method, registered by _register_all below)
-from .adapters.l4q import L4QConfig
 
 __version__ = "0.1.0"
 
@@ -26,22 +22,15 @@ from hfcompress.integrations.trainer import LoRAPruneCallback  # noqa: E402
 from . import prune  # noqa: E402
 
 __all__ = [
-    "CompacterConfig",
     "ConfigError",
-    "EoRAConfig",
     "FormatError",
     "HfCompressConfig",
     "IntGroupSpec",
-    "L4QConfig",
     "LoRAPruneCallback",
-    "MoSConfig",
     "QuantLinear",
     "RTNConfig",
-    "compensate",
     "dequantize_",
-    "l4q",
     "merge_and_requantize",
-    "merge_compensation",
     "prune",
     "quantize_",
     "requantize_",
