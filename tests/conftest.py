@@ -3,5 +3,30 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))  # tiny_models and other test helpers
 
+# A local Hub (tests/hub_server.py) for every test process (each xdist worker starts its own).
+# Its environment must be set before huggingface_hub is first imported (it reads it once);
+# subprocesses inherit it through os.environ. Nothing reaches the network: HF_ENDPOINT is local.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+import pytest  # noqa: E402
+from hub_server import HubServer  # noqa: E402
+
+if "huggingface_hub.constants" in sys.modules:
+    raise RuntimeError("huggingface_hub was imported before tests/conftest.py; the local Hub environment "
+                       "(HF_ENDPOINT ...) would be ignored. Find the plugin importing it and disable it.")
+LOCAL_HUB = HubServer().start()
+_HF_HOME = tempfile.mkdtemp(prefix="hfcompress-test-hf-home-")
+os.environ.update(LOCAL_HUB.environment(_HF_HOME))
+atexit.register(shutil.rmtree, _HF_HOME, True)
+
+
+@pytest.fixture(scope="session")
+def local_hub():
+    """The in-process local Hub server (see tests/hub_server.py); env already points at it."""
+    return LOCAL_HUB
+
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
