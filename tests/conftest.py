@@ -3,6 +3,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))  # tiny_models and other test helpers
 
+# pytest-xdist runs one worker per core: one intra-op thread each (subprocesses inherit it).
+# Oversubscribed OpenMP pools spin and make tiny-tensor ops 100x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # A local Hub (tests/hub_server.py) for every test process (each xdist worker starts its own).
 # Its environment must be set before huggingface_hub is first imported (it reads it once);
 # subprocesses inherit it through os.environ. Nothing reaches the network: HF_ENDPOINT is local.
