@@ -5,9 +5,10 @@ and hfcompress layers with PEFT (see hfcompress.integrations); nothing touches a
 """
 
 from .api import dequantize_, quantize_, requantize_
-from .config import ConfigError, HfCompressConfig, RTNConfig
+from .config import ConfigError, GPTQConfig, HfCompressConfig, RTNConfig
 from .formats import FormatError, IntGroupSpec
 from .nn import QuantLinear
+from .streaming import quantize
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ from . import prune  # noqa: E402
 __all__ = [
     "ConfigError",
     "FormatError",
+    "GPTQConfig",
     "HfCompressConfig",
     "IntGroupSpec",
     "LoRAPruneCallback",
@@ -31,6 +33,7 @@ __all__ = [
     "RTNConfig",
     "dequantize_",
     "merge_and_requantize",
+    "quantize",
     "prune",
     "quantize_",
     "requantize_",

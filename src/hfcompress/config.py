@@ -159,3 +159,83 @@ class RTNConfig(HfCompressConfig):
         from .algorithms.rtn import rtn
 
         return rtn(weight, self.spec, mse_clip=self.mse_clip)
+
+
+@register_algorithm
+class GPTQConfig(HfCompressConfig):
+    """GPTQ: one-shot second-order quantization, calibrated block by block on text.
+
+    ``act_order`` quantizes columns by descending activation energy (stored as ``g_idx``);
+    ``static_groups`` keeps natural groups with act-order (no ``g_idx`` stored: faster kernels);
+    ``damp`` is the Hessian dampening relative to its mean diagonal; ``mse_clip`` searches each
+    group's clipping range; ``dataset`` / ``n_samples`` / ``seq_len`` choose the calibration
+    tokens (``None``: the bundled public-domain text); ``true_sequential`` calibrates each group
+    of layers in a block (q/k/v, o, gate/up, down) on the outputs of those already quantized.
+    """
+
+    algorithm = "gptq"
+    data_free = False
+    options = {
+        "static_groups": ((bool,), False),
+        "damp": ((float, int), False),
+        "mse_clip": ((bool,), False),
+        "dataset": ((str, list, tuple, object), True),
+        "n_samples": ((int,), False),
+        "seq_len": ((int,), False),
+        "true_sequential": ((bool,), False),
+    }
+
+    def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, act_order: bool = True,
+                 static_groups: bool = False, damp: float = 0.01, mse_clip: bool = False, dataset=None,
+                 n_samples: int = 128, seq_len: int = 512, true_sequential: bool = True,
+                 modules_to_not_convert: list[str] | None = None, **kwargs):
+        super().__init__(bits=bits, group_size=group_size, sym=sym, act_order=act_order,
+                         modules_to_not_convert=modules_to_not_convert, static_groups=static_groups, damp=damp,
+                         mse_clip=mse_clip, dataset=dataset, n_samples=n_samples, seq_len=seq_len,
+                         true_sequential=true_sequential, **kwargs)
+        if not 0 <= self.damp < 1:
+            raise ConfigError(f"quantization_config.damp={self.damp!r} must be in [0, 1) (fraction of mean diag H; "
+                              "0.01 is usual)")
+        for name in ("n_samples", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"quantization_config.{name}={getattr(self, name)!r} must be a positive int")
+
+    @property
+    def spec(self) -> IntGroupSpec:
+        # static groups keep the natural grouping: nothing to store beyond the plain format
+        return IntGroupSpec(bits=self.bits, group_size=self.group_size, sym=self.sym,
+                            act_order=self.act_order and not self.static_groups)
+
+    def _jsonable(self, name: str, value):
+        if name == "dataset" and value is not None and not isinstance(value, str):
+            return "<in-memory dataset>"
+        return value
+
+    def calibrate_(self, model, progress: bool = False, tokenizer=None, batches=None, device=None, **kwargs):
+        """Quantize ``model`` in place. Calibration tokens: ``batches`` (list of LongTensor
+        ``[b, s]``) if given, else ``dataset`` tokenized with ``tokenizer`` (default: the model's
+        own, loaded from ``model.name_or_path``)."""
+        from .calibration import get_calibration_batches
+        from .calibration.data import token_ids
+        from .calibration.apply import quantize_blocks_
+
+        if batches is None:
+            if tokenizer is None and token_ids(self.dataset) is None:
+                tokenizer = _model_tokenizer(model)
+            dataset = None if self.dataset == "<in-memory dataset>" else self.dataset
+            batches = get_calibration_batches(tokenizer, dataset, n_samples=self.n_samples, seq_len=self.seq_len)
+        return quantize_blocks_(model, self, batches, device=device, progress=progress)
+
+
+def _model_tokenizer(model):
+    from transformers import AutoTokenizer
+
+    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not path:
+        raise ConfigError("GPTQ calibration needs a tokenizer: pass tokenizer=... (or batches=...) to "
+                          "hfcompress.quantize_, or load the model from a directory that has one")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"GPTQ calibration needs a tokenizer and none loads from {path!r} ({e}); pass "
+                          "tokenizer=... or batches=...") from None

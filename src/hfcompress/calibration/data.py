@@ -69,17 +69,34 @@ def tokenize_text(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.as_tensor(ids, dtype=torch.long)
 
 
+def token_ids(dataset: Any) -> torch.Tensor | None:
+    """Pre-tokenized calibration data (an integer tensor, or a list of lists of ints) as one
+    LongTensor ``[T]``; None when ``dataset`` is text."""
+    if isinstance(dataset, torch.Tensor):
+        if dataset.is_floating_point() or dataset.is_complex():
+            raise TypeError(f"calibration token ids must be an integer tensor, got {dataset.dtype}")
+        return dataset.reshape(-1).long().cpu()
+    if isinstance(dataset, (list, tuple)) and dataset and all(
+            isinstance(row, (list, tuple)) and all(isinstance(t, int) for t in row) for row in dataset):
+        return torch.tensor([t for row in dataset for t in row], dtype=torch.long)
+    return None
+
+
 def get_calibration_batches(tokenizer, dataset: Any = None, n_samples: int = 128, seq_len: int = 512,
                             batch_size: int = 8) -> list[torch.Tensor]:
     """Token batches for calibration: a list of LongTensors ``[b, seq_len]`` (``b <= batch_size``),
     ``n_samples`` windows in all, cut at evenly spaced offsets of the tokenized ``dataset``
-    (see :func:`load_texts` for what ``dataset`` may be)."""
+    (see :func:`load_texts` for what ``dataset`` may be; token ids are used as they are and need
+    no tokenizer)."""
     for name, v in (("n_samples", n_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"get_calibration_batches: {name} must be a positive int, got {v!r}")
-    if tokenizer is None:
-        raise ValueError("calibration needs a tokenizer: pass tokenizer=..., or calibration batches directly")
-    ids = tokenize_text(tokenizer, load_texts(dataset))
+    ids = token_ids(dataset)
+    if ids is None:
+        if tokenizer is None:
+            raise ValueError("calibration text needs a tokenizer: pass tokenizer=..., or give token ids "
+                             "(a LongTensor or lists of ints) as the dataset")
+        ids = tokenize_text(tokenizer, load_texts(dataset))
     if ids.numel() < seq_len:
         raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}; "
                          "give more text or a smaller seq_len")

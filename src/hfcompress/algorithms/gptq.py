@@ -1,0 +1,99 @@
+"""GPTQ (Frantar et al., 2022): one-shot second-order quantization of a linear layer.
+
+Minimises ``||W X - Q X||^2`` column by column: each column is rounded onto its group's grid
+and the rounding error is spread over the not-yet-quantized columns through the inverse
+Hessian ``H^-1`` (``H = 2 X X^T``), using its upper Cholesky factor (Algorithm 1 of the paper).
+Columns are processed in blocks of ``block_size`` with lazy updates of the rest of the matrix.
+Pure torch; emits the int_group format (codes [N, K], scale [N, G], zero [N, G], g_idx [K]).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..formats.int_group import IntGroupSpec
+from .grid import fit_grid
+
+
+def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + λI)^-1``, ``λ = damp * mean(diag H)``. ``H [K, K]`` fp32."""
+    H = H.clone()
+    k = H.shape[0]
+    lam = damp * torch.mean(torch.diag(H))
+    H[range(k), range(k)] += lam
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.cholesky_inverse(L)
+    return torch.linalg.cholesky(Hinv, upper=True)  # [K, K]
+
+
+@torch.no_grad()
+def gptq(weight: torch.Tensor, H: torch.Tensor, spec: IntGroupSpec, damp: float = 0.01, static_groups: bool = False,
+         mse_clip: bool = False, block_size: int = 128):
+    """Quantize ``weight [N, K]`` with Hessian ``H [K, K]`` (fp32, e.g. ``2 X X^T / n``).
+
+    ``spec.act_order`` quantizes columns by descending ``diag(H)`` and returns ``g_idx [K]``
+    (group of each input column); with ``static_groups`` the groups stay the natural ones
+    (``k // group_size``, fitted before reordering) and ``g_idx`` is None.
+    Returns ``codes [N, K]`` (uint8), ``scale [N, G]`` (fp32), ``zero [N, G]`` (uint8 or None),
+    ``g_idx [K]`` (int32 or None).
+    """
+    W = weight.detach().to(torch.float32).clone()  # [N, K]
+    H = H.detach().to(device=W.device, dtype=torch.float32).clone()  # [K, K]
+    n, k = W.shape
+    g = spec.effective_group_size(k)
+    n_groups = spec.n_groups(k)
+    act_order = spec.act_order or static_groups
+
+    # dead inputs (never active): pin their Hessian diagonal, their weights cannot matter
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    # static groups / per-channel: grids fitted on the original weight, natural groups
+    static = None
+    scales = torch.zeros(n, n_groups, device=W.device)
+    zeros = torch.zeros(n, n_groups, device=W.device)
+    if static_groups or spec.group_size == -1:
+        static = [fit_grid(W[:, j * g:(j + 1) * g], spec.bits, spec.sym, mse_clip=mse_clip) for j in range(n_groups)]
+        for j, (s_j, z_j) in enumerate(static):
+            scales[:, j], zeros[:, j] = s_j, z_j
+
+    # act-order: quantize the columns with the largest Hessian diagonal first
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k, device=W.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    U = inverse_hessian_cholesky(H, damp)  # [K, K] upper Cholesky of H^-1
+
+    codes = torch.zeros(n, k, dtype=torch.uint8, device=W.device)
+    col_group = torch.zeros(k, dtype=torch.long, device=W.device)  # group of permuted column i
+    # a block holds whole groups, so each dynamic group is fitted on its freshly updated columns
+    B = max(block_size // g, 1) * g if spec.group_size != -1 else block_size
+
+    maxq = float(spec.maxq)
+    for i1 in range(0, k, B):
+        i2 = min(i1 + B, k)
+        W1 = W[:, i1:i2].clone()              # [N, b] columns of this block, updated in place
+        E1 = torch.zeros_like(W1)             # [N, b] scaled errors
+        U1 = U[i1:i2, i1:i2]                  # [b, b]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if static is not None:            # natural group of the original column
+                grp = 0 if spec.group_size == -1 else int(perm[col]) // g
+                scale, zero = static[grp]
+            elif col % g == 0:                # a new group starts: fit its grid on current values
+                grp = col // g
+                scale, zero = fit_grid(W1[:, i:i + g], spec.bits, spec.sym, mse_clip=mse_clip)
+                scales[:, grp], zeros[:, grp] = scale, zero
+            col_group[col] = grp
+            w = W1[:, i]                                             # [N]
+            q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)  # [N] codes (as quantize_to_codes)
+            codes[:, col] = q.to(torch.uint8)
+            err = (w - (q - zero) * scale) / U1[i, i]                # [N] rounding error, scaled
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)                # spread it over the block's rest
+            E1[:, i] = err
+        W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1)                # lazy batch update of later columns
+
+    inv = torch.argsort(perm)
+    codes = codes[:, inv]
+    g_idx = col_group[inv].to(torch.int32) if spec.act_order else None
+    zero_out = None if spec.sym else zeros.to(torch.uint8)
+    return codes, scales, zero_out, g_idx

@@ -1,0 +1,107 @@
+"""Run a calibration algorithm over a model, block by block (GPTQ today).
+
+``quantize_blocks_(model, config, batches)`` walks the decoder blocks with
+:func:`iterate_blocks`; inside each block the linear layers are quantized group by group
+(q/k/v, then o, then gate/up, then down: each group calibrated on the outputs of the groups
+already quantized), each replaced by a :class:`QuantLinear`. Linear layers outside the blocks
+that are not skipped (rare: lm_head is skipped by default) get data-free RTN.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..algorithms.gptq import gptq
+from ..algorithms.rtn import rtn
+from ..formats.int_group import IntGroupSpec, default_g_idx
+from ..modules import is_conv1d, linear_modules, linear_weight, set_submodule
+from ..nn import QuantLinear
+from .blocks import find_blocks, iterate_blocks
+
+
+def gptq_group(modules: dict[str, nn.Module], H: torch.Tensor, config, where: str) -> dict[str, QuantLinear]:
+    """Linear layers that read the same input (one Hessian ``H [K, K]``) -> QuantLinears.
+
+    Their weights are stacked along out_features and quantized in one GPTQ call: rows are
+    independent given ``H``, so this is exactly per-layer GPTQ, with one column loop instead of
+    one per layer."""
+    weights = {name: linear_weight(m) for name, m in modules.items()}  # name -> [N_i, K]
+    k = next(iter(weights.values())).shape[1]
+    try:
+        config.spec.check_layer(k, where=where)
+        codes, scale, zero, g_idx = gptq(torch.cat(list(weights.values())), H, config.spec, damp=config.damp,
+                                         static_groups=config.static_groups, mse_clip=config.mse_clip)
+    except (ValueError, RuntimeError) as e:  # torch.linalg errors are RuntimeErrors
+        raise type(e)(f"{where}: {e}") from None
+    out, row = {}, 0
+    for name, w in weights.items():
+        rows = slice(row, row + w.shape[0])
+        row += w.shape[0]
+        out[name] = QuantLinear.from_codes(codes[rows], scale[rows], None if zero is None else zero[rows],
+                                           None if g_idx is None else g_idx.clone(),
+                                           config.spec, bias=modules[name].bias, compute_dtype=w.dtype)
+    return out
+
+
+@torch.no_grad()
+def quantize_blocks_(model: nn.Module, config, batches: list[torch.Tensor], device=None, progress: bool = False,
+                     load_block: Callable | None = None, release_block: Callable | None = None,
+                     quantize_outside: bool = True) -> nn.Module:
+    """Quantize every non-skipped linear layer of ``model``'s decoder blocks with GPTQ, in place."""
+    skip = config.modules_to_not_convert or []
+    pending: dict[str, QuantLinear] = {}
+
+    def swap_then_release(i, name, block):
+        # QuantLinears go in only after the runner computed the block's outputs: until then the
+        # float layers hold the exact dequantized weights (same values, plain matmuls)
+        for rel, q in pending.items():
+            set_submodule(block, rel, q)
+        pending.clear()
+        if release_block is not None:
+            release_block(i, name, block)
+
+    for step in iterate_blocks(model, batches, skip=skip, device=device, load_block=load_block,
+                               release_block=swap_then_release, progress=progress, desc=f"{config.algorithm} blocks"):
+        groups = step.sequential_groups() if config.true_sequential else [list(step.linear_names)]
+        for group in groups:
+            stats = step.collect_input_stats(group)
+            for names in _same_input_width(step, group):
+                H = stats[names[0]].hessian()  # [K, K] shared: these layers read the same tensor
+                qs = gptq_group({n: step.module(n) for n in names}, H, config,
+                                where=f"{step.name}.{'/'.join(names)}")
+                for rel, q in qs.items():
+                    _load_dequantized_(step.module(rel), q)
+                    pending[rel] = q
+            del stats
+    if quantize_outside:
+        prefix, _ = find_blocks(model)
+        for name, module in list(linear_modules(model, skip)):
+            if not name.startswith(prefix + "."):
+                set_submodule(model, name, _rtn_linear(module, config.spec))
+    return model
+
+
+def _load_dequantized_(module: nn.Module, q: QuantLinear) -> None:
+    """Give a float nn.Linear / Conv1D the weight ``q`` computes with."""
+    w = q.dequantize(module.weight.dtype).to(module.weight.device)  # [N, K]
+    module.weight.data.copy_(w.t() if is_conv1d(module) else w)
+
+
+def _same_input_width(step, group: list[str]) -> list[list[str]]:
+    """A group found by shared input (q/k/v, gate/up) is quantized as one stacked matrix; without
+    true-sequential grouping every layer stands alone (their inputs differ)."""
+    if len(group) > 1 and group in step.sequential_groups():
+        return [group]
+    return [[n] for n in group]
+
+
+def _rtn_linear(module: nn.Module, spec: IntGroupSpec) -> QuantLinear:
+    """Data-free fallback for a linear layer outside the blocks (no calibrated inputs reach it)."""
+    w = linear_weight(module)  # [N, K]
+    plain = IntGroupSpec(bits=spec.bits, group_size=spec.group_size, sym=spec.sym)
+    codes, scale, zero, _ = rtn(w, plain, mse_clip=True)
+    g_idx = default_g_idx(spec, w.shape[1], w.device) if spec.act_order else None
+    return QuantLinear.from_codes(codes, scale, zero, g_idx, spec, bias=module.bias, compute_dtype=w.dtype)

@@ -1,0 +1,203 @@
+"""``hfcompress.quantize(model_or_dir, config)``: one verb for in-memory models and for model
+directories too large for memory.
+
+Given a directory, the model is built on ``meta``; the modules before the decoder blocks
+(embeddings, rotary tables) are loaded from the safetensors shards, the calibration inputs
+are captured, and then each decoder block is read from the shards just before its turn,
+quantized, written to its own output shard, and freed. Peak memory: one block's weights plus
+the calibration activations (plus the embeddings). The checkpoint written holds exactly the
+tensors ``save_pretrained`` writes after ``from_pretrained(dir, quantization_config=config)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import HfCompressConfig
+from .modules import resolve_modules_to_not_convert
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                    "tokenizer.model", "chat_template.jinja", "generation_config.json")
+
+
+def quantize(model_or_dir: Any, config: HfCompressConfig, tokenizer=None, out_dir: str | None = None,
+             device=None, progress: bool = False, batches=None, dtype=None):
+    """Quantize a model in memory (returns it; saved to ``out_dir`` if given) or stream a model
+    directory block by block into ``out_dir`` (returns ``out_dir``; required for directories)."""
+    from .api import quantize_
+
+    if not isinstance(config, HfCompressConfig):
+        raise TypeError(f"config must be an hfcompress config (e.g. hfcompress.GPTQConfig), got {type(config).__name__}")
+    if isinstance(model_or_dir, nn.Module):
+        quantize_(model_or_dir, config, progress=progress, tokenizer=tokenizer, batches=batches, device=device)
+        if out_dir is not None:
+            model_or_dir.save_pretrained(out_dir)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(out_dir)
+        return model_or_dir
+    path = os.fspath(model_or_dir)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"hfcompress.quantize: {path!r} is not a model directory (nor an nn.Module)")
+    if out_dir is None:
+        raise ValueError("hfcompress.quantize(directory, ...) streams into out_dir=...; give an output directory")
+    if config.data_free:
+        raise ValueError(f"hfcompress.quantize(directory, ...) streams calibration algorithms; {config.algorithm} is "
+                         "data-free: use from_pretrained(dir, quantization_config=config) instead")
+    return _stream_dir(path, config, tokenizer, out_dir, device, progress, batches, dtype)
+
+
+class _Shards:
+    """Tensor name -> the safetensors file that holds it, for a model directory."""
+
+    def __init__(self, path: str):
+        index = os.path.join(path, "model.safetensors.index.json")
+        single = os.path.join(path, "model.safetensors")
+        if os.path.isfile(index):
+            with open(index) as f:
+                self.where = {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+        elif os.path.isfile(single):
+            with safe_open(single, "pt") as f:
+                self.where = {k: single for k in f.keys()}
+        else:
+            raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors "
+                                    "checkpoints can be streamed)")
+
+    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.where[n], []).append(n)
+        out = {}
+        for file, keys in by_file.items():
+            with safe_open(file, "pt") as f:
+                for k in keys:
+                    out[k] = f.get_tensor(k)
+        return out
+
+
+def _checkpoint_key(model: nn.Module, shards: _Shards, name: str) -> str | None:
+    """The checkpoint key of model tensor ``name`` (checkpoints may omit the base-model prefix)."""
+    if name in shards.where:
+        return name
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and name.startswith(prefix + ".") and name[len(prefix) + 1:] in shards.where:
+        return name[len(prefix) + 1:]
+    return None
+
+
+def _materialise_(model: nn.Module, root: nn.Module, root_name: str, shards: _Shards, dtype) -> None:
+    """Load every parameter / persistent buffer of ``root`` (a submodule named ``root_name``)."""
+    for rel, t in list(root.state_dict(keep_vars=True).items()):
+        full = f"{root_name}.{rel}" if root_name else rel
+        key = _checkpoint_key(model, shards, full)
+        if key is None:
+            if t.is_meta:
+                raise KeyError(f"{full} is not in the checkpoint and has no value; cannot stream this model")
+            continue
+        value = shards.load([key])[key]
+        value = value.to(dtype) if value.is_floating_point() else value
+        mod_name, _, attr = rel.rpartition(".")
+        mod = root.get_submodule(mod_name) if mod_name else root
+        if attr in mod._parameters:
+            mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        else:
+            mod._buffers[attr] = value
+
+
+def _stream_dir(path, config, tokenizer, out_dir, device, progress, batches, dtype):
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .calibration import find_blocks, get_calibration_batches
+    from .calibration.apply import quantize_blocks_
+    from .calibration.data import token_ids
+
+    hf_config = AutoConfig.from_pretrained(path)
+    if dtype is None:
+        dtype = getattr(hf_config, "dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    shards = _Shards(path)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    model.eval()
+    config.modules_to_not_convert = resolve_modules_to_not_convert(model, config.modules_to_not_convert)
+    prefix, blocks = find_blocks(model)
+
+    # everything outside the blocks (embeddings, final norm, lm_head) is loaded now
+    _materialise_outside_(model, prefix, shards, dtype)
+    model.tie_weights()
+
+    if batches is None:
+        if tokenizer is None and token_ids(config.dataset) is None:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        dataset = getattr(config, "dataset", None)
+        batches = get_calibration_batches(tokenizer, dataset, n_samples=config.n_samples, seq_len=config.seq_len)
+
+    os.makedirs(out_dir, exist_ok=True)
+    tied = _tied_keys(model)
+    weight_map: dict[str, str] = {}
+    n_files = len(blocks) + 1
+
+    def shard_name(i):
+        return f"model-{i + 1:05d}-of-{n_files:05d}.safetensors"
+
+    def load_block(i, name, block):
+        _materialise_(model, block, name, shards, dtype)
+
+    def release_block(i, name, block):
+        tensors = {f"{name}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
+        save_file(tensors, os.path.join(out_dir, shard_name(i)), metadata={"format": "pt"})
+        weight_map.update({k: shard_name(i) for k in tensors})
+        block.to("meta")  # free the block
+
+    quantize_blocks_(model, config, batches, device=device, progress=progress, load_block=load_block,
+                     release_block=release_block)
+    rest = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+            if not k.startswith(prefix + ".") and k not in tied}
+    save_file(rest, os.path.join(out_dir, shard_name(len(blocks))), metadata={"format": "pt"})
+    weight_map.update({k: shard_name(len(blocks)) for k in rest})
+    total = sum(os.path.getsize(os.path.join(out_dir, f)) for f in set(weight_map.values()))
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+    hf_config.quantization_config = config.to_dict()
+    hf_config.dtype = dtype
+    hf_config.save_pretrained(out_dir)
+    for fname in _TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(path, fname)):
+            shutil.copy(os.path.join(path, fname), os.path.join(out_dir, fname))
+    if tokenizer is not None and not os.path.isfile(os.path.join(out_dir, "tokenizer_config.json")):
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _materialise_outside_(model: nn.Module, prefix: str, shards: _Shards, dtype) -> None:
+    """Load the tensors of every module that is not inside the block list ``prefix``."""
+    for rel, t in list(model.state_dict(keep_vars=True).items()):
+        if rel.startswith(prefix + "."):
+            continue
+        key = _checkpoint_key(model, shards, rel)
+        mod_name, _, attr = rel.rpartition(".")
+        mod = model.get_submodule(mod_name) if mod_name else model
+        if key is None:
+            if t.is_meta and rel not in _tied_keys(model):
+                raise KeyError(f"{rel} is not in the checkpoint; cannot stream this model")
+            continue
+        value = shards.load([key])[key]
+        value = value.to(dtype) if value.is_floating_point() else value
+        if attr in mod._parameters:
+            mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        else:
+            mod._buffers[attr] = value
+
+
+def _tied_keys(model: nn.Module) -> set[str]:
+    """Tensor names that are tied copies (not saved), e.g. ``lm_head.weight``."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return set(tied.keys())
