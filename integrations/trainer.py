@@ -4,6 +4,9 @@ time; nothing here imports the Trainer or PEFT (LoRA layers are read by their pu
 :class:`LoRAPruneCallback` — LoRAPrune: prunes head groups and MLP channels of a PEFT LoRA
 model while the Trainer fine-tunes it, with importance estimated from the LoRA weights and
 gradients only (see hfcompress.prune.importance).
+
+:class:`L4QCallback` — L4Q: freezes the learned step sizes for a warm-up and logs the clipped
+fraction and mean step size of the L4Q layers (section at the end of this file).
 """
 
 from __future__ import annotations
@@ -140,3 +143,96 @@ class LoRAPruneCallback(TrainerCallback):
                         f"LoRAPruneCallback: model.layers.{i} has no LoRA on any {kind} projection {list(names)}; "
                         "LoRAPrune scores groups from LoRA gradients. Use LoraConfig(target_modules='all-linear') "
                         "or list the projections, or raise keep_first_layers/keep_last_layers to skip this block.")
+
+
+# ---------------------------------------------------------------------------------------------
+# L4Q: schedule and logging for quantization-aware LoRA with learned step sizes.
+# L4Q layers are found by their public attributes (``l4q_step``, ``l4q_stats``), not imported.
+# ---------------------------------------------------------------------------------------------
+
+
+def _l4q_layers(model):
+    """``(name, layer)`` of every L4Q layer in ``model`` (a PeftModel or the host model); names
+    relative to the host model."""
+    get_base = getattr(model, "get_base_model", None)
+    model = get_base() if callable(get_base) else model
+    return [(n, m) for n, m in model.named_modules() if hasattr(m, "l4q_step") and hasattr(m, "l4q_stats")]
+
+
+class L4QCallback(TrainerCallback):
+    """Trainer callback for L4Q (``get_peft_model(model, hfcompress.L4QConfig(...))``).
+
+    * ``freeze_scales_steps``: the learned step sizes and offsets stay frozen for the first
+      that many optimizer steps (LoRA factors train from step 0), then train.
+    * On every Trainer log, adds ``l4q/clip_fraction`` (fraction of merged weights outside
+      their grid, over all L4Q layers) and ``l4q/mean_step`` (mean stored step size) to the
+      logs, and with ``per_layer=True`` the same two numbers per layer
+      (``l4q/<layer>/clip_fraction`` ...). Every logged record is also kept in ``history``.
+    """
+
+    def __init__(self, freeze_scales_steps: int = 0, per_layer: bool = False, adapter_name: str | None = None):
+        if not isinstance(freeze_scales_steps, int) or isinstance(freeze_scales_steps, bool) or freeze_scales_steps < 0:
+            raise ValueError(f"L4QCallback: freeze_scales_steps must be an int >= 0, got {freeze_scales_steps!r}")
+        self.freeze_scales_steps = freeze_scales_steps
+        self.per_layer = bool(per_layer)
+        self.adapter_name = adapter_name
+        self.history: list[dict] = []
+        self._frozen: bool | None = None
+
+    def _set_scales_trainable(self, model, trainable: bool) -> None:
+        if self._frozen is (not trainable):
+            return
+        for _, layer in _l4q_layers(model):
+            for table in (layer.l4q_step, layer.l4q_zero):
+                for name, p in table.items():
+                    if self.adapter_name is None or name == self.adapter_name:
+                        p.requires_grad_(trainable)
+                        if not trainable:
+                            p.grad = None
+        self._frozen = not trainable
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            return
+        if not _l4q_layers(model):
+            raise ValueError("L4QCallback: the model has no L4Q layers; build it with "
+                             "peft.get_peft_model(model, hfcompress.L4QConfig(...))")
+        self._frozen = None
+        self._set_scales_trainable(model, state.global_step >= self.freeze_scales_steps)
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self._set_scales_trainable(model, state.global_step >= self.freeze_scales_steps)
+
+    def stats(self, model) -> dict[str, float]:
+        """Clip fraction and mean step, over all L4Q layers and (``per_layer``) per layer."""
+        out: dict[str, float] = {}
+        clip_sum = step_sum = 0.0
+        n_weights = n_steps = 0
+        for name, layer in _l4q_layers(model):
+            adapter = self.adapter_name or layer._l4q_active()
+            if adapter is None:
+                continue
+            s = layer.l4q_stats(adapter)
+            size = layer.in_features * layer.out_features
+            groups = layer.l4q_step[adapter].numel()
+            clip_sum += s["clip_fraction"] * size
+            step_sum += s["mean_step"] * groups
+            n_weights += size
+            n_steps += groups
+            if self.per_layer:
+                out[f"l4q/{name}/clip_fraction"] = s["clip_fraction"]
+                out[f"l4q/{name}/mean_step"] = s["mean_step"]
+        if n_weights:
+            out["l4q/clip_fraction"] = clip_sum / n_weights
+            out["l4q/mean_step"] = step_sum / n_steps
+        return out
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if model is None or logs is None:
+            return
+        stats = self.stats(model)
+        logs.update(stats)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(stats)  # the Trainer stored a copy before calling us
+        self.history.append({"step": state.global_step, **stats})

@@ -8,6 +8,8 @@ from .api import dequantize_, quantize_, requantize_
 from .config import ConfigError, GPTQConfig, HfCompressConfig, RTNConfig
 from .formats import FormatError, IntGroupSpec
 from .nn import QuantLinear
+from .adapters import l4q  # noqa: E402  (L4Q: a PEFT method, registered by _register_all below)
+from .adapters.l4q import L4QConfig
 from .streaming import quantize
 
 __version__ = "0.1.0"
@@ -19,6 +21,7 @@ _register_all()
 
 from hfcompress.integrations.peft import merge_and_requantize  # noqa: E402
 from hfcompress.integrations.trainer import LoRAPruneCallback  # noqa: E402
+from hfcompress.integrations.trainer import L4QCallback  # noqa: E402
 
 from . import prune  # noqa: E402
 
@@ -28,10 +31,13 @@ __all__ = [
     "GPTQConfig",
     "HfCompressConfig",
     "IntGroupSpec",
+    "L4QCallback",
+    "L4QConfig",
     "LoRAPruneCallback",
     "QuantLinear",
     "RTNConfig",
     "dequantize_",
+    "l4q",
     "merge_and_requantize",
     "quantize",
     "prune",

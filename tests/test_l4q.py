@@ -1,0 +1,359 @@
+"""L4Q: gradients of the quantization-aware LoRA function, and the PEFT method end to end
+(train a few steps on tiny models, export to int_group, reload bit-exact, fresh process too)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import hfcompress
+from hfcompress import L4QConfig, QuantLinear, RTNConfig, quantize_
+from hfcompress.algorithms.l4q import l4q_linear, l4q_linear_naive, step_grad_scale, stored_step
+from hfcompress.algorithms.rtn import rtn
+from hfcompress.config import ConfigError
+from hfcompress.formats.int_group import IntGroupSpec, default_g_idx
+from tiny_models import gpt2, inputs, llama_gqa, qwen2
+
+
+
+@contextlib.contextmanager
+def _reference_op(device_type: str = "cpu"):
+    """Run int_group_mm's reference (the spec) on ``device_type``: bit-exactness is defined against
+    it; faster backends (e.g. a native bf16 CPU path) are free to round differently."""
+    backends = sys.modules["hfcompress.ops.int_group_mm"]._BACKENDS
+    saved = backends.pop(device_type, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            backends[device_type] = saved
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes: one intra-op thread (two OpenMP threads on a loaded 2-core machine spin-wait
+    ~100x longer than the work); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+GRID_CASES = [(3, False), (4, False), (3, True), (4, True), (2, False)]
+
+
+def _layer_case(bits, sym, n=12, k=40, r=3, group_size=16, seed=0, dtype=torch.float32):
+    """A tiny layer with a ragged last group (k=40, g=16), LoRA factors, steps shrunk so that
+    some weights clip, and non-integer learned offsets."""
+    g = torch.Generator().manual_seed(seed)
+    spec = IntGroupSpec(bits=bits, group_size=group_size, sym=sym)
+    w0 = torch.randn(n, k, generator=g)
+    _, scale, zero, _ = rtn(w0, spec, mse_clip=False)
+    step = (scale * 0.7).requires_grad_()
+    zero = None if sym else (zero.float() + 0.3).requires_grad_()
+    a = (torch.randn(r, k, generator=g) * 0.2).requires_grad_()
+    b = (torch.randn(n, r, generator=g) * 0.2).requires_grad_()
+    bias = torch.randn(n, generator=g).to(dtype).requires_grad_()
+    x = torch.randn(2, 5, k, generator=g).to(dtype).requires_grad_()
+    return spec, x, w0, a, b, step, zero, bias
+
+
+def _params(x, a, b, step, zero, bias):
+    return [t for t in (x, a, b, step, zero, bias) if t is not None]
+
+
+@pytest.mark.parametrize("bits,sym", GRID_CASES, ids=[f"l4q-{b}bit-{'sym' if s else 'asym'}" for b, s in GRID_CASES])
+def test_l4q_grad_matches_naive_autograd(bits, sym):
+    spec, x, w0, a, b, step, zero, bias = _layer_case(bits, sym)
+    y = l4q_linear(x, w0, a, b, step, zero, bias, 1.5, spec)
+    y_ref = l4q_linear_naive(x, w0, a, b, step, zero, bias, 1.5, spec)
+    assert torch.equal(y, y_ref)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, _params(x, a, b, step, zero, bias), gy)
+    ref = torch.autograd.grad(y_ref, _params(x, a, b, step, zero, bias), gy)
+    for name, g1, g2 in zip(("x", "A", "B", "step", "zero", "bias"), got, ref):
+        assert g2.abs().max() > 0, name  # every gradient is non-trivial in this case
+        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("bits,sym", GRID_CASES[:4], ids=[f"l4q-{b}bit-{'sym' if s else 'asym'}" for b, s in GRID_CASES[:4]])
+def test_l4q_grad_explicit_formulas(bits, sym):
+    """The paper's gradients written element by element (independently of the implementation)."""
+    spec, x, w0, a, b, step, zero, bias = _layer_case(bits, sym, n=5, k=24, r=2, group_size=8)
+    alpha = 2.0
+    y = l4q_linear(x, w0, a, b, step, zero, bias, alpha, spec)
+    gy = torch.randn_like(y)
+    d_a, d_b, d_step = torch.autograd.grad(y, [a, b, step], gy, retain_graph=True)
+    d_zero = None if sym else torch.autograd.grad(y, [zero], gy)[0]
+
+    n, k = w0.shape
+    gs = spec.group_size
+    q_p_max = spec.maxq if not sym else 2 ** (bits - 1) - 1
+    gscale = 1.0 / (gs * q_p_max) ** 0.5
+    G = gy.reshape(-1, n).double().t() @ x.detach().reshape(-1, k).double()  # dL/dW_q [N, K]
+    W = (w0 + alpha * b.detach() @ a.detach()).double()
+    s = step.detach().half().double()  # stored fp16 step
+    z = torch.full_like(s, 2.0 ** (bits - 1)) if sym else torch.round(zero.detach()).clamp(0, spec.maxq).double()
+    M = torch.zeros(n, k, dtype=torch.float64)
+    ds = torch.zeros_like(s)
+    dz = torch.zeros_like(s)
+    for i in range(n):
+        for j in range(k):
+            grp = j // gs
+            v = W[i, j] / s[i, grp]
+            rz = torch.round(v) + z[i, grp]
+            if rz < 0:  # clipped low: Q_N = -z
+                ds[i, grp] += G[i, j] * (-z[i, grp])
+                dz[i, grp] += G[i, j] * (-s[i, grp])
+            elif rz > spec.maxq:  # clipped high: Q_P = maxq - z
+                ds[i, grp] += G[i, j] * (spec.maxq - z[i, grp])
+                dz[i, grp] += G[i, j] * (-s[i, grp])
+            else:
+                M[i, j] = 1.0
+                ds[i, grp] += G[i, j] * (torch.round(v) - v)
+    assert 0 < M.mean() < 1  # both regimes are exercised
+    torch.testing.assert_close(d_a.double(), alpha * b.detach().double().t() @ (M * G), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(d_b.double(), alpha * (M * G) @ a.detach().double().t(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(d_step.double(), gscale * ds, rtol=1e-4, atol=1e-5)
+    assert step_grad_scale(spec, k) == pytest.approx(gscale)
+    if not sym:
+        torch.testing.assert_close(d_zero.double(), gscale * dz, rtol=1e-4, atol=1e-5)
+
+
+def test_l4q_grad_finite_differences():
+    """y is linear in x and bias: the analytic gradients match central differences (float64)."""
+    spec, x, w0, a, b, step, zero, bias = _layer_case(4, False, n=6, k=24, group_size=8, dtype=torch.float64)
+    x = x[:1, :2].detach().requires_grad_()
+
+    def f(x_, bias_):
+        return l4q_linear(x_, w0, a.detach(), b.detach(), step.detach(), zero.detach(), bias_, 1.5, spec)
+
+    assert torch.autograd.gradcheck(f, (x, bias), eps=1e-6, atol=1e-7)
+
+
+def test_l4q_backward_keeps_no_weight_sized_tensor():
+    """Only x and the small factors are saved for backward: no merged weight, no weight gradient."""
+    spec, x, w0, a, b, step, zero, bias = _layer_case(4, False, n=48, k=64, group_size=16)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = l4q_linear(x, w0, a, b, step, zero, bias, 1.0, spec)
+    weight_sized = [t for t in saved if t.shape == w0.shape]
+    assert all(t.data_ptr() == w0.data_ptr() for t in weight_sized)  # only the frozen W0 itself
+    assert any(t.data_ptr() == x.data_ptr() for t in saved)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        saved.clear()
+        l4q_linear_naive(x, w0, a, b, step, zero, bias, 1.0, spec)
+    assert sum(t.shape == w0.shape and t.data_ptr() != w0.data_ptr() for t in saved) >= 2  # what it avoids
+    y.sum().backward()
+
+
+def _saved_activation_bytes(model, ids) -> int:
+    """Bytes of tensors autograd keeps for backward that are not parameters (new memory)."""
+    params = {p.data_ptr() for p in model.parameters()}
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        if t.data_ptr() not in params and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids).loss.backward()
+    return total
+
+
+def test_l4q_training_memory_close_to_lora():
+    from peft import LoraConfig
+
+    ids = inputs(batch=4, seq=32)
+    lora = get_peft_model(llama_gqa(), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                  lora_dropout=0.0))
+    l4q = get_peft_model(llama_gqa(), L4QConfig(r=8, lora_alpha=16, bits=4, group_size=32))
+    lora_bytes, l4q_bytes = _saved_activation_bytes(lora.train(), ids), _saved_activation_bytes(l4q.train(), ids)
+    assert l4q_bytes <= 1.3 * lora_bytes, (l4q_bytes, lora_bytes)
+
+
+@pytest.mark.parametrize("init_scales", ["minmax", "mse"], ids=["l4q-init-minmax", "l4q-init-mse"])
+def test_l4q_init_is_rtn(init_scales):
+    """B = 0 at init: the L4Q model computes exactly the RTN-quantized model."""
+    ids = inputs()
+    pm = get_peft_model(llama_gqa(), L4QConfig(r=4, bits=4, group_size=32, init_scales=init_scales)).eval()
+    rtn_model = quantize_(llama_gqa(), RTNConfig(bits=4, group_size=32, mse_clip=init_scales == "mse"))
+    with torch.no_grad():
+        assert torch.equal(pm(input_ids=ids).logits, rtn_model(input_ids=ids).logits)
+
+
+def _train(pm, ids, steps=6, lr=5e-3):
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
+    pm.train()
+    losses = []
+    for _ in range(steps):
+        loss = pm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return pm.eval(), losses
+
+
+CONFORMANCE = [("llama", 3, False, torch.float32), ("llama", 4, True, torch.float32),
+               ("qwen2", 4, False, torch.float32), ("llama", 4, False, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("arch,bits,sym,dtype", CONFORMANCE,
+                         ids=[f"l4q-{a}-{b}bit-{'sym' if s else 'asym'}-{str(d)[6:]}" for a, b, s, d in CONFORMANCE])
+def test_l4q_train_export_reload_bitexact(arch, bits, sym, dtype, tmp_path):
+    build = {"llama": llama_gqa, "qwen2": qwen2}[arch]
+    build().save_pretrained(tmp_path / "base")  # loading in `dtype` keeps the rotary tables fp32, as a reload does
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=dtype)
+
+    ids = inputs()
+    pm = get_peft_model(base(), L4QConfig(r=4, lora_alpha=8, bits=bits, group_size=32, sym=sym))
+    step0 = {n: p.detach().clone() for n, p in pm.named_parameters() if "l4q_step" in n}
+    pm, losses = _train(pm, ids)
+    assert losses[-1] < losses[0]
+    assert any(not torch.equal(p, step0[n]) for n, p in pm.named_parameters() if "l4q_step" in n)  # steps learned
+    with torch.no_grad():
+        trained = pm(input_ids=ids).logits
+
+    out = hfcompress.l4q.export(pm, tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(pm(input_ids=ids).logits, trained)  # export leaves the PEFT model as it was
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert (qc["algorithm"], qc["bits"], qc["group_size"], qc["sym"]) == ("l4q", bits, 32, sym)
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        assert not any("l4q" in k or "lora" in k for k in keys)
+        assert f.get_tensor(next(k for k in keys if k.endswith("q_proj.weight"))).dtype == torch.int32
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=dtype)
+    n_quant = sum(isinstance(m, QuantLinear) for m in reloaded.modules())
+    assert n_quant == len(hfcompress.l4q.l4q_layers(pm)) == 14
+    with torch.no_grad(), _reference_op():
+        assert torch.equal(reloaded(input_ids=ids).logits, trained)
+
+    # the adapter itself (LoRA + steps + offsets) saves and reloads like any PEFT adapter
+    pm.save_pretrained(tmp_path / "adapter")
+    again = PeftModel.from_pretrained(base(), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, trained)
+
+    merged = pm.merge_and_unload()
+    assert not any("l4q" in n for n, _ in merged.named_modules())
+    with torch.no_grad(), _reference_op():
+        assert torch.equal(merged(input_ids=ids).logits, trained)
+
+
+def test_l4q_export_fresh_process_reload(tmp_path):
+    ids = inputs()
+    pm, _ = _train(get_peft_model(llama_gqa(), L4QConfig(r=4, bits=3, group_size=32)), ids, steps=3)
+    with torch.no_grad():
+        trained = pm(input_ids=ids).logits
+    hfcompress.l4q.export(pm, tmp_path / "q")
+    save_file({"ids": ids}, tmp_path / "ids.safetensors")
+    script = textwrap.dedent(f"""
+        import hfcompress, torch
+        from safetensors.torch import load_file, save_file
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'q')!r})
+        ids = load_file({str(tmp_path / 'ids.safetensors')!r})["ids"]
+        with torch.no_grad():
+            save_file({{"logits": m(input_ids=ids).logits}}, {str(tmp_path / 'out.safetensors')!r})
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert torch.equal(load_file(tmp_path / "out.safetensors")["logits"], trained)
+
+
+def test_l4q_merge_unmerge_roundtrip():
+    ids = inputs()
+    pm, _ = _train(get_peft_model(llama_gqa(), L4QConfig(r=4, bits=4, group_size=32)), ids, steps=2)
+    layer = hfcompress.l4q.l4q_layers(pm)[0][1]
+    w0 = layer.get_base_layer().weight.detach().clone()
+    with torch.no_grad():
+        ref = pm(input_ids=ids).logits
+        pm.merge_adapter()
+        assert torch.equal(layer.get_base_layer().weight, layer.to_quant_linear().dequantize())
+        torch.testing.assert_close(pm(input_ids=ids).logits, ref, rtol=1e-5, atol=1e-5)
+        pm.unmerge_adapter()
+        assert torch.equal(layer.get_base_layer().weight, w0)
+        assert torch.equal(pm(input_ids=ids).logits, ref)
+
+
+def test_l4q_trainer_callback_freezes_then_trains_scales_and_logs(tmp_path):
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    class Tokens(Dataset):
+        def __init__(self):
+            self.ids = inputs(batch=8, seq=16)
+
+        def __len__(self):
+            return len(self.ids)
+
+        def __getitem__(self, i):
+            return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+    pm = get_peft_model(llama_gqa(), L4QConfig(r=4, bits=4, group_size=32))
+    steps = lambda: torch.cat([p.detach().flatten().clone() for n, p in pm.named_parameters() if "l4q_step" in n])  # noqa: E731
+    a_params = lambda: torch.cat([p.detach().flatten().clone() for n, p in pm.named_parameters() if "l4q_A" in n])  # noqa: E731
+    step0, a0 = steps(), a_params()
+    cb = hfcompress.L4QCallback(freeze_scales_steps=2, per_layer=True)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=5e-3,
+                             logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=pm, args=args, train_dataset=Tokens(), callbacks=[cb])
+    trainer.train()
+    assert torch.equal(steps(), step0)  # frozen during the warm-up
+    assert not torch.equal(a_params(), a0)  # ... while LoRA trained
+    args.max_steps = 4
+    trainer.train(resume_from_checkpoint=None)
+    assert not torch.equal(steps(), step0)  # trainable after it
+    logged = [h for h in trainer.state.log_history if "l4q/clip_fraction" in h]
+    assert logged and all(0.0 <= h["l4q/clip_fraction"] < 1.0 and h["l4q/mean_step"] > 0 for h in logged)
+    assert any(k.endswith("q_proj/mean_step") for k in logged[-1])
+    assert cb.history and cb.history[-1]["l4q/mean_step"] == logged[-1]["l4q/mean_step"]
+
+
+def test_l4q_errors_name_what_is_wrong(tmp_path):
+    with pytest.raises(ConfigError, match="bits=5"):
+        L4QConfig(bits=5)
+    with pytest.raises(ConfigError, match="init_scales"):
+        L4QConfig(init_scales="absmax")
+    with pytest.raises(ConfigError, match="L4QConfig.r"):
+        L4QConfig(r=0)
+    with pytest.raises(ValueError, match=r"q_proj.*group_size=128 is larger than in_features=96"):
+        get_peft_model(llama_gqa(), L4QConfig(group_size=128))
+    with pytest.raises(TypeError, match=r"c_attn.*nn.Linear"):
+        get_peft_model(gpt2(), L4QConfig(group_size=32))
+    with pytest.raises(ValueError, match="no L4Q layers"):
+        hfcompress.l4q.export(llama_gqa(), "/nonexistent")
+    llama_gqa().save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="L4Q is trained"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=hfcompress.l4q.L4QQuantConfig(group_size=32))
+
+
+def test_l4q_scales_are_stored_exactly():
+    spec, x, w0, a, b, step, zero, bias = _layer_case(4, False)
+    s = stored_step(step)
+    assert torch.equal(s, s.half().float()) and not torch.equal(s, step.detach())
+    assert default_g_idx(spec, 40).tolist()[-8:] == [2] * 8  # ragged last group of 8 in this case
