@@ -19,4 +19,7 @@ def register_all() -> None:
     from hfcompress.prune.export import register as _register_pruned  # pruned model types, AutoModelForCausalLM
 
     _register_pruned()
+    from . import hub as _hub  # card on every save/push of a compressed model, atomic saves
+
+    _hub.register()
     _DONE = True

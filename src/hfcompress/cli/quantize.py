@@ -20,6 +20,8 @@ def add_parser(sub) -> None:
                    help="modules to keep in float (default: tied weights and lm_head)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                   help="after saving, upload --out to this Hub repository (created if missing)")
     p.set_defaults(func=run)
 
 
@@ -43,7 +45,12 @@ def run(args: argparse.Namespace) -> int:
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     hfcompress.quantize_(model, config, progress=True)
-    model.save_pretrained(args.out)
+    repo_id = None
+    if args.push_to_hub:
+        from huggingface_hub import HfApi
+
+        repo_id = HfApi().create_repo(args.push_to_hub, exist_ok=True).repo_id  # the card's usage snippet names it
+    model.save_pretrained(args.out, card_data={"repo_id": repo_id} if repo_id else None)
     try:
         from transformers import AutoTokenizer
 
@@ -51,4 +58,9 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError):
         pass  # a model directory without a tokenizer is fine
     print(f"saved {config.algorithm} {config.bits}-bit model to {args.out}")
+    if repo_id:
+        from hfcompress.hub import push_folder
+
+        info = push_folder(args.out, repo_id)
+        print(f"pushed {args.out} to {repo_id}: {info.commit_url}")
     return 0

@@ -1,0 +1,1 @@
+"""Model card templates (package data ``hfcompress.model_cards``), rendered by hfcompress.hub."""
