@@ -21,12 +21,26 @@ class MethodSpec:
     quantize_kwargs: Callable[[str], dict] = field(default=lambda model_name: {})
 
 
+def _calib_ids():
+    from tiny_models import inputs
+
+    return inputs(batch=8, seq=40, seed=7)
+
+
 METHODS: list[MethodSpec] = [
     MethodSpec("rtn-w4-g32-asym", lambda: hfcompress.RTNConfig(bits=4, group_size=32), sqnr_min=15.0),
     MethodSpec("rtn-w3-g64-sym", lambda: hfcompress.RTNConfig(bits=3, group_size=64, sym=True), sqnr_min=8.0),
     MethodSpec("rtn-w8-perchannel", lambda: hfcompress.RTNConfig(bits=8, group_size=-1, mse_clip=False),
                sqnr_min=35.0),
     MethodSpec("rtn-w2-g16-asym", lambda: hfcompress.RTNConfig(bits=2, group_size=16), sqnr_min=4.0),
+    # GPTQ calibrates on token ids (no tokenizer needed); decoder models only (block-by-block runner)
+    MethodSpec("gptq-w4-g32-actorder",
+               lambda: hfcompress.GPTQConfig(bits=4, group_size=32, dataset=_calib_ids(), n_samples=8, seq_len=32),
+               sqnr_min=15.0, models=("llama", "qwen2", "gpt2")),
+    MethodSpec("gptq-w3-g32-static-sym",
+               lambda: hfcompress.GPTQConfig(bits=3, group_size=32, sym=True, static_groups=True,
+                                             dataset=_calib_ids(), n_samples=8, seq_len=32),
+               sqnr_min=8.0, models=("llama", "qwen2", "gpt2")),
 ]
 
 # LoRA targets per tiny model (plain peft LoraConfig on the quantized model)
