@@ -8,6 +8,7 @@ from .api import dequantize_, quantize_, requantize_
 from .config import ConfigError, GPTQConfig, HfCompressConfig, RTNConfig
 from .formats import FormatError, IntGroupSpec
 from .nn import QuantLinear
+from .adapters import CompacterConfig, MoSConfig  # PEFT methods (Compacter/Compacter++, MoS)
 from .adapters import l4q  # noqa: E402  (L4Q: a PEFT method, registered by _register_all below)
 from .adapters.l4q import L4QConfig
 from .streaming import quantize
@@ -26,6 +27,7 @@ from hfcompress.integrations.trainer import L4QCallback  # noqa: E402
 from . import prune  # noqa: E402
 
 __all__ = [
+    "CompacterConfig",
     "ConfigError",
     "FormatError",
     "GPTQConfig",
@@ -34,6 +36,7 @@ __all__ = [
     "L4QCallback",
     "L4QConfig",
     "LoRAPruneCallback",
+    "MoSConfig",
     "QuantLinear",
     "RTNConfig",
     "dequantize_",

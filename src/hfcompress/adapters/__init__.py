@@ -7,4 +7,12 @@
 
 from __future__ import annotations
 
-PEFT_METHODS: dict[str, tuple[type, type, str]] = {}
+from .compacter import CompacterConfig, CompacterModel
+from .mos import MoSConfig, MoSModel
+
+PEFT_METHODS: dict[str, tuple[type, type, str]] = {
+    "compacter": (CompacterConfig, CompacterModel, CompacterModel.prefix),
+    "mos": (MoSConfig, MoSModel, MoSModel.prefix),
+}
+
+__all__ = ["PEFT_METHODS", "CompacterConfig", "CompacterModel", "MoSConfig", "MoSModel"]
