@@ -91,6 +91,8 @@ class HfCompressQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         dequantize_(model)
+        if isinstance(dtype, str):  # transformers passes config.dtype, a string after save_pretrained
+            dtype = getattr(torch, dtype)
         if dtype is not None:
             model.to(dtype)
         return model

@@ -4,6 +4,7 @@
 and hfcompress layers with PEFT (see hfcompress.integrations); nothing touches a device.
 """
 
+from .adapters.eora import EoRAConfig, compensate, merge_compensation
 from .api import dequantize_, quantize_, requantize_
 from .config import ConfigError, GPTQConfig, HfCompressConfig, RTNConfig
 from .formats import FormatError, IntGroupSpec
@@ -29,6 +30,7 @@ from . import prune  # noqa: E402
 __all__ = [
     "CompacterConfig",
     "ConfigError",
+    "EoRAConfig",
     "FormatError",
     "GPTQConfig",
     "HfCompressConfig",
@@ -39,9 +41,11 @@ __all__ = [
     "MoSConfig",
     "QuantLinear",
     "RTNConfig",
+    "compensate",
     "dequantize_",
     "l4q",
     "merge_and_requantize",
+    "merge_compensation",
     "quantize",
     "prune",
     "quantize_",

@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # one module per subcommand, in the order shown by --help
-COMMANDS = ("quantize", "inspect", "push")
+COMMANDS = ("quantize", "inspect", "push", "compensate")
 
 
 def build_parser() -> argparse.ArgumentParser:

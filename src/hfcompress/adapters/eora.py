@@ -1,0 +1,334 @@
+"""EoRA compensation of a compressed model, exported as a standard PEFT LoRA adapter.
+
+``compensate(compressed_model, original=float_model_or_dir, config=EoRAConfig(rank=32))``
+returns a ``peft.PeftModel`` whose adapter is plain LoRA (``lora_A = A``, ``lora_B = B``,
+``r = lora_alpha`` so the scaling is 1; per-module ``rank_pattern``/``alpha_pattern`` when a
+layer is too small for the rank). The compressed base stays compressed. The adapter loads
+anywhere plain LoRA loads: on the compressed model (after ``import hfcompress``), on the
+float model, or on a dequantized copy with vanilla peft.
+
+Compressed layers understood (:func:`compressed_weight`): hfcompress QuantLinear (every
+format: ``dequantize()`` is exactly what ``forward`` computes with, act-order included),
+bitsandbytes 4-bit (NF4/FP4, read through the layer's own forward), and plain
+``nn.Linear`` / GPT-2 ``Conv1D`` whose weight differs from the original (mask-pruned models).
+
+The maths is :mod:`hfcompress.algorithms.eora`; the block-by-block calibration that feeds
+compensated outputs forward is :mod:`hfcompress.adapters.eora_blocks`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..algorithms.eora import EIG_REL_FLOOR, eora_compensation, svd_compensation
+from ..api import requantize_
+from ..config import ConfigError
+from ..modules import is_linear, linear_weight, matches
+from ..nn import QuantLinear
+
+METHODS = ("eora", "svd")
+#: key of the compensation record inside adapter_config.json's ``auto_mapping`` (a dict PEFT keeps)
+RECORD_KEY = "hfcompress_compensation"
+
+
+@dataclass
+class EoRAConfig:
+    """What to compensate and how. Not a PEFT config: the result is a plain ``LoraConfig`` adapter.
+
+    * ``rank``: LoRA rank per layer (capped at ``min(out, in)`` of each layer).
+    * ``method``: ``"eora"`` (eigenspace of the layer inputs) or ``"svd"`` (plain SVD of ΔW, no data).
+    * ``target_modules``: module-name patterns (``"q_proj"``, ``"layers.*.mlp"``, regex); ``None`` =
+      every linear layer whose compressed weight differs from the original's.
+    * ``rank_pattern``: ``{pattern: rank}`` overrides per module (first match wins).
+    * ``dataset``: calibration data for ``"eora"``: token ids ``[n, seq]`` (LongTensor), a list of
+      1-D token tensors, or a list of strings (then pass ``tokenizer=`` to :func:`compensate`).
+    * ``n_samples`` x ``seq_len``: calibration windows cut from ``dataset``; ``batch_size`` per forward.
+    * ``eig_rel_floor``: eigenvalues of XᵀX below this fraction of the largest are raised to it.
+    """
+
+    rank: int = 32
+    method: str = "eora"
+    target_modules: list[str] | None = None
+    rank_pattern: dict[str, int] | None = None
+    dataset: Any = None
+    n_samples: int = 32
+    seq_len: int = 512
+    batch_size: int = 4
+    eig_rel_floor: float = EIG_REL_FLOOR
+
+    def __post_init__(self):
+        def bad(name, what):
+            raise ConfigError(f"EoRAConfig.{name}={getattr(self, name)!r}: {what}")
+
+        for name in ("rank", "n_samples", "seq_len", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(name, "must be a positive int")
+        if self.method not in METHODS:
+            bad("method", f"must be one of {METHODS}")
+        if self.target_modules is not None:
+            if isinstance(self.target_modules, str):
+                self.target_modules = [self.target_modules]
+            if not all(isinstance(p, str) for p in self.target_modules) or not self.target_modules:
+                bad("target_modules", "must be None or a non-empty list of module-name patterns (str)")
+            self.target_modules = list(self.target_modules)
+        if self.rank_pattern is not None:
+            if not isinstance(self.rank_pattern, dict) or not all(
+                    isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                    for k, v in self.rank_pattern.items()):
+                bad("rank_pattern", "must be a dict {module-name pattern (str): rank (positive int)}")
+        if not (isinstance(self.eig_rel_floor, float) and 0 < self.eig_rel_floor < 1):
+            bad("eig_rel_floor", "must be a float in (0, 1)")
+
+    def rank_for(self, name: str) -> int:
+        for pattern, r in (self.rank_pattern or {}).items():
+            if matches(name, [pattern]):
+                return r
+        return self.rank
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("dataset")
+        return d
+
+
+# ------------------------------------------------------------------------------------------
+# The weight a compressed layer computes with
+# ------------------------------------------------------------------------------------------
+
+def is_quantized_layer(module: nn.Module) -> bool:
+    """Layers whose stored weight is not a float matrix (merging into them re-quantizes)."""
+    return isinstance(module, QuantLinear) or getattr(getattr(module, "weight", None), "quant_state", None) is not None
+
+
+def compressed_weight(module: nn.Module, name: str = "layer") -> torch.Tensor:
+    """The float ``[out, in]`` weight ``module`` really computes with (fp32)."""
+    if isinstance(module, QuantLinear):
+        return module.dequantize(torch.float32)
+    weight = getattr(module, "weight", None)
+    if getattr(weight, "quant_state", None) is not None:  # bitsandbytes Params4bit (NF4 / FP4)
+        return _probe_weight(module)
+    if type(weight).__name__ == "Int8Params":
+        raise TypeError(f"{name}: bitsandbytes 8-bit layers are not supported by compensate(); "
+                        "use a 4-bit (NF4/FP4) or hfcompress base")
+    if is_linear(module):
+        return linear_weight(module).detach().to(torch.float32)
+    raise TypeError(f"{name}: {type(module).__name__} is not a linear layer compensate() can read a weight from")
+
+
+@torch.no_grad()
+def _probe_weight(module: nn.Module) -> torch.Tensor:
+    """``W [out, in]`` of an opaque linear layer, read through its own forward: ``W = (f(I) - b)ᵀ``.
+    Exactly what the layer computes with, whatever its storage (bitsandbytes repacks 4-bit weights
+    for its CPU kernel on the first inference call, with bf16 block scales)."""
+    weight = module.weight
+    k = module.in_features
+    dtype = getattr(module, "compute_dtype", None) or torch.float32
+    eye = torch.eye(k, dtype=dtype, device=weight.device)  # [K, K]
+    y = module(eye).to(torch.float32)  # [K, N] = I Wᵀ + b
+    if getattr(module, "bias", None) is not None:
+        y = y - module.bias.to(torch.float32)
+    return y.t().contiguous()  # [N, K]
+
+
+def _linear_like(module: nn.Module) -> bool:
+    return isinstance(module, QuantLinear) or is_linear(module)
+
+
+def _float_model(original, like: nn.Module) -> nn.Module:
+    if isinstance(original, nn.Module):
+        return original
+    if isinstance(original, str):
+        cls = type(like)
+        if not hasattr(cls, "from_pretrained"):
+            raise TypeError(f"original={original!r} is a path but {cls.__name__} has no from_pretrained; "
+                            "pass the float model itself")
+        return cls.from_pretrained(original, dtype=torch.float32)
+    raise TypeError(f"original must be the float model or its directory, got {type(original).__name__}")
+
+
+def find_targets(compressed: nn.Module, original: nn.Module, config: EoRAConfig
+                 ) -> dict[str, tuple[torch.Tensor, int]]:
+    """``{module name: (ΔW [out, in] fp32, rank)}`` for every layer to compensate."""
+    orig_modules = dict(original.named_modules())
+    out: dict[str, tuple[torch.Tensor, int]] = {}
+    for name, module in compressed.named_modules():
+        if not _linear_like(module):
+            continue
+        explicit = config.target_modules is not None
+        if explicit and not matches(name, config.target_modules):
+            continue
+        ref = orig_modules.get(name)
+        if ref is None or not is_linear(ref):
+            if explicit:
+                raise ValueError(f"EoRAConfig.target_modules selects {name!r}, which the original model does "
+                                 "not have as a linear layer; is `original` the model that was compressed?")
+            continue
+        w = linear_weight(ref).detach().to(torch.float32)
+        w_c = compressed_weight(module, name)
+        if w.shape != w_c.shape:
+            raise ValueError(f"{name}: original weight {tuple(w.shape)} vs compressed {tuple(w_c.shape)}; "
+                             "`original` must be the float model the compressed one came from")
+        delta = w - w_c.to(w.device)
+        if not explicit and not torch.any(delta != 0):
+            continue  # not compressed (kept in float): nothing to compensate
+        out[name] = (delta, min(config.rank_for(name), *delta.shape))
+    if not out:
+        raise ValueError("compensate: no layer differs from the original model; nothing to compensate "
+                         "(is `compressed_model` really compressed, or does target_modules match nothing?)")
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# compensate / merge
+# ------------------------------------------------------------------------------------------
+
+def _task_type(model: nn.Module) -> str | None:
+    if not hasattr(model, "config"):
+        return None  # not a transformers model: PEFT's generic wrapper passes inputs as they come
+    cls = type(model).__name__
+    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+                         ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+                         ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS")):
+        if cls.endswith(suffix):
+            return task
+    # any other model: PEFT's feature-extraction wrapper forwards input_ids/attention_mask as is, and
+    # (unlike task_type=None) keeps the auto_mapping dict that carries the compensation record
+    return "FEATURE_EXTRACTION"
+
+
+def compression_record(model: nn.Module, targets: dict) -> dict:
+    """What compression the adapter compensates (written into adapter_config.json)."""
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qc is not None:
+        comp = qc.to_dict() if hasattr(qc, "to_dict") else dict(qc)
+    else:
+        mods = [model.get_submodule(n) for n in targets]
+        zeros = sum(int((linear_weight(m) == 0).sum()) for m in mods if is_linear(m) and not is_quantized_layer(m))
+        total = sum(m.weight.numel() for m in mods if is_linear(m) and not is_quantized_layer(m))
+        comp = {"kind": "float weights differing from the original (e.g. mask pruning)",
+                "zero_fraction": round(zeros / total, 6) if total else None}
+    return {k: v for k, v in comp.items() if isinstance(v, (str, int, float, bool, list, dict, type(None)))}
+
+
+def _name_or_path(model, fallback=None):
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or fallback
+
+
+def compensate(compressed_model: nn.Module, original, config: EoRAConfig | None = None, tokenizer=None,
+               adapter_name: str = "default", progress: bool = False):
+    """Compensate ``compressed_model`` toward ``original`` with EoRA (or plain SVD); returns a
+    ``peft.PeftModel`` wrapping ``compressed_model`` (modified in place: LoRA layers attached)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = config or EoRAConfig()
+    if not isinstance(config, EoRAConfig):
+        raise TypeError(f"config must be hfcompress.EoRAConfig, got {type(config).__name__}")
+    if hasattr(compressed_model, "peft_config"):
+        raise ValueError("compressed_model already has PEFT adapters; pass the bare compressed model")
+    original_model = _float_model(original, compressed_model)
+    targets = find_targets(compressed_model, original_model, config)
+    del original_model  # only ΔW is needed from here on
+
+    ranks = {n: r for n, (_, r) in targets.items()}
+    r0 = max(set(ranks.values()), key=list(ranks.values()).count)
+    pattern = {n: r for n, r in ranks.items() if r != r0}
+    fan_in_fan_out = any(type(compressed_model.get_submodule(n)).__name__ == "Conv1D" for n in targets)
+    lora_config = LoraConfig(
+        r=r0, lora_alpha=r0, rank_pattern=dict(pattern), alpha_pattern=dict(pattern), target_modules=sorted(targets),
+        lora_dropout=0.0, bias="none", fan_in_fan_out=fan_in_fan_out, task_type=_task_type(compressed_model),
+    )  # base_model_name_or_path: PEFT fills in the compressed model, the base this adapter sits on
+    record = {"method": config.method, "config": config.to_dict(),
+              "original_model": original if isinstance(original, str) else _name_or_path(original),
+              "compressed_model": _name_or_path(compressed_model),
+              "compression": compression_record(compressed_model, targets),
+              "added_bits_per_weight_fp16": added_bits_per_weight(targets, ranks, 16)}
+    lora_config.auto_mapping = {"base_model_class": type(compressed_model).__name__,
+                                "parent_library": type(compressed_model).__module__, RECORD_KEY: record}
+    peft_model = get_peft_model(compressed_model, lora_config, adapter_name=adapter_name)
+    peft_model.eval()
+    inner = peft_model.base_model.model
+
+    if config.method == "svd":
+        for name, (delta, r) in targets.items():
+            b, a = svd_compensation(delta, r)
+            set_lora_(inner.get_submodule(name), adapter_name, b, a)
+    else:
+        from .eora_blocks import calibration_batches, sequential_compensate_
+
+        if tokenizer is None and not isinstance(config.dataset, (torch.Tensor, list, tuple)):
+            tokenizer = _tokenizer_for(original, compressed_model)
+        batches = calibration_batches(config, tokenizer)
+
+        def solve(name, xtx):
+            delta, r = targets[name]
+            return eora_compensation(delta, xtx, r, config.eig_rel_floor)
+
+        sequential_compensate_(inner, sorted(targets), batches, solve, adapter_name, progress=progress)
+    return peft_model
+
+
+def _tokenizer_for(original, compressed_model):
+    """The tokenizer saved beside the original (or compressed) model, or None."""
+    from transformers import AutoTokenizer
+
+    for path in (original if isinstance(original, str) else None, _name_or_path(compressed_model)):
+        if path:
+            try:
+                return AutoTokenizer.from_pretrained(path)
+            except (OSError, ValueError):
+                continue
+    return None
+
+
+@torch.no_grad()
+def set_lora_(layer: nn.Module, adapter_name: str, b: torch.Tensor, a: torch.Tensor) -> None:
+    """Write ``B [out, r]`` and ``A [r, in]`` into a PEFT LoRA layer (scaling must be 1)."""
+    la, lb = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+    if la.shape != a.shape or lb.shape != b.shape:
+        raise ValueError(f"LoRA shapes A {tuple(la.shape)} / B {tuple(lb.shape)} do not fit the computed "
+                         f"{tuple(a.shape)} / {tuple(b.shape)}")
+    if layer.scaling[adapter_name] != 1:
+        raise ValueError(f"LoRA scaling is {layer.scaling[adapter_name]}, expected 1 (r = lora_alpha)")
+    la.copy_(a.to(la.device, la.dtype))
+    lb.copy_(b.to(lb.device, lb.dtype))
+
+
+def added_bits_per_weight(targets: dict, ranks: dict[str, int], bits: int = 16) -> float:
+    """LoRA storage ``bits * r * (out + in)`` over the compensated layers' weight count."""
+    added = sum(bits * ranks[n] * sum(d.shape) for n, (d, _) in targets.items())
+    weights = sum(math.prod(d.shape) for d, _ in targets.values())
+    return added / weights
+
+
+def merge_compensation(peft_model, requantize: bool = False):
+    """Merge the compensation into the base where that is exact (a float base: plain
+    ``merge_and_unload``). On a quantized base merging re-quantizes (lossy): refused unless
+    ``requantize=True`` (hfcompress layers: RTN on the layer's grid; bitsandbytes: NF4 again)."""
+    from peft.tuners.lora import LoraLayer
+
+    quantized = [n for n, m in peft_model.named_modules()
+                 if isinstance(m, LoraLayer) and is_quantized_layer(m.get_base_layer())]
+    if quantized and not requantize:
+        raise ValueError(f"merge_compensation: {len(quantized)} compensated layer(s) have a quantized base "
+                         f"(e.g. {quantized[0]}); merging would re-quantize them and lose the compensation. "
+                         "Keep the adapter unmerged, merge into the float model, or pass requantize=True.")
+    for _, layer in [(n, m) for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)]:
+        base = layer.get_base_layer()
+        if isinstance(base, QuantLinear):  # dequantize + B A, back onto the layer's own grid
+            w = base.dequantize(torch.float32)
+            for name in layer.active_adapters:
+                if name in layer.lora_A:
+                    w = w + layer.get_delta_weight(name).to(w.device, torch.float32)
+            requantize_(base, w)
+        else:
+            layer.merge()  # float base: exact; bitsandbytes: peft's own dequantize/merge/re-quantize
+    return peft_model.unload()
+
+
+__all__ = ["EoRAConfig", "compensate", "compressed_weight", "merge_compensation", "RECORD_KEY"]

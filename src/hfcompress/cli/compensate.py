@@ -1,0 +1,39 @@
+"""``hfcompress compensate QUANTIZED_DIR --original FLOAT_DIR --rank 32 --out ADAPTER_DIR``:
+EoRA (or plain SVD) compensation of a compressed model, saved as a standard PEFT LoRA adapter."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("compensate", help="EoRA low-rank compensation of a compressed model, saved as a LoRA adapter")
+    p.add_argument("model", help="compressed model directory (hfcompress, bitsandbytes or pruned checkpoint)")
+    p.add_argument("--original", required=True, help="the float model directory the compressed one came from")
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--method", default="eora", choices=["eora", "svd"], help="svd: plain SVD baseline, no data")
+    p.add_argument("--dataset", default=None,
+                   help="calibration text file (default: the bundled calibration text)")
+    p.add_argument("--n-samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--target-modules", nargs="*", default=None, metavar="PATTERN",
+                   help="module-name patterns to compensate (default: every layer that differs from the original)")
+    p.add_argument("--out", required=True, help="adapter output directory")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import hfcompress
+
+    config = hfcompress.EoRAConfig(rank=args.rank, method=args.method, dataset=args.dataset,
+                                   n_samples=args.n_samples, seq_len=args.seq_len, batch_size=args.batch_size,
+                                   target_modules=args.target_modules)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    peft_model = hfcompress.compensate(model, args.original, config, progress=True)
+    peft_model.save_pretrained(args.out)
+    print(f"saved {args.method} rank-{args.rank} LoRA adapter to {args.out}")
+    return 0
