@@ -331,3 +331,17 @@ def test_hub_templates_are_package_data():
     assert "*.md" in setuptools_cfg["package-data"]["hfcompress.model_cards"]
     for name in ("quantized.md", "adapter.md"):
         assert "$metadata" in hub._template(name)
+
+
+@pytest.mark.parametrize("name", ["quickstart", "adapters"])
+def test_hub_notebooks_run(name, local_hub, tmp_path):
+    """The notebooks run end to end (their cells assert the round trips) against the local Hub."""
+    nbformat = pytest.importorskip("nbformat")
+    from nbclient import NotebookClient
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "notebooks", f"{name}.ipynb")
+    nb = nbformat.read(path, as_version=4)
+    os.environ.pop("HFCOMPRESS_NOTEBOOK_MODEL", None)  # the tiny default model
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "bit-identical" in outputs and "True" in outputs
