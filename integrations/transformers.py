@@ -48,6 +48,8 @@ class HfCompressQuantizer(HfQuantizer):
         keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
         config.modules_to_not_convert = sorted(
             set(resolve_modules_to_not_convert(model, config.modules_to_not_convert)) | set(keep_fp32))
+        if not self.pre_quantized:
+            config.check_can_quantize()
         if not (self.pre_quantized or config.data_free):
             return model  # calibration algorithms quantize after the float weights are loaded
         compute_dtype = dtype if isinstance(dtype, torch.dtype) else torch.get_default_dtype()
@@ -60,6 +62,8 @@ class HfCompressQuantizer(HfQuantizer):
                 raise FormatError(f"{name}: {e}") from None
             q._source_conv1d = is_conv1d(module)
             set_submodule(model, name, q)
+        if self.pre_quantized and kwargs.get("checkpoint_files"):
+            validate_checkpoint_headers(model, kwargs["checkpoint_files"])
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
@@ -117,6 +121,37 @@ class QuantizeOnLoad(ConversionOps):
         except ValueError as e:
             raise type(e)(f"{prefix}: {e}") from None
         return {f"{prefix}.{n}": b.to(value.device) for n, b in q._buffers.items() if b is not None}
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def validate_checkpoint_headers(model, checkpoint_files) -> None:
+    """Check every packed tensor's shape and dtype in the safetensors headers against the format
+    before anything is loaded (transformers would otherwise cast a wrong float dtype silently)."""
+    from hfcompress.inspect import read_safetensors_header
+
+    entries: dict[str, tuple[dict, str]] = {}
+    for path in checkpoint_files:
+        if str(path).endswith(".safetensors"):
+            for key, meta in read_safetensors_header(str(path)).items():
+                entries[key] = (meta, str(path))
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantLinear):
+            continue
+        tensors = {}
+        for tname in module.spec.tensor_shapes(module.out_features, module.in_features):
+            found = entries.get(f"{name}.{tname}")
+            if found is None:
+                continue  # reported as missing by validate_tensors below
+            meta, path = found
+            dtype = _ST_DTYPES.get(meta["dtype"])
+            if dtype is None:
+                raise FormatError(f"{name}.{tname} in {path} has unsupported dtype {meta['dtype']}")
+            tensors[tname] = torch.empty(meta["shape"], dtype=dtype, device="meta")
+        validate_tensors(tensors, module.spec, module.out_features, module.in_features, where=name)
 
 
 def attach(model, config: HfCompressConfig) -> None:

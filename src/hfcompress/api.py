@@ -37,6 +37,7 @@ def quantize_(model: nn.Module, config: HfCompressConfig, progress: bool = False
         raise TypeError(f"config must be an hfcompress config (e.g. hfcompress.RTNConfig), got {type(config).__name__}")
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("model is already quantized by hfcompress; quantize the float model instead")
+    config.check_can_quantize()
     config.modules_to_not_convert = resolve_modules_to_not_convert(model, config.modules_to_not_convert)
     if config.data_free:
         targets = list(linear_modules(model, config.modules_to_not_convert))

@@ -82,11 +82,11 @@ class IntGroupSpec:
     def effective_group_size(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
 
-    def check_layer(self, in_features: int, where: str = "layer") -> None:
+    def check_layer(self, in_features: int, where: str | None = None) -> None:
         """Raise if this spec cannot tile a layer with ``in_features`` inputs."""
         if self.group_size != -1 and self.group_size > in_features:
             raise FormatError(
-                f"{where}: group_size={self.group_size} is larger than in_features={in_features}; "
+                f"{where + ': ' if where else ''}group_size={self.group_size} is larger than in_features={in_features}; "
                 "use group_size=-1 for one group per output channel, or a smaller group"
             )
 
@@ -151,7 +151,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     word, offset = shifts // 32, shifts % 32
     val = w[..., word] >> offset
     spill = offset + bits > 32
-    if spill.any():
+    if 32 % bits:  # only widths that do not divide 32 straddle (a Python test: traceable, no guard)
         nxt = torch.clamp(word + 1, max=bits - 1)
         val = torch.where(spill, val | (w[..., nxt] << (32 - offset)), val)
     val = val & ((1 << bits) - 1)

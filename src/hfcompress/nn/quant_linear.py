@@ -41,7 +41,7 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
         for name in _QUANT_BUFFERS:
             if name not in self._buffers:
-                setattr(self, name, None)
+                self.register_buffer(name, None)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=compute_dtype, device=device),
                                  requires_grad=False) if bias else None
 
