@@ -84,7 +84,9 @@ class HfCompressConfig(QuantizationConfigMixin):
                 value = kwargs.pop(name)
                 _check_type(name, value, types, allow_none)
                 setattr(self, name, value)
-        self.extra = kwargs.pop("extra", None) or {}
+        extra = kwargs.pop("extra", None)
+        _check_type("extra", extra, (dict,), allow_none=True)
+        self.extra = extra or {}
         if kwargs:
             raise ConfigError(f"{type(self).__name__} got unknown field(s) {sorted(kwargs)}")
 
@@ -104,6 +106,9 @@ class HfCompressConfig(QuantizationConfigMixin):
 
     def _jsonable(self, name: str, value):
         return value
+
+    def check_can_quantize(self) -> None:
+        """Raise before any work if this config cannot *produce* a checkpoint (it may still load one)."""
 
     def quantize_weight(self, weight):
         """Data-free algorithms: ``weight [N, K]`` -> ``(codes, scale, zero, g_idx)``."""
@@ -125,6 +130,7 @@ class HfCompressConfig(QuantizationConfigMixin):
             raise ConfigError(f"quantization_config must be a dict, got {type(config_dict).__name__}")
         d = dict(config_dict)
         algo = d.get("algorithm", cls.algorithm)
+        _check_type("algorithm", algo, (str,))
         target = _ALGORITHMS.get(algo)
         if target is None:
             raise ConfigError(f"quantization_config.algorithm={algo!r} is unknown; known: {sorted(_ALGORITHMS)}")
@@ -150,10 +156,13 @@ class RTNConfig(HfCompressConfig):
     def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, mse_clip: bool = True,
                  modules_to_not_convert: list[str] | None = None, **kwargs):
         self.mse_clip = mse_clip
-        if kwargs.get("act_order"):
-            raise ConfigError("quantization_config.act_order=True needs activation statistics; RTN is data-free")
         super().__init__(bits=bits, group_size=group_size, sym=sym, modules_to_not_convert=modules_to_not_convert,
                          mse_clip=mse_clip, **kwargs)
+
+    def check_can_quantize(self) -> None:
+        if self.act_order:
+            raise ConfigError("quantization_config.act_order=True: RTN has no activation statistics to order "
+                              "columns by; use act_order=False (or GPTQConfig)")
 
     def quantize_weight(self, weight):
         from .algorithms.rtn import rtn
