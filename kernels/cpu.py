@@ -1,0 +1,133 @@
+"""Fast CPU path for the int_group format through PyTorch's native weight-only matmuls.
+
+- 4-bit: ``aten._weight_int4pack_mm_for_cpu``. Its weight is ``(q - 8) * s + c`` per group of
+  32/64/128/256 input channels; ours is ``(q - z) * s``, so ``c = (8 - z) * s`` (exact in
+  fp32: ``s`` is fp16 and ``8 - z`` a small integer). A group size that is a multiple of 32
+  (or per-channel) maps onto sub-groups of 32..256 with repeated scales; act-order layers whose
+  ``g_idx`` sorts into equal contiguous groups permute the activations instead of the weight.
+- 8-bit, one group per output channel, K % 16 == 0: ``aten._weight_int8pack_mm`` on ``q - 128`` (int8)
+  with per-channel scales, plus the rank-1 zero-point term ``sum_k x[m, k] * (128 - z[n]) * s[n]``.
+
+Both ops are fast on CPU only in bf16 (fp32 is a scalar fallback, 100x slower), so this path
+computes with bf16 activations and bf16 scales and returns the input dtype: outputs differ
+from the fp32 reference at bf16 precision (measured SQNR in tests/test_kernels_cpu.py).
+Everything else (2/3 bits, ragged groups, grouped 8-bit) returns ``None``: the caller runs the
+reference. The rearranged weights live in a cache keyed by the packed tensor (dropped with
+it, rebuilt if it is modified in place); ``state_dict`` never sees them.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+_SUBGROUPS = (256, 128, 64, 32)
+_CACHE: dict[int, tuple] = {}  # id(qweight) -> (weakref(qweight), versions, prepared or None)
+
+
+def available() -> bool:
+    ops = torch.ops.aten
+    return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
+
+
+def _unpack(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
+    """int32 bit streams ``[R, ceil(L/32)*bits]`` -> int32 codes ``[R, L]`` (2/4/8 bits: no straddling)."""
+    per = 32 // bits
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [R, W, per]
+    return codes.reshape(packed.shape[0], -1)[:, :length]
+
+
+def _versions(*tensors):
+    out = []
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        try:
+            out.append((id(t), t._version))
+        except RuntimeError:  # inference tensors carry no version counter
+            out.append((id(t), None))
+    return tuple(out)
+
+
+def _prepare_int4(qweight, scale, qzero, g_idx, group_size, sym, k):
+    n = qweight.shape[0]
+    gs = k if group_size == -1 or scale.shape[1] == 1 else group_size
+    codes = _unpack(qweight, 4, k)  # [N, K]
+    perm = None
+    if g_idx is not None:
+        perm = torch.argsort(g_idx.long(), stable=True)
+        if not torch.equal(g_idx.long()[perm], torch.arange(k) // gs):
+            return None  # groups that do not sort into equal contiguous runs
+        codes = codes[:, perm]
+    sub = next((s for s in _SUBGROUPS if gs % s == 0 and k % s == 0), None)
+    if sub is None:
+        return None
+    group_of_sub = torch.arange(0, k, sub) // gs  # [K/sub]
+    s = scale.to(torch.float32)[:, group_of_sub]  # [N, K/sub]
+    if sym:
+        z = torch.full_like(s, 8.0)
+    else:
+        z = _unpack(qzero, 4, n).t().to(torch.float32)[:, group_of_sub]  # [N, K/sub]
+    pad = -n % 16  # the packing op wants N % 16 == 0: pad with zero-scale rows, sliced off after
+    codes = torch.nn.functional.pad(codes, (0, 0, 0, pad))
+    s, c = torch.nn.functional.pad(s, (0, 0, 0, pad)), torch.nn.functional.pad((8.0 - z) * s, (0, 0, 0, pad))
+    scale_zero = torch.stack([s.t(), c.t()], dim=-1).to(torch.bfloat16).contiguous()  # [K/sub, N+pad, 2]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 2)
+    return ("int4", packed, scale_zero, sub, perm, n)
+
+
+def _prepare_int8(qweight, scale, qzero, sym, k):
+    n = qweight.shape[0]
+    w8 = (_unpack(qweight, 8, k) - 128).to(torch.int8).contiguous()  # [N, K]
+    s = scale[:, 0].to(torch.float32)
+    zero_term = None
+    if not sym:
+        z = _unpack(qzero, 8, n)[0].to(torch.float32)  # [N]
+        zero_term = (128.0 - z) * s  # fp32
+    return ("int8", w8, s.to(torch.bfloat16), zero_term)
+
+
+def _prepared(qweight, scale, qzero, g_idx, bits, group_size, sym, k):
+    key = id(qweight)
+    versions = _versions(qweight, scale, qzero, g_idx)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0]() is qweight and hit[1] == versions:
+        return hit[2]
+    if bits == 4:
+        prep = _prepare_int4(qweight, scale, qzero, g_idx, group_size, sym, k)
+    elif bits == 8 and scale.shape[1] == 1 and k % 16 == 0:  # the int8 op reads out of bounds otherwise
+        prep = _prepare_int8(qweight, scale, qzero, sym, k)
+    else:
+        prep = None
+    _CACHE[key] = (weakref.ref(qweight, lambda _, key=key: _CACHE.pop(key, None)), versions, prep)
+    return prep
+
+
+def int_group_mm_cpu(x, qweight, scale, qzero, g_idx, bias, bits, group_size, sym, in_features):
+    """``int_group_mm`` on CPU tensors via native int4/int8 matmuls, or ``None`` when not covered."""
+    if bits not in (4, 8) or not x.dtype.is_floating_point or x.dtype == torch.float64 or not available():
+        return None
+    prep = _prepared(qweight, scale, qzero, g_idx, bits, group_size, sym, in_features)
+    if prep is None:
+        return None
+    x2 = x.reshape(-1, in_features)
+    if prep[0] == "int4":
+        _, packed, scale_zero, sub, perm, n = prep
+        if perm is not None:
+            x2 = x2[:, perm]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), packed, sub, scale_zero)
+        if y.shape[-1] != n:
+            y = y[:, :n]
+    else:
+        _, w8, s, zero_term = prep
+        xb = x2.to(torch.bfloat16).contiguous()
+        y = torch.ops.aten._weight_int8pack_mm(xb, w8, s)
+        if zero_term is not None:
+            y = y.float() + xb.sum(-1, keepdim=True, dtype=torch.float32) * zero_term
+    y = y.to(x.dtype)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y.reshape(*x.shape[:-1], qweight.shape[0])

@@ -1,0 +1,121 @@
+"""The CPU fast path (hfcompress.kernels.cpu): native int4 / int8 weight-only matmuls.
+
+They compute in bf16, so the tolerance against the fp32 reference is stated as an SQNR
+(CPU_MIN_SQNR_DB); in mode "auto" fp32 activations keep the exact reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hfcompress.formats.int_group import IntGroupSpec
+from hfcompress.kernels.cpu import int_group_mm_cpu
+from hfcompress.nn.quant_linear import QuantLinear, pack
+from hfcompress.ops import int_group_mm_ref, set_cpu_fast_path
+from tiny_models import sqnr_db
+
+CPU_MIN_SQNR_DB = 40.0  # bf16 compute: measured ~50 dB against the fp32 reference
+
+# (bits, group_size, sym, act_order, N, K): every case the fast path must take
+COVERED = [
+    (4, 32, False, False, 70, 96),
+    (4, 64, True, False, 64, 576),
+    (4, 128, False, False, 48, 320),  # ragged last group of 64, split into sub-groups
+    (4, -1, False, False, 40, 160),
+    (4, 64, False, True, 64, 192),
+    (8, -1, True, False, 70, 96),
+    (8, -1, False, False, 64, 160),
+]
+DECLINED = [
+    (3, 32, False, False, 64, 96),  # 3-bit: no native op
+    (2, 32, True, False, 64, 96),
+    (8, 32, False, False, 64, 96),  # grouped 8-bit: the int8 op has one scale per channel
+    (4, 32, False, False, 64, 200),  # K not a multiple of 32
+    (8, -1, True, False, 64, 200),  # K % 16 != 0: the int8 op would read out of bounds
+]
+
+
+def _layer(bits, gs, sym, act, n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n_groups = 1 if gs == -1 else -(-k // gs)
+    codes = torch.randint(0, 1 << bits, (n, k), generator=g)
+    scale = torch.rand(n, n_groups, generator=g) * 0.02 + 0.005
+    zero = None if sym else torch.randint(0, 1 << bits, (n, n_groups), generator=g)
+    g_idx = (torch.arange(k) // gs)[torch.randperm(k, generator=g)] if act else None
+    spec = IntGroupSpec(bits=bits, group_size=gs, sym=sym, act_order=act)
+    return QuantLinear.from_codes(codes, scale, zero, g_idx, spec, bias=torch.randn(n, generator=g))
+
+
+def _args(layer, x):
+    s = layer.spec
+    return (x, layer.weight, layer.weight_scale, layer.weight_zero, layer.weight_g_idx, layer.bias,
+            s.bits, s.group_size, s.sym, layer.in_features)
+
+
+@pytest.fixture
+def fast_always():
+    previous = set_cpu_fast_path("always")
+    yield
+    set_cpu_fast_path(previous)
+
+
+def _id(c):
+    bits, gs, sym, act, n, k = c
+    return f"bits{bits}-g{gs}-{'sym' if sym else 'asym'}{'-act' if act else ''}-{n}x{k}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", COVERED, ids=_id)
+def test_kernels_cpu_fast_path_matches_reference(case, dtype):
+    layer = _layer(*case)
+    x = torch.randn(5, case[-1]).to(dtype)
+    y = int_group_mm_cpu(*_args(layer, x))
+    assert y is not None, "the fast path declined a case it covers"
+    assert y.dtype == dtype and y.shape == (5, case[4])
+    ref = int_group_mm_ref(*_args(layer, x.float()))
+    assert sqnr_db(ref, y.float()) >= CPU_MIN_SQNR_DB
+
+
+@pytest.mark.parametrize("case", DECLINED, ids=_id)
+def test_kernels_cpu_declines_uncovered_formats(case, fast_always):
+    layer = _layer(*case)
+    x = torch.randn(3, case[-1])
+    assert int_group_mm_cpu(*_args(layer, x)) is None
+    torch.testing.assert_close(layer(x), int_group_mm_ref(*_args(layer, x)), rtol=0, atol=0)  # reference ran
+
+
+def test_kernels_cpu_auto_mode_keeps_fp32_exact_and_routes_bf16():
+    layer = _layer(4, 32, False, False, 64, 96)
+    x = torch.randn(3, 96)
+    assert torch.equal(layer(x), int_group_mm_ref(*_args(layer, x)))  # fp32: the reference itself
+    xb = x.bfloat16()
+    assert torch.equal(layer(xb), int_group_mm_cpu(*_args(layer, xb)))  # bf16: the fast path
+
+
+def test_kernels_cpu_forward_uses_dequantized_weight(fast_always):
+    """QuantLinear.dequantize() is the weight the fast forward computes with (to bf16 precision)."""
+    layer = _layer(4, 64, False, True, 64, 192)
+    x = torch.randn(4, 192)
+    expected = x @ layer.dequantize(torch.float32).t() + layer.bias
+    assert sqnr_db(expected, layer(x)) >= CPU_MIN_SQNR_DB
+    assert set(layer.state_dict()) == {"weight", "weight_scale", "weight_zero", "weight_g_idx", "bias"}
+
+
+def test_kernels_cpu_cache_follows_weight_changes(fast_always):
+    layer = _layer(4, 32, False, False, 64, 96, seed=1)
+    x = torch.randn(2, 96)
+    y1 = layer(x)
+    other = _layer(4, 32, False, False, 64, 96, seed=2)
+    layer.weight.copy_(other.weight)  # in place: the cached int4 pack must be rebuilt
+    layer.weight_scale.copy_(other.weight_scale)
+    layer.weight_zero.copy_(other.weight_zero)
+    y2 = layer(x)
+    assert not torch.allclose(y1, y2)
+    assert sqnr_db(int_group_mm_ref(*_args(layer, x)), y2) >= CPU_MIN_SQNR_DB
+
+
+def test_kernels_cpu_opcheck():
+    layer = _layer(4, 32, False, False, 64, 96)
+    x = torch.randn(3, 96, dtype=torch.bfloat16, requires_grad=True)
+    args = _args(layer, x)
+    torch.library.opcheck(torch.ops.hfcompress.int_group_mm.default, args[:5] + (layer.bias.bfloat16(),) + args[6:])
