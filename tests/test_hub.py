@@ -301,7 +301,9 @@ def test_hub_cli_push_and_quantize_push_to_hub(local_hub, tmp_path, capsys):
                 "--push-to-hub", "hub-cli-quantize"]) == 0
     readme = local_hub.download("model", "tester/hub-cli-quantize", "main", "README.md", True).decode()
     assert 'from_pretrained("tester/hub-cli-quantize")' in readme
+    os.remove(out / "README.md")  # a checkpoint without a card: push renders it from the headers
     assert cli(["push", str(out), "hub-cli-push", "--private", "--revision", "dev"]) == 0
+    assert hub.is_generated_card(str(out / "README.md"))
     repo = local_hub.repos[("model", "tester/hub-cli-push")]
     assert repo.private and "dev" in repo.branches
     assert "model.safetensors" in repo.resolve("dev").files and "model.safetensors" not in repo.resolve("main").files
@@ -345,3 +347,18 @@ def test_hub_notebooks_run(name, local_hub, tmp_path):
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "bit-identical" in outputs and "True" in outputs
+
+
+def test_hub_card_from_checkpoint_headers(tmp_path):
+    """Checkpoints written without a model in memory (streamed GPTQ, `hfcompress push DIR`) get the
+    same statistics from their safetensors headers as from the model."""
+    model = _quantized(11)
+    model.save_pretrained(tmp_path / "ck")
+    _, from_headers = hub.checkpoint_stats(str(tmp_path / "ck"))
+    assert from_headers == hub.size_stats(model)
+    card = hub.render_card(str(tmp_path / "ck"), {"base_model": "tester/some-base"}, source=None)
+    assert card.data.base_model == "tester/some-base" and "hfcompress" in card.data.tags
+    float_dir = tmp_path / "float"
+    tm.llama_gqa(11).save_pretrained(float_dir)
+    with pytest.raises(hub.CardError, match="no hfcompress quantization_config"):
+        hub.render_card(str(float_dir))

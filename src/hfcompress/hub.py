@@ -125,7 +125,7 @@ class SizeStats:
 def size_stats(model: nn.Module) -> SizeStats:
     seen: set[int] = set()
     total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
+    for t in model.state_dict().values():  # persistent tensors: what a save writes
         if t.is_meta or t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())
@@ -169,14 +169,36 @@ def base_model_info(name_or_path: str | None, repo_id: str | None = None) -> Bas
         if local and os.path.isfile(local):
             card = ModelCard.load(local, ignore_metadata_errors=True)
         elif repo_id:
-            card = ModelCard.load(repo_id, ignore_metadata_errors=True)
-    except Exception:  # offline, missing card, gated repo ...: the card is optional
+            card = _hub_card(repo_id)
+    except Exception:  # unreadable card metadata: the card is optional
         card = None
     if card is not None:
         info.card_found = True
         info.license = card.data.get("license")
         info.language = card.data.get("language")
     return info
+
+
+def _hub_card(repo_id: str, timeout: float = 10.0):
+    """The base repo's card from the local cache, else one request (no retries: a missing
+    network must not stall a save); None when unavailable."""
+    from huggingface_hub import ModelCard, get_session, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.constants import is_offline_mode
+    from huggingface_hub.utils import build_hf_headers
+
+    cached = try_to_load_from_cache(repo_id, "README.md")
+    if isinstance(cached, str):
+        return ModelCard.load(cached, ignore_metadata_errors=True)
+    if is_offline_mode():
+        return None
+    try:
+        r = get_session().get(hf_hub_url(repo_id, "README.md"), headers=build_hf_headers(), timeout=timeout,
+                              follow_redirects=True)
+    except Exception:  # no network, DNS, TLS ...
+        return None
+    if r.status_code != 200:
+        return None
+    return ModelCard(r.text, ignore_metadata_errors=True)
 
 
 # -- rendering -----------------------------------------------------------------------------------
@@ -201,8 +223,12 @@ def _fill(name: str, fields: dict) -> str:
     return re.sub(r"\n{3,}", "\n\n", text)
 
 
-def _auto_class(model: nn.Module) -> str:
-    archs = getattr(getattr(model, "config", None), "architectures", None) or [type(model).__name__]
+def _auto_class(model) -> str:
+    """The Auto class for the usage snippet, from a model or a config.json dict."""
+    if isinstance(model, dict):
+        archs = model.get("architectures") or ["Model"]
+    else:
+        archs = getattr(getattr(model, "config", None), "architectures", None) or [type(model).__name__]
     for suffix, auto in _AUTO_CLASS:
         if archs[0].endswith(suffix):
             return auto
@@ -220,14 +246,47 @@ def _quant_config(model: nn.Module):
     return q.to_dict() if hasattr(q, "to_dict") else dict(q)
 
 
-def render_card(model: nn.Module, card_data: dict | None = None, has_original_card: bool = False):
-    """The model card (a ``huggingface_hub.ModelCard``) of an hfcompress-quantized ``model``."""
+def checkpoint_stats(path: str) -> tuple[dict, SizeStats]:
+    """``(config.json, SizeStats)`` of a saved checkpoint, from its safetensors headers only
+    (for checkpoints written without a model in memory, e.g. streamed quantization)."""
+    import json
+
+    from .inspect import summarize
+
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    summary = summarize(path)
+    dtype = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)
+    fp_bytes = torch.empty(0, dtype=dtype).element_size()
+    n = sum(lay.in_features * lay.out_features for lay in summary.layers)
+    stored = sum(lay.stored_bits for lay in summary.layers)
+    total = summary.total_params_bits // 8
+    stats = SizeStats(len(summary.layers), n, stored, total, total + n * fp_bytes - stored // 8,
+                      str(dtype).removeprefix("torch."))
+    return config, stats
+
+
+def render_card(model, card_data: dict | None = None, has_original_card: bool = False, source: str | None = None):
+    """The model card (a ``huggingface_hub.ModelCard``) of an hfcompress-quantized ``model``
+    (an ``nn.Module``, or the path of a saved checkpoint: statistics from its headers).
+    ``source``: what the model was quantized from (Hub id or directory), when the model does
+    not say (``config._name_or_path``)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    data = get_card_data(model, card_data)
-    q = _quant_config(model)
-    stats = size_stats(model)
-    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    if isinstance(model, (str, os.PathLike)):
+        hf_config, stats = checkpoint_stats(os.fspath(model))
+        q = hf_config.get("quantization_config") or {}
+        if q.get("quant_method") != "hfcompress":
+            raise CardError(f"{model}/config.json has no hfcompress quantization_config; it is not an hfcompress "
+                            "checkpoint")
+        data = dict(card_data or {})
+        _check_card_data(data)
+        name_or_path, model = source, hf_config
+    else:
+        data = get_card_data(model, card_data)
+        q = _quant_config(model)
+        stats = size_stats(model)
+        name_or_path = source or getattr(getattr(model, "config", None), "_name_or_path", None) or None
     base = base_model_info(name_or_path, data.get("base_model"))
     method, bits, group = q.get("algorithm", "?"), q.get("bits"), q.get("group_size")
     title = data.get("title") or (f"{base.repo_id} — hfcompress {method.upper()} {bits}-bit" if base.repo_id
@@ -390,16 +449,20 @@ def is_generated_card(path: str) -> bool:
         return False
 
 
-def write_card_(directory: str, model: nn.Module, card_data: dict | None = None, adapter: bool = False) -> str:
-    """Write README.md for ``model`` (a quantized model, or with ``adapter=True`` a PeftModel on
-    one) into ``directory``. A README.md there that hfcompress did not write is moved to
+def write_card_(directory: str, model, card_data: dict | None = None, adapter: bool = False,
+                source: str | None = None) -> str:
+    """Write README.md for ``model`` (a quantized model, the ``directory`` path itself for a
+    checkpoint saved without a model in memory, or with ``adapter=True`` a PeftModel on a
+    quantized model) into ``directory``. A README.md there that hfcompress did not write is moved to
     ORIGINAL_README.md (kept, referenced by the new card)."""
     path = os.path.join(directory, "README.md")
     original = os.path.join(directory, ORIGINAL_CARD)
     if os.path.isfile(path) and not is_generated_card(path) and not os.path.exists(original):
         os.replace(path, original)
-    render = render_adapter_card if adapter else render_card
-    card = render(model, card_data, has_original_card=os.path.isfile(original))
+    if adapter:
+        card = render_adapter_card(model, card_data, has_original_card=os.path.isfile(original))
+    else:
+        card = render_card(model, card_data, has_original_card=os.path.isfile(original), source=source)
     card.save(path)
     return path
 

@@ -174,6 +174,9 @@ def _stream_dir(path, config, tokenizer, out_dir, device, progress, batches, dty
             shutil.copy(os.path.join(path, fname), os.path.join(out_dir, fname))
     if tokenizer is not None and not os.path.isfile(os.path.join(out_dir, "tokenizer_config.json")):
         tokenizer.save_pretrained(out_dir)
+    from .hub import write_card_  # the model card, from the written headers (no model in memory)
+
+    write_card_(out_dir, out_dir, source=path)
     return out_dir
 
 

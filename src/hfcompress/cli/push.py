@@ -25,8 +25,12 @@ def run(args) -> int:
         raise FileNotFoundError(f"{args.path} is not a directory; pass the folder save_pretrained wrote")
     readme = os.path.join(args.path, "README.md")
     if not hub.is_generated_card(readme):
-        print(f"hfcompress push: warning: {args.path} has no hfcompress model card (README.md); "
-              "save the model with save_pretrained after `import hfcompress` to write one", file=sys.stderr)
+        if os.path.isfile(os.path.join(args.path, "config.json")):
+            hub.write_card_(args.path, args.path)  # from the safetensors headers; a hand-written card is kept
+            print(f"hfcompress push: wrote the model card {readme}", file=sys.stderr)
+        else:
+            print(f"hfcompress push: warning: {args.path} has no hfcompress model card (README.md); save the "
+                  "adapter with save_pretrained after `import hfcompress` to write one", file=sys.stderr)
     info = hub.push_folder(args.path, args.repo_id, private=args.private or None, revision=args.revision,
                            commit_message=args.commit_message, create_pr=args.create_pr)
     print(f"pushed {args.path} to {info.repo_url.repo_id}"
