@@ -532,18 +532,23 @@ def atomic_save(directory: str | os.PathLike, write: Callable[[str], None],
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    os.chmod(tmp, 0o755)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
     if not os.path.exists(directory):
         os.rename(tmp, directory)
         return directory
+    cwd = os.getcwd()
     if _exchange(tmp, directory):  # tmp now holds the old checkpoint
         shutil.rmtree(tmp, ignore_errors=True)
-        return directory
-    old = tempfile.mkdtemp(prefix=f".{name}.old.", suffix=".tmp", dir=parent)
-    os.rmdir(old)
-    os.rename(directory, old)
-    os.rename(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    else:
+        old = tempfile.mkdtemp(prefix=f".{name}.old.", suffix=".tmp", dir=parent)
+        os.rmdir(old)
+        os.rename(directory, old)
+        os.rename(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    if cwd == directory or cwd.startswith(directory + os.sep):
+        os.chdir(cwd)  # the process was inside the replaced directory: enter the new one
     return directory
 
 
