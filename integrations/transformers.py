@@ -133,6 +133,10 @@ def validate_checkpoint_headers(model, checkpoint_files) -> None:
     before anything is loaded (transformers would otherwise cast a wrong float dtype silently)."""
     from hfcompress.inspect import read_safetensors_header
 
+    pickles = [str(p) for p in checkpoint_files if not str(p).endswith(".safetensors")]
+    if pickles:  # refused before transformers unpickles anything
+        raise FormatError(f"{pickles[0]}: hfcompress checkpoints are read from safetensors only (a pickle file can "
+                          "run code when loaded); re-save the model with save_pretrained after `import hfcompress`")
     entries: dict[str, tuple[dict, str]] = {}
     for path in checkpoint_files:
         if str(path).endswith(".safetensors"):

@@ -362,3 +362,19 @@ def test_hub_card_from_checkpoint_headers(tmp_path):
     tm.llama_gqa(11).save_pretrained(float_dir)
     with pytest.raises(hub.CardError, match="no hfcompress quantization_config"):
         hub.render_card(str(float_dir))
+
+
+def test_hub_pickle_checkpoint_refused_before_unpickling(tmp_path, monkeypatch):
+    out = tmp_path / "ckpt"
+    _quantized(12).save_pretrained(out)
+    sd = load_file(out / "model.safetensors")
+    os.remove(out / "model.safetensors")
+    torch.save(sd, out / "pytorch_model.bin")  # what a tampered or foreign upload could hold
+
+    def never(*args, **kwargs):
+        raise AssertionError("torch.load was called on a pickle")
+
+    monkeypatch.setattr(torch, "load", never)
+    with pytest.raises(hfcompress.FormatError, match=r"pytorch_model\.bin: hfcompress checkpoints are read from "
+                                                      r"safetensors only"):
+        AutoModelForCausalLM.from_pretrained(out)
