@@ -69,8 +69,10 @@ def _gemm(block_m, block_n, block_k, num_warps=4, num_stages=3, group_m=8):
 _SM90 = {
     "gemv": [_gemv(16, 256, 1), _gemv(16, 256, 4), _gemv(32, 128, 2), _gemv(8, 512, 1, num_warps=2),
              _gemv(32, 64, 2)],  # the last one fits M = 5..8
-    "splitk": [_splitk(16, 64, 128, 4), _splitk(16, 128, 64, 4), _splitk(32, 64, 64, 2)],
-    "gemm": [_gemm(128, 128, 32, num_warps=8), _gemm(64, 128, 32), _gemm(128, 64, 32)],
+    "splitk": [_splitk(16, 64, 128, 4), _splitk(16, 128, 64, 4), _splitk(32, 64, 64, 2),
+               _splitk(32, 64, 64, 2, num_stages=2)],
+    "gemm": [_gemm(128, 128, 32, num_warps=8), _gemm(64, 128, 32), _gemm(128, 64, 32),
+             _gemm(64, 64, 64, num_stages=2)],
 }
 # Ampere / Ada (sm_80, sm_86, sm_89): fewer SMs, 163 KB shared memory per block on A100 (99 KB on sm_86)
 _SM80 = {
