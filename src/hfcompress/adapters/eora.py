@@ -7,8 +7,9 @@ layer is too small for the rank). The compressed base stays compressed. The adap
 anywhere plain LoRA loads: on the compressed model (after ``import hfcompress``), on the
 float model, or on a dequantized copy with vanilla peft.
 
-Compressed layers understood (:func:`compressed_weight`): hfcompress QuantLinear (every
-format: ``dequantize()`` is exactly what ``forward`` computes with, act-order included),
+Compressed layers understood (:func:`compressed_weight`): hfcompress layers (QuantLinear and
+any layer with ``in_features`` and ``dequantize()``, which by the layer contract is exactly the
+weight ``forward`` computes with, act-order included),
 bitsandbytes 4-bit (NF4/FP4, read through the layer's own forward), and plain
 ``nn.Linear`` / GPT-2 ``Conv1D`` whose weight differs from the original (mask-pruned models).
 
@@ -103,13 +104,16 @@ class EoRAConfig:
 
 def is_quantized_layer(module: nn.Module) -> bool:
     """Layers whose stored weight is not a float matrix (merging into them re-quantizes)."""
-    return isinstance(module, QuantLinear) or getattr(getattr(module, "weight", None), "quant_state", None) is not None
+    return (isinstance(module, QuantLinear) or _has_dequantize(module)
+            or getattr(getattr(module, "weight", None), "quant_state", None) is not None)
 
 
 def compressed_weight(module: nn.Module, name: str = "layer") -> torch.Tensor:
     """The float ``[out, in]`` weight ``module`` really computes with (fp32)."""
     if isinstance(module, QuantLinear):
         return module.dequantize(torch.float32)
+    if _has_dequantize(module):  # any other compressed layer following the hfcompress layer contract
+        return module.dequantize().to(torch.float32)
     weight = getattr(module, "weight", None)
     if getattr(weight, "quant_state", None) is not None:  # bitsandbytes Params4bit (NF4 / FP4)
         return _probe_weight(module)
@@ -136,8 +140,12 @@ def _probe_weight(module: nn.Module) -> torch.Tensor:
     return y.t().contiguous()  # [N, K]
 
 
+def _has_dequantize(module: nn.Module) -> bool:
+    return callable(getattr(module, "dequantize", None)) and hasattr(module, "in_features")
+
+
 def _linear_like(module: nn.Module) -> bool:
-    return isinstance(module, QuantLinear) or is_linear(module)
+    return isinstance(module, QuantLinear) or _has_dequantize(module) or is_linear(module)
 
 
 def _float_model(original, like: nn.Module) -> nn.Module:
