@@ -99,28 +99,28 @@ def attention_group_sums(block: Block, scores: dict[str, torch.Tensor]) -> torch
     """Per-element scores of the attention projections -> one score per group ``[n_kv]``.
     ``scores[name]`` has the weight's shape ``[out, in]``; absent projections contribute nothing."""
     g, r, hd = block.n_kv, block.q_per_kv, block.head_dim
-    total = torch.zeros(g, dtype=torch.float32)
+    total = 0
     for name, s in scores.items():
-        s = s.float().cpu()
+        s = s.float()
         if name == "q_proj":  # [g*r*hd, H]
             total += s.sum(1).view(g, r * hd).sum(1)
         elif name in ("k_proj", "v_proj"):  # [g*hd, H]
             total += s.sum(1).view(g, hd).sum(1)
         elif name == "o_proj":  # [H, g*r*hd]
             total += s.sum(0).view(g, r * hd).sum(1)
-    return total
+    return total.cpu() if torch.is_tensor(total) else torch.zeros(g)
 
 
 def mlp_channel_sums(block: Block, scores: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-element scores of the MLP projections -> one score per channel ``[I]``."""
-    total = torch.zeros(block.intermediate, dtype=torch.float32)
+    total = 0
     for name, s in scores.items():
-        s = s.float().cpu()
+        s = s.float()
         if name in ("gate_proj", "up_proj"):  # [I, H]
             total += s.sum(1)
         elif name == "down_proj":  # [H, I]
             total += s.sum(0)
-    return total
+    return total.cpu() if torch.is_tensor(total) else torch.zeros(block.intermediate)
 
 
 class _InputMask:
