@@ -333,3 +333,23 @@ def test_loraprune_bad_pruned_config_is_named(tmp_path):
 def test_loraprune_export_without_masks_is_refused(tmp_path):
     with pytest.raises(ValueError, match="carries no pruning masks"):
         prune.export(llama4(), str(tmp_path))
+
+
+def test_loraprune_pruned_model_gptq_save_reload(tmp_path):
+    model = llama4()
+    prune.magnitude_structured(model, 0.5)
+    prune.export(model, str(tmp_path / "pruned"))
+    pruned = AutoModelForCausalLM.from_pretrained(str(tmp_path / "pruned"))
+    x = inputs()
+    with torch.no_grad():
+        ref = pruned(x).logits
+    q = hfcompress.quantize_(pruned, hfcompress.GPTQConfig(bits=4, group_size=16), batches=[inputs(4, 32, seed=3)])
+    assert q.model.layers[2].mlp.down_proj.in_features == 80
+    with torch.no_grad():
+        lq = q(x).logits
+    assert 10.0 < sqnr_db(ref, lq) < 80.0
+    q.save_pretrained(str(tmp_path / "gptq"))
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "gptq"))
+    assert type(back).__name__ == "PrunedLlamaForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, lq)
