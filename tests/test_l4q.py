@@ -357,3 +357,15 @@ def test_l4q_scales_are_stored_exactly():
     s = stored_step(step)
     assert torch.equal(s, s.half().float()) and not torch.equal(s, step.detach())
     assert default_g_idx(spec, 40).tolist()[-8:] == [2] * 8  # ragged last group of 8 in this case
+
+
+def test_l4q_example_trainer_script(tmp_path):
+    """examples/l4q_trainer.py end to end on its tiny model: Trainer + callback + export + reload."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "l4q_trainer.py")
+    spec = importlib.util.spec_from_file_location("l4q_trainer_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main(["--out", str(tmp_path / "out"), "--steps", "4"]) is True
+    assert (tmp_path / "out" / "config.json").exists()

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from .config import L4QConfig, L4QQuantConfig
-from .export import export, l4q_layers, quantized_model_
+from .export import export, l4q_layers, optimizer_groups, quantized_model_
 from .layer import L4QLayer, Linear
 from .model import L4QModel
 
@@ -17,4 +17,4 @@ from .. import PEFT_METHODS  # noqa: E402
 PEFT_METHODS["l4q"] = (L4QConfig, L4QModel, L4QModel.prefix)
 
 __all__ = ["L4QConfig", "L4QLayer", "L4QModel", "L4QQuantConfig", "Linear", "export", "l4q_layers",
-           "quantized_model_"]
+           "optimizer_groups", "quantized_model_"]

@@ -93,3 +93,21 @@ def export(peft_model: nn.Module, out_dir: str | os.PathLike, adapter_name: Opti
             raise TypeError(f"export needs a transformers model (with save_pretrained), got {type(model).__name__}")
         model.save_pretrained(out_dir, **save_kwargs)
     return str(out_dir)
+
+
+def optimizer_groups(model: nn.Module, lr: float, quantizer_lr: float, weight_decay: float = 0.0) -> list[dict]:
+    """Optimizer parameter groups for an L4Q model: LoRA factors at ``lr`` (with ``weight_decay``),
+    learned step sizes and offsets at ``quantizer_lr`` without decay. Adam-style optimizers move
+    every parameter by about ``lr`` per step whatever its gradient scale, so the quantizer,
+    whose steps are ~1e-2, needs a learning rate of its own (~1e-5)."""
+    quantizer, lora = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (quantizer if ("l4q_step" in name or "l4q_zero" in name) else lora).append(p)
+    if not quantizer:
+        raise ValueError("optimizer_groups: no trainable L4Q step sizes found; build the model with "
+                         "peft.get_peft_model(model, hfcompress.L4QConfig(...))")
+    return [{"params": lora, "lr": lr, "weight_decay": weight_decay},
+            {"params": quantizer, "lr": quantizer_lr, "weight_decay": 0.0}]
+
