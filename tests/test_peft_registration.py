@@ -143,3 +143,17 @@ def test_peft_registration_roundtrip(registered, tmp_path):
     loaded = PeftModel.from_pretrained(llama_gqa(), tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, ref)
+
+
+def test_peft_registration_version_guard(monkeypatch):
+    import peft
+    from peft import mapping
+
+    from hfcompress.integrations.peft import PeftInternalsError
+
+    monkeypatch.setattr(peft, "__version__", "0.99.0")
+    with pytest.warns(UserWarning, match="peft 0.99.0"):
+        check_peft_internals()
+    monkeypatch.delattr(mapping, "PEFT_TYPE_TO_PREFIX_MAPPING")
+    with pytest.raises(PeftInternalsError, match="PEFT_TYPE_TO_PREFIX_MAPPING"):
+        check_peft_internals()
