@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 import hfcompress
 import tiny_models as tm
 from hfcompress import hub
+from hfcompress.hub import cards as cards_module
 from hfcompress.cli.main import main as cli
 
 RTN = dict(bits=4, group_size=32)
@@ -332,7 +333,7 @@ def test_hub_templates_are_package_data():
     assert "hfcompress.model_cards" in setuptools_cfg["packages"]
     assert "*.md" in setuptools_cfg["package-data"]["hfcompress.model_cards"]
     for name in ("quantized.md", "adapter.md"):
-        assert "$metadata" in hub._template(name)
+        assert "$metadata" in cards_module._template(name)
 
 
 @pytest.mark.parametrize("name", ["quickstart", "adapters"])

@@ -1,0 +1,102 @@
+"""Atomic checkpoint saves: write into a sibling temporary directory, then swap it in."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import re
+import shutil
+import tempfile
+from typing import Callable
+
+from .card_data import ORIGINAL_CARD
+from .cards import is_generated_card
+
+_WEIGHT_FILE = re.compile(
+    r"^(model|pytorch_model|tf_model|flax_model|adapter_model)(-\d{5}-of-\d{5})?"
+    r"\.(safetensors|bin|h5|msgpack|pt)(\.index\.json)?$|\.(safetensors|bin)\.index\.json$")
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _carry_over_(old: str, new: str) -> None:
+    """Keep what the previous directory held besides the checkpoint itself (tokenizer, notes,
+    a hand-written card) unless the new save wrote a file of the same name."""
+    for name in os.listdir(old):
+        src, dst = os.path.join(old, name), os.path.join(new, name)
+        if name.startswith(".") and name.endswith(".tmp") or _WEIGHT_FILE.search(name):
+            continue
+        if name == "README.md":
+            if is_generated_card(src):
+                continue
+            dst = os.path.join(new, ORIGINAL_CARD)
+        if os.path.lexists(dst):
+            continue
+        if os.path.isdir(src) and not os.path.islink(src):
+            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(src, dst)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def atomic_save(directory: str | os.PathLike, write: Callable[[str], None],
+                finish: Callable[[str], None] | None = None) -> str:
+    """Run ``write(tmp_dir)`` in a fresh sibling directory, then put it in place of ``directory``.
+
+    ``finish(tmp_dir)`` runs after the files of the old directory were carried over (the
+    card is written there, so it can see a kept ORIGINAL_README.md).
+    An exception inside ``write`` leaves ``directory`` exactly as it was (or absent, if it did
+    not exist) and removes the temporary directory. Files of the old directory that are not
+    part of a checkpoint (tokenizer, other notes) are carried over; stale weight shards are not.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.isfile(directory):
+        raise NotADirectoryError(f"save directory {directory} is a file; pass a directory path")
+    parent, name = os.path.split(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+    try:
+        write(tmp)
+        if os.path.isdir(directory):
+            _carry_over_(directory, tmp)
+        if finish is not None:
+            finish(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
+    if not os.path.exists(directory):
+        os.rename(tmp, directory)
+        return directory
+    cwd = os.getcwd()
+    if _exchange(tmp, directory):  # tmp now holds the old checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        old = tempfile.mkdtemp(prefix=f".{name}.old.", suffix=".tmp", dir=parent)
+        os.rmdir(old)
+        os.rename(directory, old)
+        os.rename(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    if cwd == directory or cwd.startswith(directory + os.sep):
+        os.chdir(cwd)  # the process was inside the replaced directory: enter the new one
+    return directory
