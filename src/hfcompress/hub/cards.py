@@ -9,6 +9,7 @@ import string
 
 from torch import nn
 
+from ..adapters.eora import RECORD_KEY as COMPENSATION_KEY  # EoRA / SVD record in adapter_config.json
 from .base_model import BaseModel, base_model_info
 from .card_data import CARD_MARKER, ORIGINAL_CARD, CardError, _BODY_KEYS, _check_card_data, get_card_data
 from .stats import SizeStats, checkpoint_stats, size_stats
@@ -151,11 +152,16 @@ def render_adapter_card(peft_model: nn.Module, card_data: dict | None = None, ad
         getattr(getattr(base_model, "config", None), "_name_or_path", None)
     base = base_model_info(base_path, data.get("base_model"))
     peft_type = str(getattr(getattr(pcfg, "peft_type", None), "value", getattr(pcfg, "peft_type", "adapter")))
+    # a compensation adapter (EoRA / SVD) records its method in adapter_config.json's auto_mapping
+    record = (getattr(pcfg, "auto_mapping", None) or {}).get(COMPENSATION_KEY) or {}
+    compensation = record.get("method") if isinstance(record, dict) else None
     method, bits = q.get("algorithm", "?"), q.get("bits")
     title = data.get("title") or f"{peft_type} adapter for {base.repo_id or base.name or 'an hfcompress model'}"
 
     meta = {k: v for k, v in data.items() if k not in _BODY_KEYS}
-    tags = ["hfcompress", peft_type.lower(), method, f"{bits}-bit", "adapter"] + list(meta.pop("tags", None) or [])
+    tags = ["hfcompress", peft_type.lower(), method, f"{bits}-bit", "adapter"] + ([compensation] if compensation
+                                                                                   else [])
+    tags += list(meta.pop("tags", None) or [])
     if base.repo_id:
         meta.setdefault("base_model", base.repo_id)
         meta.setdefault("base_model_relation", "adapter")
@@ -167,7 +173,9 @@ def render_adapter_card(peft_model: nn.Module, card_data: dict | None = None, ad
     targets = getattr(pcfg, "target_modules", None)
     rows = [("type", peft_type), ("rank r", getattr(pcfg, "r", "n/a")), ("alpha", getattr(pcfg, "lora_alpha", "n/a")),
             ("target modules", ", ".join(sorted(targets)) if isinstance(targets, (set, list, tuple)) else targets),
-            ("trainable / adapter parameters",
+            ("compensation", f"{compensation} (computed from the quantization error, no training)"
+             if compensation else "none (a trained adapter)"),
+            ("adapter parameters",
              sum(p.numel() for n, p in peft_model.named_parameters() if adapter_name in n))]
     adapter_table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
     base_id = base.repo_id or base.name or "path/to/quantized/base"
@@ -176,7 +184,7 @@ def render_adapter_card(peft_model: nn.Module, card_data: dict | None = None, ad
         "marker": CARD_MARKER,
         "title": title,
         "description": data.get("description") or "",
-        "adapter_type": peft_type,
+        "adapter_type": f"{peft_type}, {compensation} compensation" if compensation else peft_type,
         "base_link": f"[{base.repo_id}](https://huggingface.co/{base.repo_id})" if base.repo_id else f"`{base_id}`",
         "adapter_table": adapter_table,
         "base_table": _method_table(q, stats) + (
