@@ -104,9 +104,10 @@ def run_entry(name: str) -> dict:
     base_rss = _rss_mb()
     out: dict = {"entry": name, "kind": kind, **opts}
     linears = {}
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32,
-                                                                                          device_map="meta").config)
+    from transformers import AutoConfig
+
+    with torch.device("meta"):  # which linear layers a method replaces (no weights loaded)
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src))
     for n, m in skeleton.named_modules():
         if isinstance(m, torch.nn.Linear) and n != "lm_head":
             linears[n] = m.weight.numel()
@@ -184,6 +185,57 @@ def run_entry(name: str) -> dict:
     return out
 
 
+def _fmt(v, nd=2):
+    return "n/a" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+def table(path: str = RESULTS) -> str:
+    """The markdown table and the targets, from a results JSON."""
+    with open(path) as f:
+        data = json.load(f)
+    rows = {r["entry"]: r for r in data["entries"] if "error" not in r}
+    lines = ["| entry | bits/weight | size MB | quantize s (wall) | quantize s (CPU) | peak RSS MB | "
+             "ppl Hamlet | ppl SQLite docs |", "|---|---|---|---|---|---|---|---|"]
+    for r in data["entries"]:
+        if "error" in r:
+            lines.append(f"| {r['entry']} | failed: see JSON | | | | | | |")
+            continue
+        lines.append(f"| {r['entry']} | {_fmt(r.get('bits_per_weight'), 3)} | {_fmt(r.get('size_mb'), 1)} | "
+                     f"{_fmt(r.get('quantize_s'), 1)} | {_fmt(r.get('quantize_cpu_s'), 1)} | "
+                     f"{_fmt(r.get('peak_rss_mb'), 0)} | {_fmt(r.get('ppl_hamlet'), 3)} | "
+                     f"{_fmt(r.get('ppl_sqlite'), 3)} |")
+    lines.append("")
+    fp = rows.get("fp32")
+    ours, theirs = rows.get("gptq-w4-g64"), rows.get("gptqmodel-w4-g64")
+    if fp and ours and theirs:
+        for dom in ("hamlet", "sqlite"):
+            gap_o, gap_t = ours[f"ppl_{dom}"] - fp[f"ppl_{dom}"], theirs[f"ppl_{dom}"] - fp[f"ppl_{dom}"]
+            ok = gap_o <= 0.8 * gap_t
+            lines.append(f"- 4-bit g64 perplexity gap to fp32 on {dom}: hfcompress {gap_o:.3f} vs GPTQModel "
+                         f"{gap_t:.3f} = {gap_o / gap_t:.2f}x (target <= 0.8x): **{'MET' if ok else 'MISSED'}**")
+        ratio = ours["quantize_s"] / theirs["quantize_s"]
+        lines.append(f"- quantization wall time: {ours['quantize_s']:.0f}s vs GPTQModel {theirs['quantize_s']:.0f}s "
+                     f"= {ratio:.2f}x (target <= 0.5x): **{'MET' if ratio <= 0.5 else 'MISSED'}**")
+    if ours:
+        bf16_mb = data.get("bf16_size_mb") or (rows["fp32"]["size_mb"] / 2 if fp else None)
+        if bf16_mb:
+            r = ours["peak_rss_mb"] / bf16_mb
+            above = ours["peak_rss_mb"] - ours["rss_after_imports_mb"]
+            lines.append(f"- peak RSS while quantizing: {ours['peak_rss_mb']:.0f} MB = {r:.2f}x the bf16 model "
+                         f"({bf16_mb:.0f} MB) (target <= 1.5x): **{'MET' if r <= 1.5 else 'MISSED'}**; "
+                         f"{above:.0f} MB above the process after imports and setup "
+                         f"({above / bf16_mb:.2f}x)")
+    ours3 = rows.get("gptq-w3-g64")
+    base3 = {k: v for k, v in rows.items() if k in ("gptqmodel-w3-g64", "hqq-w3-g64")}
+    if ours3 and base3:
+        for dom in ("hamlet", "sqlite"):
+            best = min(base3.items(), key=lambda kv: kv[1][f"ppl_{dom}"])
+            ok = ours3[f"ppl_{dom}"] < best[1][f"ppl_{dom}"]
+            lines.append(f"- 3-bit g64 on {dom}: hfcompress {ours3[f'ppl_{dom}']:.3f} vs best 3-bit baseline "
+                         f"{best[0]} {best[1][f'ppl_{dom}']:.3f}: **{'MET' if ok else 'MISSED'}**")
+    return "\n".join(lines)
+
+
 def available(kind: str) -> bool:
     import importlib.util
 
@@ -196,7 +248,11 @@ def main(argv=None) -> int:
     ap.add_argument("--entries", nargs="*", default=None, help=f"subset of {list(ENTRIES)}")
     ap.add_argument("--entry", default=None, help=argparse.SUPPRESS)  # child process mode
     ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(args.out))
+        return 0
     if args.entry:
         print("RESULT " + json.dumps(run_entry(args.entry)), flush=True)
         return 0

@@ -156,6 +156,7 @@ def _stream_dir(path, config, tokenizer, out_dir, device, progress, batches, dty
         save_file(tensors, os.path.join(out_dir, shard_name(i)), metadata={"format": "pt"})
         weight_map.update({k: shard_name(i) for k in tensors})
         block.to("meta")  # free the block
+        _return_freed_memory()
 
     quantize_blocks_(model, config, batches, device=device, progress=progress, load_block=load_block,
                      release_block=release_block)
@@ -198,6 +199,17 @@ def _materialise_outside_(model: nn.Module, prefix: str, shards: _Shards, dtype)
             mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
         else:
             mod._buffers[attr] = value
+
+
+def _return_freed_memory() -> None:
+    """Ask glibc to give freed heap pages back to the OS (freed block weights otherwise stay in
+    the process's resident set); a no-op where there is no glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _tied_keys(model: nn.Module) -> set[str]:
