@@ -39,6 +39,7 @@ def smollm2_checkpoint(cache_dir: str | None = None, dtype: torch.dtype = torch.
     converted from the GGUF on first use."""
     out = cache_dir or default_cache_dir()
     if os.path.isfile(os.path.join(out, "config.json")) and os.path.isfile(os.path.join(out, "model.safetensors")):
+        _drop_gguf_quantization_config(out)
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
@@ -53,6 +54,8 @@ def smollm2_checkpoint(cache_dir: str | None = None, dtype: torch.dtype = torch.
     # save_pretrained refuses GGUF-loaded models: rebuild a plain model and copy the weights in
     config = loaded.config
     config.dtype = dtype
+    if hasattr(config, "quantization_config"):  # the GGUF loader marks it; the saved copy is plain float
+        del config.quantization_config
     model = LlamaForCausalLM(config).to(dtype)
     model.load_state_dict(loaded.state_dict())
     tmp = out + ".tmp"
@@ -60,6 +63,20 @@ def smollm2_checkpoint(cache_dir: str | None = None, dtype: torch.dtype = torch.
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, out) if not os.path.exists(out) else _replace_dir(tmp, out)
     return out
+
+
+def _drop_gguf_quantization_config(path: str) -> None:
+    """Caches written by an earlier version kept the GGUF loader's quantization_config, which makes
+    transformers refuse any other quantization_config for this float checkpoint."""
+    import json
+
+    cfg_path = os.path.join(path, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    if cfg.get("quantization_config", {}).get("quant_method") == "gguf":
+        del cfg["quantization_config"]
+        with open(cfg_path, "w") as f:
+            json.dump(cfg, f, indent=2)
 
 
 def _replace_dir(src: str, dst: str) -> None:

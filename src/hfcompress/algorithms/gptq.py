@@ -10,6 +10,7 @@ Pure torch; emits the int_group format (codes [N, K], scale [N, G], zero [N, G],
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 
@@ -23,8 +24,8 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     k = H.shape[0]
     lam = damp * torch.mean(torch.diag(H))
     H[range(k), range(k)] += lam
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.cholesky_inverse(L)
+    L = torch.linalg.cholesky(H)                                   # H = L L^T
+    Hinv = torch.cholesky_solve(torch.eye(k, device=H.device), L)  # (much faster than cholesky_inverse on CPU)
     return torch.linalg.cholesky(Hinv, upper=True)  # [K, K]
 
 
@@ -72,6 +73,20 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, spec: IntGroupSpec, damp: float 
     B = block_size if static is not None else math.gcd(g, block_size)
 
     maxq = float(spec.maxq)
+    with _one_cpu_thread(W.device):
+        _column_loop_(W, U, codes, scales, zeros, col_group, perm, static, spec, g, B, maxq, mse_clip)
+
+    inv = torch.argsort(perm)
+    codes = codes[:, inv]
+    g_idx = col_group[inv].to(torch.int32) if spec.act_order else None
+    zero_out = None if spec.sym else zeros.to(torch.uint8)
+    return codes, scales, zero_out, g_idx
+
+
+def _column_loop_(W, U, codes, scales, zeros, col_group, perm, static, spec, g, B, maxq, mse_clip) -> None:
+    """Algorithm 1's loop over column blocks of ``B`` (W [N, K] permuted, U [K, K] upper Cholesky
+    of H^-1); fills ``codes``, ``scales``, ``zeros``, ``col_group`` in place."""
+    k = W.shape[1]
     for i1 in range(0, k, B):
         i2 = min(i1 + B, k)
         W1 = W[:, i1:i2].clone()              # [N, b] columns of this block, updated in place
@@ -95,8 +110,17 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, spec: IntGroupSpec, damp: float 
             E1[:, i] = err
         W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1)                # lazy batch update of later columns
 
-    inv = torch.argsort(perm)
-    codes = codes[:, inv]
-    g_idx = col_group[inv].to(torch.int32) if spec.act_order else None
-    zero_out = None if spec.sym else zeros.to(torch.uint8)
-    return codes, scales, zero_out, g_idx
+
+@contextmanager
+def _one_cpu_thread(device: torch.device):
+    """The column loop is thousands of tiny ops: on CPU, intra-op threads only add barrier
+    waits (badly so on a busy machine), so it runs on one thread; the setting is restored."""
+    if device.type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
