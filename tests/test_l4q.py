@@ -369,3 +369,18 @@ def test_l4q_example_trainer_script(tmp_path):
     spec.loader.exec_module(example)
     assert example.main(["--out", str(tmp_path / "out"), "--steps", "4"]) is True
     assert (tmp_path / "out" / "config.json").exists()
+
+
+def test_l4q_disable_and_unload_give_the_float_model():
+    ids = inputs()
+    base = llama_gqa()
+    with torch.no_grad():
+        ref = base(input_ids=ids).logits
+    pm, _ = _train(get_peft_model(base, L4QConfig(r=4, bits=3, group_size=32)), ids, steps=2)
+    with torch.no_grad():
+        assert not torch.equal(pm(input_ids=ids).logits, ref)
+        with pm.disable_adapter():
+            assert torch.equal(pm(input_ids=ids).logits, ref)
+        plain = pm.unload()
+        assert not any(isinstance(m, QuantLinear) or "l4q" in n for n, m in plain.named_modules())
+        assert torch.equal(plain(input_ids=ids).logits, ref)
