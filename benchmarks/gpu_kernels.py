@@ -207,9 +207,35 @@ def speed(device, shapes, ms_list, copy_bw, have):
     return rows
 
 
+def markdown(r) -> str:
+    """The README table of a result file."""
+    head = (f"{r.get('device', 'dry run')} (sm_{''.join(map(str, r.get('capability', [])))}), torch {r['torch']}, "
+            f"triton {r['triton']}; 4-bit, group 128, asymmetric, bf16 activations; device-to-device copy "
+            f"{r['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write)\n\n")
+    rows = ["| N x K | M | ours (us) | bf16 linear (us) | speedup vs bf16 | GEMV bandwidth / copy | config |",
+            "|---|---|---|---|---|---|---|"]
+    for x in r["speed"]:
+        frac = f"{x['fraction_of_copy']:.1%}" if "fraction_of_copy" in x else ""
+        rows.append(f"| {x['n']} x {x['k']} | {x['m']} | {x['ours_us']} | {x['bf16_us']} | {x['speedup_vs_bf16']}x | "
+                    f"{frac} | {x['config']} |")
+    t = r["targets"]
+    tail = (f"\n\nCorrectness: {sum(c['ok'] for c in r['correctness'])}/{len(r['correctness'])} cases within their "
+            f"SQNR floor (lowest {min(c.get('sqnr_db', 0) for c in r['correctness'])} dB). Targets: GEMV >= "
+            f"{t['gemv_fraction_of_copy']['target']:.0%} of copy bandwidth: "
+            f"**{'MET' if t['gemv_fraction_of_copy']['met'] else 'MISSED'}** ({t['gemv_fraction_of_copy']['min']:.1%}"
+            f"..{t['gemv_fraction_of_copy']['max']:.1%}); M=16 >= {t['m16_speedup_vs_bf16']['target']}x bf16: "
+            f"**{'MET' if t['m16_speedup_vs_bf16']['met'] else 'MISSED'}** ({t['m16_speedup_vs_bf16']['min']}x.."
+            f"{t['m16_speedup_vs_bf16']['max']}x).")
+    return head + "\n".join(rows) + tail
+
+
 def main():
+    if "--table" in sys.argv:
+        print(markdown(json.loads(Path(sys.argv[sys.argv.index("--table") + 1]).read_text())))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="CPU under TRITON_INTERPRET=1, tiny shapes")
+    ap.add_argument("--table", metavar="JSON", help="print the README table of a result file and exit")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / ("gpu_kernels_dryrun.json" if DRY else "gpu_kernels.json")))
     args = ap.parse_args()
     device = torch.device("cpu" if DRY else "cuda")
