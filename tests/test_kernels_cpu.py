@@ -119,3 +119,13 @@ def test_kernels_cpu_opcheck():
     x = torch.randn(3, 96, dtype=torch.bfloat16, requires_grad=True)
     args = _args(layer, x)
     torch.library.opcheck(torch.ops.hfcompress.int_group_mm.default, args[:5] + (layer.bias.bfloat16(),) + args[6:])
+
+
+def test_kernels_cpu_under_torch_compile():
+    """torch.compile traces the op through its fake and runs the fast path inside the graph."""
+    layer = _layer(4, 64, False, False, 64, 192)
+    x = torch.randn(2, 3, 192, dtype=torch.bfloat16)
+    eager = layer(x)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    assert torch.equal(compiled, eager)
+    assert torch.equal(eager, int_group_mm_cpu(*_args(layer, x)))
