@@ -379,3 +379,19 @@ def test_hub_pickle_checkpoint_refused_before_unpickling(tmp_path, monkeypatch):
     with pytest.raises(hfcompress.FormatError, match=r"pytorch_model\.bin: hfcompress checkpoints are read from "
                                                       r"safetensors only"):
         AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_hub_example_card_validates():
+    """The committed example card (a real GPTQ SmolLM2-135M checkpoint, benchmarks/hub_example_card.py)
+    parses as a ModelCard whose metadata the Hub understands."""
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "model_cards", "examples",
+                        "smollm2-135m-instruct-gptq-w4g64.md")
+    card = _card(path)
+    d = card.data
+    assert d.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and d.base_model_relation == "quantized"
+    assert d.library_name == "transformers" and d.license == "apache-2.0"
+    assert {"hfcompress", "gptq", "4-bit"} <= set(d.tags)
+    metrics = {(r.dataset_type, r.metric_name) for r in d.eval_results}
+    assert metrics == {(k, f"perplexity ({m})") for k in ("hamlet", "sqlite") for m in ("gptq 4-bit", "base model")}
+    assert card.text.index("import hfcompress") < card.text.index(".from_pretrained(")
+    assert hub.CARD_MARKER in card.text
