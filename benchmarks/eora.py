@@ -115,6 +115,7 @@ def main():
     ap.add_argument("--base", choices=["gptq", "rtn"], default="gptq", help="the compressed model to compensate")
     ap.add_argument("--bits", type=int, nargs="+", default=[3, 4])
     ap.add_argument("--ranks", type=int, nargs="+", default=[32, 8, 16, 64])
+    ap.add_argument("--methods", nargs="+", default=["eora", "svd"], choices=["eora", "svd"])
     ap.add_argument("--n-samples", type=int, default=16, help="calibration windows (GPTQ and EoRA)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-windows", type=int, default=2, help="512-token windows per evaluation text")
@@ -162,7 +163,7 @@ def main():
         save()
         del q
         for rank in args.ranks:
-            for method in ("eora", "svd"):
+            for method in args.methods:
                 q = AutoModelForCausalLM.from_pretrained(qdir).eval().to(args.device)
                 cfg = hfcompress.EoRAConfig(rank=rank, method=method, n_samples=args.n_samples,
                                             seq_len=args.seq_len, batch_size=4)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..algorithms.eora import EIG_REL_FLOOR, eora_compensation, svd_compensation
+from ..algorithms.eora import EIG_REL_FLOOR, activation_eigenbasis, eora_compensation, svd_compensation
 from ..api import requantize_
 from ..config import ConfigError
 from ..modules import is_linear, linear_weight, matches
@@ -273,9 +273,13 @@ def compensate(compressed_model: nn.Module, original, config: EoRAConfig | None 
             tokenizer = _tokenizer_for(original, compressed_model)
         batches = calibration_batches(config, tokenizer)
 
+        last: list = [None, None]  # (XᵀX, eigenbasis) of the previous layer: q/k/v and gate/up share inputs
+
         def solve(name, xtx):
             delta, r = targets[name]
-            return eora_compensation(delta, xtx, r, config.eig_rel_floor)
+            if last[0] is None or last[0].shape != xtx.shape or not torch.equal(last[0], xtx):
+                last[:] = [xtx, activation_eigenbasis(xtx, config.eig_rel_floor)]
+            return eora_compensation(delta, xtx, r, config.eig_rel_floor, basis=last[1])
 
         sequential_compensate_(inner, sorted(targets), batches, solve, adapter_name, progress=progress)
     return peft_model

@@ -55,14 +55,15 @@ def _check(delta_w: torch.Tensor, rank: int) -> int:
     return min(rank, *delta_w.shape)
 
 
-def eora_compensation(delta_w: torch.Tensor, xtx: torch.Tensor, rank: int,
-                      rel_floor: float = EIG_REL_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
-    """EoRA: ``ΔW [N, K]``, ``XᵀX [K, K]`` -> ``B [N, r]``, ``A [r, K]`` (fp32), ``r = min(rank, N, K)``."""
+def eora_compensation(delta_w: torch.Tensor, xtx: torch.Tensor, rank: int, rel_floor: float = EIG_REL_FLOOR,
+                      basis: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """EoRA: ``ΔW [N, K]``, ``XᵀX [K, K]`` -> ``B [N, r]``, ``A [r, K]`` (fp32), ``r = min(rank, N, K)``.
+    ``basis``: :func:`activation_eigenbasis` of this ``XᵀX`` if already computed (layers sharing an input)."""
     r = _check(delta_w, rank)
     if xtx.shape != (delta_w.shape[1], delta_w.shape[1]):
         raise ValueError(f"XᵀX has shape {tuple(xtx.shape)}, expected [{delta_w.shape[1]}, {delta_w.shape[1]}] "
                          "(in_features of ΔW)")
-    q, lam, _ = activation_eigenbasis(xtx, rel_floor)  # Q [K, K], λ [K]
+    q, lam, _ = basis if basis is not None else activation_eigenbasis(xtx, rel_floor)  # Q [K, K], λ [K]
     sqrt_lam = lam.sqrt()  # √Λ [K]
     dw = delta_w.to(torch.float64)  # ΔW [N, K]
     dw_proj = (dw @ q) * sqrt_lam  # ΔW' = ΔW Q √Λ  [N, K]
