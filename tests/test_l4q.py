@@ -384,3 +384,38 @@ def test_l4q_disable_and_unload_give_the_float_model():
         plain = pm.unload()
         assert not any(isinstance(m, QuantLinear) or "l4q" in n for n, m in plain.named_modules())
         assert torch.equal(plain(input_ids=ids).logits, ref)
+
+
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def test_l4q_on_quantized_base_starts_from_its_grid(tmp_path):
+    """L4Q on an hfcompress-quantized model (here RTN; GPTQ without act-order alike) starts from the
+    stored grid: at step 0 it computes exactly the quantized model; then trains and exports."""
+    ids = inputs()
+    qmodel = quantize_(llama_gqa(), RTNConfig(bits=3, group_size=32, mse_clip=True))
+    with torch.no_grad():
+        q_logits = qmodel(input_ids=ids).logits
+    pm = get_peft_model(qmodel, L4QConfig(r=4, bits=3, group_size=32, target_modules=PROJ))
+    assert len(hfcompress.l4q.l4q_layers(pm)) == 14
+    with torch.no_grad():
+        assert torch.equal(pm(input_ids=ids).logits, q_logits)
+    pm, losses = _train(pm, ids, steps=4)
+    assert losses[-1] < losses[0]
+    with torch.no_grad():
+        trained = pm(input_ids=ids).logits
+    assert not torch.equal(trained, q_logits)
+    hfcompress.l4q.export(pm, tmp_path / "q")
+    with torch.no_grad(), _reference_op():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "q")(input_ids=ids).logits, trained)
+    with pytest.raises(ValueError, match="merge_and_unload"):
+        pm.merge_adapter()
+
+
+def test_l4q_on_act_order_base_is_refused():
+    from hfcompress import GPTQConfig
+
+    qmodel = quantize_(llama_gqa(), GPTQConfig(bits=4, group_size=32, act_order=True, n_samples=2, seq_len=16),
+                       batches=[inputs(batch=2, seq=16)])
+    with pytest.raises(ValueError, match="act-order g_idx"):
+        get_peft_model(qmodel, L4QConfig(r=4, bits=4, group_size=32, target_modules=PROJ))

@@ -18,7 +18,7 @@ from ...algorithms.l4q import (
     stored_zero,
 )
 from ...algorithms.rtn import rtn
-from ...formats.int_group import IntGroupSpec, default_g_idx
+from ...formats.int_group import IntGroupSpec, default_g_idx, unpack_codes
 from ...nn import QuantLinear
 from .config import L4QConfig
 
@@ -43,10 +43,26 @@ class L4QLayer(BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self._l4q_float_weight: Optional[torch.Tensor] = None  # the float W0 while merged
         base = self.get_base_layer()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"L4Q targets nn.Linear layers, got {type(base).__name__}; exclude this module "
-                            "(L4QConfig.exclude_modules) or target linear layers only")
+        if not isinstance(base, (nn.Linear, QuantLinear)):
+            raise TypeError(f"L4Q targets nn.Linear (or hfcompress QuantLinear) layers, got {type(base).__name__}; "
+                            "exclude this module (L4QConfig.exclude_modules) or target linear layers only")
+        if isinstance(base, QuantLinear) and base.weight_g_idx is not None:
+            raise ValueError("L4Q on a quantized base needs contiguous groups; this layer has act-order g_idx. "
+                             "Quantize with act_order=False (or GPTQConfig(static_groups=True)), or start from "
+                             "the float model")
         self.in_features, self.out_features = base.in_features, base.out_features
+
+    def _l4q_w0(self) -> torch.Tensor:
+        """The frozen weight ``W0 [N, K]``: the float base weight, or a quantized base's
+        dequantized weight (kept as a non-persistent buffer, never saved)."""
+        if self._l4q_float_weight is not None:
+            return self._l4q_float_weight
+        base = self.get_base_layer()
+        if isinstance(base, QuantLinear):
+            if getattr(self, "l4q_base_weight", None) is None:
+                self.register_buffer("l4q_base_weight", base.dequantize(torch.float32), persistent=False)
+            return self.l4q_base_weight
+        return base.weight
 
     def update_layer(self, adapter_name: str, config: L4QConfig, **kwargs) -> None:
         base = self.get_base_layer()
@@ -75,9 +91,17 @@ class L4QLayer(BaseTunerLayer):
             nn.init.zeros_(self.l4q_B[adapter_name])
         else:
             nn.init.normal_(self.l4q_B[adapter_name], std=0.02)
-        w = merged_weight(self.get_base_layer().weight, self.l4q_A[adapter_name], self.l4q_B[adapter_name],
+        base, spec = self.get_base_layer(), self.l4q_spec[adapter_name]
+        if isinstance(base, QuantLinear) and base.spec == spec and config.init_lora_weights:
+            # start from the stored grid: at B = 0 this computes exactly the quantized base (GPTQ, RTN ...)
+            self.l4q_step[adapter_name].copy_(base.weight_scale.float())
+            if not spec.sym:
+                self.l4q_zero[adapter_name].copy_(
+                    unpack_codes(base.weight_zero, spec.bits, self.out_features).t().float())
+            return
+        w = merged_weight(self._l4q_w0(), self.l4q_A[adapter_name], self.l4q_B[adapter_name],
                           self.l4q_scaling[adapter_name])
-        _, scale, zero, _ = rtn(w, self.l4q_spec[adapter_name], mse_clip=config.init_scales == "mse")
+        _, scale, zero, _ = rtn(w, spec, mse_clip=config.init_scales == "mse")
         self.l4q_step[adapter_name].copy_(scale)
         if zero is not None:
             self.l4q_zero[adapter_name].copy_(zero.float())
@@ -93,8 +117,8 @@ class L4QLayer(BaseTunerLayer):
     @torch.no_grad()
     def _l4q_grid(self, adapter_name: str):
         """``(w [N, K] merged fp32, s, z [N, G] stored values, g_idx [K], spec, w0)``."""
-        base, spec = self.get_base_layer(), self.l4q_spec[adapter_name]
-        w0 = self._l4q_float_weight if self._l4q_float_weight is not None else base.weight
+        spec = self.l4q_spec[adapter_name]
+        w0 = self._l4q_w0()
         step = self.l4q_step[adapter_name]
         s = stored_step(step)
         z = stored_zero(self.l4q_zero[adapter_name] if not spec.sym else None, spec, step)
@@ -118,8 +142,9 @@ class L4QLayer(BaseTunerLayer):
         base = self.get_base_layer()
         codes, scale, zero = self.l4q_quantized(adapter_name)
         bias = None if base.bias is None else base.bias.detach()
+        compute_dtype = base.compute_dtype if isinstance(base, QuantLinear) else base.weight.dtype
         return QuantLinear.from_codes(codes, scale, zero, None, self.l4q_spec[adapter_name], bias=bias,
-                                      compute_dtype=base.weight.dtype)
+                                      compute_dtype=compute_dtype)
 
     @torch.no_grad()
     def l4q_stats(self, adapter_name: str) -> dict[str, float]:
@@ -151,7 +176,7 @@ class Linear(nn.Module, L4QLayer):
         if name is None:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
-        return l4q_linear(x, base.weight, self.l4q_A[name], self.l4q_B[name], self.l4q_step[name],
+        return l4q_linear(x, self._l4q_w0(), self.l4q_A[name], self.l4q_B[name], self.l4q_step[name],
                           self.l4q_zero[name] if name in self.l4q_zero else None, base.bias,
                           self.l4q_scaling[name], self.l4q_spec[name])
 
@@ -167,6 +192,9 @@ class Linear(nn.Module, L4QLayer):
             raise ValueError(f"L4Q can merge one adapter per layer, got {names}")
         name = names[0]
         base = self.get_base_layer()
+        if isinstance(base, QuantLinear):
+            raise ValueError("merge_adapter() writes float weights; this L4Q layer sits on a quantized base. Use "
+                             "merge_and_unload() or hfcompress.l4q.export, which store the trained grid")
         codes, s, z = self.l4q_quantized(name)
         spec = self.l4q_spec[name]
         g_idx = default_g_idx(spec, self.in_features, codes.device).long()

@@ -12,6 +12,7 @@ from torch import nn
 
 from ...api import AFTER_QUANTIZE_HOOKS
 from ...modules import is_linear, set_submodule
+from ...nn import QuantLinear
 from .config import L4QConfig, L4QQuantConfig
 from .layer import L4QLayer, Linear
 
@@ -31,9 +32,10 @@ class L4QModel(BaseTuner):
                 target.update_layer(adapter_name, config)
                 return
             base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-            if not isinstance(base, nn.Linear):
-                raise TypeError(f"L4Q targets nn.Linear layers, got {type(base).__name__}; exclude it with "
-                                "L4QConfig.exclude_modules or list linear layers in target_modules")
+            if not isinstance(base, (nn.Linear, QuantLinear)):
+                raise TypeError(f"L4Q targets nn.Linear (or hfcompress QuantLinear) layers, got "
+                                f"{type(base).__name__}; exclude it with L4QConfig.exclude_modules or list linear "
+                                "layers in target_modules")
             new = Linear(target, adapter_name, config)
         except (TypeError, ValueError) as e:
             raise type(e)(f"{current_key}: {e}") from None
