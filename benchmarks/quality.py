@@ -95,6 +95,46 @@ def _linear_bits(model, src_model_numel: dict) -> float:
     return round(total_bits / total_w, 4)
 
 
+def _gptq_v1_tensors(work: str) -> dict:
+    from safetensors.torch import load_file
+
+    sd = {}
+    for f in glob.glob(os.path.join(work, "*.safetensors")):
+        sd.update(load_file(f))
+    return sd
+
+
+def _gptq_v1_dequantized(work: str, src: str):
+    """A float model holding GPTQModel's stored weights: qweight [K*bits/32, N] packed along K,
+    qzeros [G, N*bits/32] packed along N holding zero - 1 (format "gptq" v1), scales [G, N],
+    g_idx [K]; W[n, k] = scales[g, n] * (q[k, n] - zeros[g, n] - 1), g = g_idx[k]."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hfcompress.formats.int_group import unpack_codes
+
+    sd = _gptq_v1_tensors(work)
+    with open(os.path.join(work, "quantize_config.json")) as f:
+        bits = json.load(f)["bits"]
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and f"{name}.qweight" in sd:
+            n, k = mod.out_features, mod.in_features
+            q = unpack_codes(sd[f"{name}.qweight"].t().contiguous(), bits, k).float()  # [N, K]
+            z = unpack_codes(sd[f"{name}.qzeros"], bits, n).float() + 1                # [G, N]
+            s = sd[f"{name}.scales"].float()                                           # [G, N]
+            g = sd[f"{name}.g_idx"].long()                                             # [K]
+            mod.weight.data = (q - z.t()[:, g]) * s.t()[:, g]
+    return model
+
+
+def _gptq_v1_bits(work: str, linears: dict) -> float:
+    sd = _gptq_v1_tensors(work)
+    total = sum(sd[f"{n}.{t}"].numel() * sd[f"{n}.{t}"].element_size() * 8
+                for n in linears for t in ("qweight", "qzeros", "scales", "g_idx") if f"{n}.{t}" in sd)
+    return round(total / sum(linears.values()), 4)
+
+
 def run_entry(name: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -148,8 +188,11 @@ def run_entry(name: str) -> dict:
         out["quantize_cpu_s"] = time.process_time() - c0
         out["peak_rss_mb"] = _rss_mb()
         del gm
-        model = GPTQModel.load(work, device="cpu", dtype=torch.float32).model.eval()
-        out["bits_per_weight"] = _linear_bits(model, linears)
+        # GPTQModel.load(work, device="cpu") computed garbage logits here (perplexity ~1e8): its saved
+        # tensors are scored instead, dequantized exactly into the float model
+        model = _gptq_v1_dequantized(work, src)
+        out["eval_note"] = "saved GPTQ tensors dequantized into the float model (its CPU load path gave garbage)"
+        out["bits_per_weight"] = _gptq_v1_bits(work, linears)
         out["size_mb"] = _dir_size(work) / 2**20
     elif kind == "hqq":
         from hqq.core.quantize import BaseQuantizeConfig
