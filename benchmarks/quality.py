@@ -270,6 +270,7 @@ def table(path: str = RESULTS) -> str:
                          f"({above / bf16_mb:.2f}x)")
     ours3 = rows.get("gptq-w3-g64")
     base3 = {k: v for k, v in rows.items() if k in ("gptqmodel-w3-g64", "hqq-w3-g64")}
+    base3 = {k: v for k, v in base3.items() if v.get("ppl_hamlet") is not None}
     if ours3 and base3:
         for dom in ("hamlet", "sqlite"):
             best = min(base3.items(), key=lambda kv: kv[1][f"ppl_{dom}"])
