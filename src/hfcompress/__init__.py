@@ -1,17 +1,17 @@
 """hfcompress: compression methods from the papers, native in transformers, PEFT, the Trainer and the Hub.
 
 ``import hfcompress`` registers the ``"hfcompress"`` quantization method with transformers
-and hfcompress layers with PEFT (see hfcompress.integrations); nothing touches a device.
+and hfcompress layers and PEFT methods with PEFT (see hfcompress.integrations); nothing
+touches a device.
 """
 
+from .adapters import CompacterConfig, MoSConfig, l4q
 from .adapters.eora import EoRAConfig, compensate, merge_compensation
+from .adapters.l4q import L4QConfig
 from .api import dequantize_, quantize_, requantize_
 from .config import ConfigError, GPTQConfig, HfCompressConfig, RTNConfig
 from .formats import FormatError, IntGroupSpec
 from .nn import QuantLinear
-from .adapters import CompacterConfig, MoSConfig  # PEFT methods (Compacter/Compacter++, MoS)
-from .adapters import l4q  # noqa: E402  (L4Q: a PEFT method, registered by _register_all below)
-from .adapters.l4q import L4QConfig
 from .streaming import quantize
 
 __version__ = "0.1.0"
@@ -22,8 +22,7 @@ from hfcompress.integrations import register_all as _register_all  # noqa: E402
 _register_all()
 
 from hfcompress.integrations.peft import merge_and_requantize  # noqa: E402
-from hfcompress.integrations.trainer import LoRAPruneCallback  # noqa: E402
-from hfcompress.integrations.trainer import L4QCallback  # noqa: E402
+from hfcompress.integrations.trainer import L4QCallback, LoRAPruneCallback  # noqa: E402
 
 from . import prune  # noqa: E402
 
@@ -46,8 +45,8 @@ __all__ = [
     "l4q",
     "merge_and_requantize",
     "merge_compensation",
-    "quantize",
     "prune",
+    "quantize",
     "quantize_",
     "requantize_",
 ]
