@@ -139,3 +139,19 @@ def tiny_lm_dataset(n=32, seq=24, distinct=4):
     random sequences repeated, so a few steps can measurably fit them."""
     x = inputs(batch=distinct, seq=seq, seed=11)
     return [{"input_ids": x[i % distinct], "labels": x[i % distinct]} for i in range(n)]
+
+
+def check_trainer(model, prefix, tmp_path):
+    """A real transformers Trainer run: the loss falls and exactly the adapter params (``prefix``) change."""
+    from transformers import Trainer, TrainingArguments
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=8, per_device_train_batch_size=4,
+                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
+                             logging_steps=1, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=tiny_lm_dataset())
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert sum(losses[-2:]) < sum(losses[:2])
+    for n, p in model.named_parameters():
+        assert (not torch.equal(p, before[n])) == (prefix in n), n

@@ -24,7 +24,7 @@ from peft_method_checks import (
     check_save_load,
     check_two_adapters,
     logits,
-    tiny_lm_dataset,
+    check_trainer,
     train_steps,
 )
 from tiny_models import BUILDERS, inputs
@@ -205,19 +205,8 @@ def test_mos_to_lora_loads_in_vanilla_peft(tmp_path):
 
 
 def test_mos_trainer(tmp_path):
-    from transformers import Trainer, TrainingArguments
-
     model = get_peft_model(BUILDERS["llama"](), MoSConfig(r=4, target_modules=TARGETS["llama"]))
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=8, per_device_train_batch_size=4,
-                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
-                             logging_steps=1, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=tiny_lm_dataset())
-    trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert sum(losses[-2:]) < sum(losses[:2])
-    for n, p in model.named_parameters():
-        assert (not torch.equal(p, before[n])) == ("mos_" in n), n
+    check_trainer(model, "mos_", tmp_path)
 
 
 def test_mos_on_quantized_base(tmp_path):
