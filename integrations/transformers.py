@@ -60,7 +60,7 @@ class HfCompressQuantizer(HfQuantizer):
                                 compute_dtype=compute_dtype, device="meta")
             except FormatError as e:
                 raise FormatError(f"{name}: {e}") from None
-            q._source_conv1d = is_conv1d(module)
+            q.source_conv1d = is_conv1d(module)
             set_submodule(model, name, q)
         if self.pre_quantized and kwargs.get("checkpoint_files"):
             validate_checkpoint_headers(model, kwargs["checkpoint_files"])
@@ -113,7 +113,7 @@ class QuantizeOnLoad(ConversionOps):
         value = value[0] if isinstance(value, list) else value
         prefix = name.rpartition(".")[0]
         module = model.get_submodule(prefix)
-        weight = value.t() if getattr(module, "_source_conv1d", False) else value
+        weight = value.t() if getattr(module, "source_conv1d", False) else value
         config = self.hf_quantizer.quantization_config
 
         try:

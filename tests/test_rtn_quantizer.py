@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
-from tiny_models import inputs, llama_gqa, qwen2, sqnr_db
+from tiny_models import gpt2, inputs, llama_gqa, qwen2, sqnr_db
 from transformers import AutoModelForCausalLM
 
 import hfcompress
@@ -121,6 +121,36 @@ def test_rtn_model_dequantize(llama_dir):
     assert torch.equal(d.model.layers[0].mlp.up_proj.weight, w)
     assert torch.allclose(logits(d, ids), out, atol=1e-5, rtol=0)
     assert getattr(d.config, "quantization_config", None) is None
+
+
+@pytest.mark.parametrize("way", ["on-load", "reloaded", "quantize_", "gptq"])
+def test_dequantize_gpt2_restores_conv1d(way, tmp_path):
+    """GPT-2 stores its projections as Conv1D ([in, out]); a dequantized checkpoint must reload into
+    a plain GPT-2 with no size mismatch, however its QuantLinears were made."""
+    from transformers.pytorch_utils import Conv1D
+
+    float_model = gpt2(seed=3)
+    float_model.save_pretrained(tmp_path / "f")
+    ids = inputs()
+    if way == "gptq":
+        cfg = hfcompress.GPTQConfig(bits=4, group_size=32, dataset=inputs(batch=4, seq=32, seed=5), n_samples=4,
+                                    seq_len=32)
+        q = hfcompress.quantize_(copy.deepcopy(float_model), cfg)
+    elif way == "quantize_":
+        q = hfcompress.quantize_(copy.deepcopy(float_model), RTNConfig(group_size=32))
+    else:
+        q = AutoModelForCausalLM.from_pretrained(tmp_path / "f", quantization_config=RTNConfig(group_size=32))
+        if way == "reloaded":
+            q.save_pretrained(tmp_path / "q")
+            q = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    out = logits(q.eval(), ids)
+    d = q.dequantize()
+    assert isinstance(d.transformer.h[0].attn.c_attn, Conv1D) and isinstance(d.transformer.h[1].mlp.c_proj, Conv1D)
+    assert torch.allclose(logits(d, ids), out, atol=1e-5, rtol=0)
+    d.save_pretrained(tmp_path / "d")
+    r, info = AutoModelForCausalLM.from_pretrained(tmp_path / "d", output_loading_info=True)
+    assert not info["mismatched_keys"] and not info["missing_keys"], info
+    assert torch.equal(logits(r.eval(), ids), logits(d, ids))
 
 
 def test_rtn_lora_merge_needs_explicit_requantize(llama_dir):

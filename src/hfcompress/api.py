@@ -9,7 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import HfCompressConfig
-from .modules import linear_modules, linear_weight, resolve_modules_to_not_convert, set_submodule
+from .modules import is_conv1d, linear_modules, linear_weight, resolve_modules_to_not_convert, set_submodule
 from .nn import QuantLinear
 
 #: called as ``hook(model, config)`` after a model is quantized in memory; the transformers
@@ -26,7 +26,9 @@ def quantize_weight(weight: torch.Tensor, bias: torch.Tensor | None, config: HfC
 
 def quantize_linear(module: nn.Module, config: HfCompressConfig) -> QuantLinear:
     """One nn.Linear / Conv1D -> QuantLinear with a data-free algorithm."""
-    return quantize_weight(linear_weight(module), module.bias, config)
+    q = quantize_weight(linear_weight(module), module.bias, config)
+    q.source_conv1d = is_conv1d(module)
+    return q
 
 
 @torch.no_grad()
@@ -55,12 +57,22 @@ def quantize_(model: nn.Module, config: HfCompressConfig, progress: bool = False
 
 @torch.no_grad()
 def dequantize_(model: nn.Module) -> nn.Module:
-    """Replace every QuantLinear by an nn.Linear holding its dequantized weight."""
+    """Replace every QuantLinear by the float layer it stands for (``nn.Linear``, or GPT-2's
+    ``Conv1D`` where it replaced one) holding its dequantized weight."""
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear):
-            lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                            device=module.weight.device, dtype=module.compute_dtype)
-            lin.weight.data.copy_(module.dequantize())
+            w = module.dequantize()  # [out, in]
+            if module.source_conv1d:
+                from transformers.pytorch_utils import Conv1D
+
+                lin = Conv1D(module.out_features, module.in_features).to(module.weight.device, module.compute_dtype)
+                lin.weight.data.copy_(w.t())
+                if module.bias is None:
+                    lin.bias = None
+            else:
+                lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                device=module.weight.device, dtype=module.compute_dtype)
+                lin.weight.data.copy_(w)
             if module.bias is not None:
                 lin.bias.data.copy_(module.bias)
             lin.weight.requires_grad_(False)
