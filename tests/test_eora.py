@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import hfcompress
-from hfcompress.adapters.eora import RECORD_KEY, compressed_weight, find_targets
+from hfcompress.adapters.eora import RECORD_KEY, compressed_weight, delta_weight, find_targets
 from hfcompress.algorithms.eora import activation_eigenbasis, eora_compensation, output_error, svd_compensation
 from hfcompress.config import ConfigError
 from hfcompress.formats import IntGroupSpec
@@ -219,7 +219,8 @@ def test_eora_act_order_layer_error_is_taken_exactly():
     ql.bias.data.copy_(float_model[0].bias.detach())
     compressed = nn.Sequential(ql)
     targets = find_targets(compressed, float_model, hfcompress.EoRAConfig(rank=64, method="svd"))
-    torch.testing.assert_close(targets["0"][0], float_model[0].weight.detach() - compressed_weight(ql))
+    assert targets["0"].rank == 24 and targets["0"].shape == (24, 64)
+    torch.testing.assert_close(delta_weight(ql, targets["0"].original), float_model[0].weight.detach() - compressed_weight(ql))
     pm = hfcompress.compensate(compressed, float_model, hfcompress.EoRAConfig(rank=64, method="svd"))
     x = torch.randn(5, 64)
     with torch.no_grad():

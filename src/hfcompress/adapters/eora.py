@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -156,15 +156,32 @@ def _float_model(original, like: nn.Module) -> nn.Module:
         if not hasattr(cls, "from_pretrained"):
             raise TypeError(f"original={original!r} is a path but {cls.__name__} has no from_pretrained; "
                             "pass the float model itself")
-        return cls.from_pretrained(original, dtype=torch.float32)
+        return cls.from_pretrained(original, dtype="auto")  # stored dtype; ΔW is taken in fp32 per layer
     raise TypeError(f"original must be the float model or its directory, got {type(original).__name__}")
 
 
-def find_targets(compressed: nn.Module, original: nn.Module, config: EoRAConfig
-                 ) -> dict[str, tuple[torch.Tensor, int]]:
-    """``{module name: (ΔW [out, in] fp32, rank)}`` for every layer to compensate."""
+class Target(NamedTuple):
+    """A layer to compensate: its float counterpart in the original model, its rank, ``(out, in)``."""
+    original: nn.Module
+    rank: int
+    shape: tuple[int, int]
+
+
+def delta_weight(compressed_layer: nn.Module, original_layer: nn.Module, name: str = "layer") -> torch.Tensor:
+    """``ΔW = W - W_c [out, in]`` (fp32, on the compressed layer's device), ``W_c`` exactly as the
+    compressed layer computes. Computed when a layer is solved, so only one ΔW is alive at a time."""
+    w_c = compressed_weight(compressed_layer, name)
+    w = linear_weight(original_layer).detach().to(w_c.device, torch.float32)
+    if w.shape != w_c.shape:
+        raise ValueError(f"{name}: original weight {tuple(w.shape)} vs compressed {tuple(w_c.shape)}; "
+                         "`original` must be the float model the compressed one came from")
+    return w - w_c
+
+
+def find_targets(compressed: nn.Module, original: nn.Module, config: EoRAConfig) -> dict[str, Target]:
+    """``{module name: Target}`` for every layer to compensate."""
     orig_modules = dict(original.named_modules())
-    out: dict[str, tuple[torch.Tensor, int]] = {}
+    out: dict[str, Target] = {}
     for name, module in compressed.named_modules():
         if not _linear_like(module):
             continue
@@ -177,15 +194,11 @@ def find_targets(compressed: nn.Module, original: nn.Module, config: EoRAConfig
                 raise ValueError(f"EoRAConfig.target_modules selects {name!r}, which the original model does "
                                  "not have as a linear layer; is `original` the model that was compressed?")
             continue
-        w = linear_weight(ref).detach().to(torch.float32)
-        w_c = compressed_weight(module, name)
-        if w.shape != w_c.shape:
-            raise ValueError(f"{name}: original weight {tuple(w.shape)} vs compressed {tuple(w_c.shape)}; "
-                             "`original` must be the float model the compressed one came from")
-        delta = w - w_c.to(w.device)
+        delta = delta_weight(module, ref, name)
         if not explicit and not torch.any(delta != 0):
             continue  # not compressed (kept in float): nothing to compensate
-        out[name] = (delta, min(config.rank_for(name), *delta.shape))
+        out[name] = Target(ref, min(config.rank_for(name), *delta.shape), tuple(delta.shape))
+        del delta
     if not out:
         raise ValueError("compensate: no layer differs from the original model; nothing to compensate "
                          "(is `compressed_model` really compressed, or does target_modules match nothing?)")
@@ -241,9 +254,8 @@ def compensate(compressed_model: nn.Module, original, config: EoRAConfig | None 
         raise ValueError("compressed_model already has PEFT adapters; pass the bare compressed model")
     original_model = _float_model(original, compressed_model)
     targets = find_targets(compressed_model, original_model, config)
-    del original_model  # only ΔW is needed from here on
 
-    ranks = {n: r for n, (_, r) in targets.items()}
+    ranks = {n: t.rank for n, t in targets.items()}
     r0 = max(set(ranks.values()), key=list(ranks.values()).count)
     pattern = {n: r for n, r in ranks.items() if r != r0}
     fan_in_fan_out = any(type(compressed_model.get_submodule(n)).__name__ == "Conv1D" for n in targets)
@@ -263,9 +275,10 @@ def compensate(compressed_model: nn.Module, original, config: EoRAConfig | None 
     inner = peft_model.base_model.model
 
     if config.method == "svd":
-        for name, (delta, r) in targets.items():
-            b, a = svd_compensation(delta, r)
-            set_lora_(inner.get_submodule(name), adapter_name, b, a)
+        for name, t in targets.items():
+            layer = inner.get_submodule(name)
+            b, a = svd_compensation(delta_weight(layer.get_base_layer(), t.original, name), t.rank)
+            set_lora_(layer, adapter_name, b, a)
     else:
         from .eora_blocks import calibration_batches, sequential_compensate_
 
@@ -276,10 +289,11 @@ def compensate(compressed_model: nn.Module, original, config: EoRAConfig | None 
         last: list = [None, None]  # (XᵀX, eigenbasis) of the previous layer: q/k/v and gate/up share inputs
 
         def solve(name, xtx):
-            delta, r = targets[name]
+            t = targets[name]
+            delta = delta_weight(inner.get_submodule(name).get_base_layer(), t.original, name)
             if last[0] is None or last[0].shape != xtx.shape or not torch.equal(last[0], xtx):
                 last[:] = [xtx, activation_eigenbasis(xtx, config.eig_rel_floor)]
-            return eora_compensation(delta, xtx, r, config.eig_rel_floor, basis=last[1])
+            return eora_compensation(delta, xtx, t.rank, config.eig_rel_floor, basis=last[1])
 
         sequential_compensate_(inner, sorted(targets), batches, solve, adapter_name, progress=progress)
     return peft_model
@@ -313,8 +327,8 @@ def set_lora_(layer: nn.Module, adapter_name: str, b: torch.Tensor, a: torch.Ten
 
 def added_bits_per_weight(targets: dict, ranks: dict[str, int], bits: int = 16) -> float:
     """LoRA storage ``bits * r * (out + in)`` over the compensated layers' weight count."""
-    added = sum(bits * ranks[n] * sum(d.shape) for n, (d, _) in targets.items())
-    weights = sum(math.prod(d.shape) for d, _ in targets.values())
+    added = sum(bits * ranks[n] * sum(t.shape) for n, t in targets.items())
+    weights = sum(math.prod(t.shape) for t in targets.values())
     return added / weights
 
 
