@@ -4,7 +4,8 @@ tokens/s at batch 1, greedy, the same prompt for every variant, measured side by
 Variants: fp32, bf16, ours int8 (RTN 8-bit per-channel symmetric min-max -> native int8 matmul),
 ours int4 (RTN 4-bit group 64 asymmetric, MSE clipping -> native int4 matmul), both on a bf16
 model (the CPU fast path computes in bf16), ours int4 on the fp32 model with the fast path
-forced (``always``),
+forced (``always``), ours int3 (RTN 3-bit group 64 -> the same int4 matmul) against the same
+int3 model on the reference path (``off``: dequantize, then matmul, every call),
 bitsandbytes NF4 (Linear4bit, bf16 compute) and torchao int8 weight-only. Decode time excludes
 the prompt (prefill) time; each variant is timed ``--repeats`` times, interleaved with the
 others, and its best run is kept. Reported twice: wall-clock tokens/s and tokens per CPU-second
@@ -120,6 +121,7 @@ def main():
     tok, fp32 = load_smollm2()
     ids = tok(PROMPT, return_tensors="pt").input_ids
     q4 = ours(fp32, torch.float32, bits=4, group_size=64)  # RTN from the fp32 weights, once
+    q3 = ours(fp32, torch.float32, bits=3, group_size=64)
     q8 = ours(fp32, torch.float32, bits=8, group_size=-1, sym=True, mse_clip=False)  # per-channel min-max
     builds = {
         "fp32": lambda: (fp32, "off"),
@@ -127,6 +129,9 @@ def main():
         "ours_int8 (RTN w8 per-channel sym, bf16)": lambda: (copy.deepcopy(q8).to(torch.bfloat16), "auto"),
         "ours_int4 (RTN w4 g64 asym, bf16)": lambda: (copy.deepcopy(q4).to(torch.bfloat16), "auto"),
         "ours_int4 (RTN w4 g64 asym, fp32 model, fast path forced)": lambda: (q4, "always"),
+        "ours_int3 (RTN w3 g64 asym, bf16)": lambda: (copy.deepcopy(q3).to(torch.bfloat16), "auto"),
+        "ours_int3 (RTN w3 g64 asym, bf16, reference path: dequantize per call)":
+            lambda: (copy.deepcopy(q3).to(torch.bfloat16), "off"),
         "bitsandbytes_nf4 (bf16 compute)": lambda: (bnb_nf4(fp32), "off"),
         "torchao_int8_weight_only (bf16)": lambda: (torchao_int8(fp32), "off"),
     }

@@ -49,6 +49,16 @@ ENTRIES = {
     "hqq-w3-g64": ("hqq", {"bits": 3, "group_size": 64}),
     "bnb-nf4": ("bnb", {}),
 }
+# EoRA (and the plain-SVD baseline) on the hfcompress GPTQ g64 checkpoints above: the base is
+# quantized once per bit width (cached under benchmarks/.cache, same code and calibration as the
+# gptq entries), each entry compensates it and scores base + adapter (adapter rounded to fp16)
+EORA_RANKS = (8, 16, 32, 64)
+for _bits in (3, 4):
+    for _rank in EORA_RANKS:
+        for _method in ("eora", "svd"):
+            ENTRIES[f"gptq-w{_bits}-g64+{_method}-r{_rank}"] = (
+                "compensate", {"base": f"gptq-w{_bits}-g64", "method": _method, "rank": _rank})
+CACHE = os.path.join(HERE, ".cache")
 
 
 def _rss_mb() -> float:
@@ -176,6 +186,30 @@ def run_entry(name: str) -> dict:
         model = AutoModelForCausalLM.from_pretrained(work, dtype=torch.float32).eval()
         out["bits_per_weight"] = _linear_bits(model, linears)
         out["size_mb"] = _dir_size(work) / 2**20
+    elif kind == "compensate":
+        import hfcompress
+
+        base_dir = _cached_base(opts["base"], src, batches)
+        float_model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        out["bits_per_weight"] = _linear_bits(model, linears)
+        cfg = hfcompress.EoRAConfig(rank=opts["rank"], method=opts["method"], dataset=torch.cat(batches),
+                                    n_samples=CALIB["n_samples"], seq_len=CALIB["seq_len"], batch_size=8)
+        t0, c0 = time.perf_counter(), time.process_time()
+        model = hfcompress.compensate(model, float_model, cfg)
+        out["compensate_s"] = time.perf_counter() - t0
+        out["compensate_cpu_s"] = time.process_time() - c0
+        out["quantize_s"] = None  # the base's own time is the gptq entry's
+        out["peak_rss_mb"] = _rss_mb()
+        del float_model
+        for n, p in model.named_parameters():  # the adapter is stored (and scored) in fp16
+            if "lora_" in n:
+                p.data = p.data.to(torch.float16).to(p.dtype)
+        rec = model.peft_config["default"].auto_mapping[hfcompress.adapters.eora.RECORD_KEY]
+        out["added_bits_per_weight"] = rec["added_bits_per_weight_fp16"]
+        out["bits_per_weight"] = round(out["bits_per_weight"] + rec["added_bits_per_weight_fp16"], 4)
+        adapter_bytes = 2 * sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        out["size_mb"] = (_dir_size(base_dir) + adapter_bytes) / 2**20
     elif kind == "gptqmodel":
         from gptqmodel import GPTQModel, QuantizeConfig
 
@@ -228,6 +262,20 @@ def run_entry(name: str) -> dict:
     return out
 
 
+def _cached_base(entry: str, src: str, batches) -> str:
+    """The checkpoint of a gptq entry, quantized once (same code and calibration as the entry)."""
+    import torch
+
+    import hfcompress
+
+    _, opts = ENTRIES[entry]
+    path = os.path.join(CACHE, f"quality-{entry}-n{CALIB['n_samples']}x{CALIB['seq_len']}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        cfg = hfcompress.GPTQConfig(bits=opts["bits"], group_size=opts["group_size"], **CALIB)
+        hfcompress.quantize(src, cfg, out_dir=path, batches=batches, dtype=torch.float32)
+    return path
+
+
 def _fmt(v, nd=2):
     return "n/a" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
 
@@ -240,6 +288,8 @@ def table(path: str = RESULTS) -> str:
     lines = ["| entry | bits/weight | size MB | quantize s (wall) | quantize s (CPU) | peak RSS MB | "
              "ppl Hamlet | ppl SQLite docs |", "|---|---|---|---|---|---|---|---|"]
     for r in data["entries"]:
+        if ENTRIES.get(r["entry"], ("",))[0] == "compensate":
+            continue  # their own table: eora_table()
         if "error" in r:
             lines.append(f"| {r['entry']} | failed: see JSON | | | | | | |")
             continue
@@ -277,6 +327,54 @@ def table(path: str = RESULTS) -> str:
             ok = ours3[f"ppl_{dom}"] < best[1][f"ppl_{dom}"]
             lines.append(f"- 3-bit g64 on {dom}: hfcompress {ours3[f'ppl_{dom}']:.3f} vs best 3-bit baseline "
                          f"{best[0]} {best[1][f'ppl_{dom}']:.3f}: **{'MET' if ok else 'MISSED'}**")
+    eora = eora_table(data)
+    return "\n".join(lines) + ("\n\n" + eora if eora else "")
+
+
+def eora_table(data: dict) -> str:
+    """EoRA vs SVD per bit width and rank, with the share of the GPTQ gap to fp32 each closes."""
+    rows = {r["entry"]: r for r in data["entries"] if "error" not in r}
+    fp = rows.get("fp32")
+    if not fp or not any(ENTRIES.get(k, ("",))[0] == "compensate" for k in rows):
+        return ""
+    lines = ["| base | rank | +bits/w | method | ppl Hamlet | ppl SQLite docs | gap closed (H / S) | "
+             "EoRA / SVD ppl (H / S) | compensate s (wall) |", "|---|---|---|---|---|---|---|---|---|"]
+    wins, gap32 = [], {}
+    for bits in (3, 4):
+        base = rows.get(f"gptq-w{bits}-g64")
+        if not base:
+            continue
+        lines.append(f"| gptq-w{bits}-g64 | 0 | 0 | none | {base['ppl_hamlet']:.3f} | {base['ppl_sqlite']:.3f} | | | |")
+        for rank in EORA_RANKS:
+            got = {m: rows.get(f"gptq-w{bits}-g64+{m}-r{rank}") for m in ("eora", "svd")}
+            for method, r in got.items():
+                if not r:
+                    continue
+                closed = [(base[f"ppl_{d}"] - r[f"ppl_{d}"]) / (base[f"ppl_{d}"] - fp[f"ppl_{d}"])
+                          for d in ("hamlet", "sqlite")]
+                ratio = ""
+                if method == "eora" and got["svd"]:
+                    rs = [r[f"ppl_{d}"] / got["svd"][f"ppl_{d}"] for d in ("hamlet", "sqlite")]
+                    ratio = f"{rs[0]:.3f} / {rs[1]:.3f}"
+                    wins.append((bits, rank, rs))
+                if method == "eora" and bits == 3 and rank == 32:
+                    gap32 = dict(zip(("hamlet", "sqlite"), closed))
+                lines.append(f"| | {rank} | {r['added_bits_per_weight']:.2f} | {method} | {r['ppl_hamlet']:.3f} | "
+                             f"{r['ppl_sqlite']:.3f} | {closed[0]:.0%} / {closed[1]:.0%} | {ratio} | "
+                             f"{r['compensate_s']:.0f} |")
+    lines.append("")
+    for dom, i in (("Hamlet", 0), ("SQLite docs", 1)):
+        if wins:
+            better = sum(rs[i] < 1 for _, _, rs in wins)
+            lines.append(f"- EoRA beats SVD on {dom}: {better} of {len(wins)} (bits, rank) pairs (target: every "
+                         f"rank): **{'MET' if better == len(wins) else 'MISSED'}**")
+    for dom, closed in gap32.items():
+        lines.append(f"- 3-bit + EoRA rank 32 closes {closed:.0%} of the GPTQ gap to fp32 on {dom} (target >= 50%): "
+                     f"**{'MET' if closed >= 0.5 else 'MISSED'}**")
+    times = [r["compensate_s"] for k, r in rows.items() if k.endswith("-r32") and "+eora" in k]
+    if times:
+        lines.append(f"- EoRA rank 32 compensation of SmolLM2: {max(times):.0f} s wall at most (target < 180 s): "
+                     f"**{'MET' if max(times) < 180 else 'MISSED'}**")
     return "\n".join(lines)
 
 

@@ -1,8 +1,9 @@
 """Fast CPU path for the int_group format through PyTorch's native weight-only matmuls.
 
-- 4-bit: ``aten._weight_int4pack_mm_for_cpu``. Its weight is ``(q - 8) * s + c`` per group of
-  32/64/128/256 input channels; ours is ``(q - z) * s``, so ``c = (8 - z) * s`` (exact in
-  fp32: ``s`` is fp16 and ``8 - z`` a small integer). A group size that is a multiple of 32
+- 2/3/4-bit: ``aten._weight_int4pack_mm_for_cpu``. Its weight is ``(q - 8) * s + c`` per group
+  of 32/64/128/256 input channels; ours is ``(q - z) * s``, so ``c = (8 - z) * s`` (exact in
+  fp32: ``s`` is fp16 and ``8 - z`` a small integer). 2- and 3-bit codes are 4-bit codes that
+  never exceed 3 / 7, so they take the same op (the repacked copy holds 4 bits per weight). A group size that is a multiple of 32
   (or per-channel) maps onto sub-groups of 32..256 with repeated scales; act-order layers whose
   ``g_idx`` sorts into equal contiguous groups permute the activations instead of the weight.
 - 8-bit, one group per output channel, K % 16 == 0: ``aten._weight_int8pack_mm`` on ``q - 128`` (int8)
@@ -11,7 +12,7 @@
 Both ops are fast on CPU only in bf16 (fp32 is a scalar fallback, 100x slower), so this path
 computes with bf16 activations and bf16 scales and returns the input dtype: outputs differ
 from the fp32 reference at bf16 precision (measured SQNR in tests/test_kernels_cpu.py).
-Everything else (2/3 bits, ragged groups, grouped 8-bit) returns ``None``: the caller runs the
+Everything else (ragged groups, grouped 8-bit, K not a multiple of 32) returns ``None``: the caller runs the
 reference. The rearranged weights live in a cache keyed by the packed tensor (dropped with
 it, rebuilt if it is modified in place); ``state_dict`` never sees them.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+
 
 _SUBGROUPS = (256, 128, 64, 32)
 _CACHE: dict[int, tuple] = {}  # id(qweight) -> (weakref(qweight), versions, prepared or None)
@@ -32,11 +34,17 @@ def available() -> bool:
 
 
 def _unpack(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
-    """int32 bit streams ``[R, ceil(L/32)*bits]`` -> int32 codes ``[R, L]`` (2/4/8 bits: no straddling)."""
-    per = 32 // bits
-    shifts = torch.arange(per, dtype=torch.int32) * bits
-    codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [R, W, per]
-    return codes.reshape(packed.shape[0], -1)[:, :length]
+    """int32 bit streams ``[R, ceil(L/32)*bits]`` -> int32 codes ``[R, L]``. Code ``i`` of a row
+    starts at bit ``i*bits`` of the row's stream; 3-bit codes may straddle two words."""
+    words = packed.to(torch.int64) & 0xFFFFFFFF  # [R, W] as unsigned
+    pos = torch.arange(length, dtype=torch.int64) * bits  # [L] first bit of each code
+    word, offset = pos // 32, pos % 32
+    val = words[:, word] >> offset
+    if 32 % bits:
+        spill = offset + bits > 32
+        nxt = torch.clamp(word + 1, max=words.shape[1] - 1)
+        val = torch.where(spill, val | (words[:, nxt] << (32 - offset)), val)
+    return (val & ((1 << bits) - 1)).to(torch.int32)
 
 
 def _versions(*tensors):
@@ -52,10 +60,10 @@ def _versions(*tensors):
     return tuple(out)
 
 
-def _prepare_int4(qweight, scale, qzero, g_idx, group_size, sym, k):
+def _prepare_int4(qweight, scale, qzero, g_idx, group_size, sym, k, bits=4):
     n = qweight.shape[0]
     gs = k if group_size == -1 or scale.shape[1] == 1 else group_size
-    codes = _unpack(qweight, 4, k)  # [N, K]
+    codes = _unpack(qweight, bits, k)  # [N, K], values < 2**bits <= 16
     perm = None
     if g_idx is not None:
         perm = torch.argsort(g_idx.long(), stable=True)
@@ -68,9 +76,9 @@ def _prepare_int4(qweight, scale, qzero, g_idx, group_size, sym, k):
     group_of_sub = torch.arange(0, k, sub) // gs  # [K/sub]
     s = scale.to(torch.float32)[:, group_of_sub]  # [N, K/sub]
     if sym:
-        z = torch.full_like(s, 8.0)
+        z = torch.full_like(s, float(1 << (bits - 1)))
     else:
-        z = _unpack(qzero, 4, n).t().to(torch.float32)[:, group_of_sub]  # [N, K/sub]
+        z = _unpack(qzero, bits, n).t().to(torch.float32)[:, group_of_sub]  # [N, K/sub]
     pad = -n % 16  # the packing op wants N % 16 == 0: pad with zero-scale rows, sliced off after
     codes = torch.nn.functional.pad(codes, (0, 0, 0, pad))
     s, c = torch.nn.functional.pad(s, (0, 0, 0, pad)), torch.nn.functional.pad((8.0 - z) * s, (0, 0, 0, pad))
@@ -96,8 +104,8 @@ def _prepared(qweight, scale, qzero, g_idx, bits, group_size, sym, k):
     hit = _CACHE.get(key)
     if hit is not None and hit[0]() is qweight and hit[1] == versions:
         return hit[2]
-    if bits == 4:
-        prep = _prepare_int4(qweight, scale, qzero, g_idx, group_size, sym, k)
+    if bits in (2, 3, 4):
+        prep = _prepare_int4(qweight, scale, qzero, g_idx, group_size, sym, k, bits)
     elif bits == 8 and scale.shape[1] == 1 and k % 16 == 0:  # the int8 op reads out of bounds otherwise
         prep = _prepare_int8(qweight, scale, qzero, sym, k)
     else:
@@ -108,7 +116,7 @@ def _prepared(qweight, scale, qzero, g_idx, bits, group_size, sym, k):
 
 def int_group_mm_cpu(x, qweight, scale, qzero, g_idx, bias, bits, group_size, sym, in_features):
     """``int_group_mm`` on CPU tensors via native int4/int8 matmuls, or ``None`` when not covered."""
-    if bits not in (4, 8) or not x.dtype.is_floating_point or x.dtype == torch.float64 or not available():
+    if bits not in (2, 3, 4, 8) or not x.dtype.is_floating_point or x.dtype == torch.float64 or not available():
         return None
     prep = _prepared(qweight, scale, qzero, g_idx, bits, group_size, sym, in_features)
     if prep is None:

@@ -1,4 +1,4 @@
-"""The CPU fast path (hfcompress.kernels.cpu): native int4 / int8 weight-only matmuls.
+"""The CPU fast path (hfcompress.kernels.cpu): native int4 (also for 2/3-bit codes) / int8 weight-only matmuls.
 
 They compute in bf16, so the tolerance against the fp32 reference is stated as an SQNR
 (CPU_MIN_SQNR_DB); in mode "auto" fp32 activations keep the exact reference."""
@@ -23,12 +23,16 @@ COVERED = [
     (4, 128, False, False, 48, 320),  # ragged last group of 64, split into sub-groups
     (4, -1, False, False, 40, 160),
     (4, 64, False, True, 64, 192),
+    (3, 32, False, False, 64, 96),  # 3-bit codes straddle words; they run on the int4 op
+    (3, 64, True, False, 70, 576),
+    (3, 64, False, True, 64, 192),
+    (2, 32, True, False, 64, 96),
+    (2, 128, False, False, 48, 320),
     (8, -1, True, False, 70, 96),
     (8, -1, False, False, 64, 160),
 ]
 DECLINED = [
-    (3, 32, False, False, 64, 96),  # 3-bit: no native op
-    (2, 32, True, False, 64, 96),
+    (3, 32, False, False, 64, 200),  # K not a multiple of 32
     (8, 32, False, False, 64, 96),  # grouped 8-bit: the int8 op has one scale per channel
     (4, 32, False, False, 64, 200),  # K not a multiple of 32
     (8, -1, True, False, 64, 200),  # K % 16 != 0: the int8 op would read out of bounds
