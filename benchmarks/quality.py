@@ -189,7 +189,8 @@ def run_entry(name: str) -> dict:
     elif kind == "compensate":
         import hfcompress
 
-        base_dir = _cached_base(opts["base"], src, batches)
+        base_dir, base_meta = _cached_base(opts["base"], src, batches, evals)
+        out.update({f"base_{k}": v for k, v in base_meta.items()})
         float_model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
         out["bits_per_weight"] = _linear_bits(model, linears)
@@ -262,18 +263,28 @@ def run_entry(name: str) -> dict:
     return out
 
 
-def _cached_base(entry: str, src: str, batches) -> str:
-    """The checkpoint of a gptq entry, quantized once (same code and calibration as the entry)."""
+def _cached_base(entry: str, src: str, batches, evals) -> tuple[str, dict]:
+    """The checkpoint of a gptq entry, quantized once (same code and calibration as the entry),
+    and its own perplexities (the base every compensation of it is compared with)."""
     import torch
+    from transformers import AutoModelForCausalLM
 
     import hfcompress
 
     _, opts = ENTRIES[entry]
     path = os.path.join(CACHE, f"quality-{entry}-n{CALIB['n_samples']}x{CALIB['seq_len']}")
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    meta = os.path.join(path, "bench_base.json")
+    if not os.path.isfile(meta):
         cfg = hfcompress.GPTQConfig(bits=opts["bits"], group_size=opts["group_size"], **CALIB)
+        t0 = time.perf_counter()
         hfcompress.quantize(src, cfg, out_dir=path, batches=batches, dtype=torch.float32)
-    return path
+        seconds = time.perf_counter() - t0
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        with open(meta, "w") as f:
+            json.dump({"quantize_s": round(seconds, 2),
+                       **{f"ppl_{k}": v for k, v in _perplexities(model, evals).items()}}, f)
+    with open(meta) as f:
+        return path, json.load(f)
 
 
 def _fmt(v, nd=2):
@@ -341,9 +352,10 @@ def eora_table(data: dict) -> str:
              "EoRA / SVD ppl (H / S) | compensate s (wall) |", "|---|---|---|---|---|---|---|---|---|"]
     wins, gap32 = [], {}
     for bits in (3, 4):
-        base = rows.get(f"gptq-w{bits}-g64")
-        if not base:
+        mine = [r for k, r in rows.items() if k.startswith(f"gptq-w{bits}-g64+")]
+        if not mine:
             continue
+        base = {k[len("base_"):]: v for k, v in mine[0].items() if k.startswith("base_ppl_")}
         lines.append(f"| gptq-w{bits}-g64 | 0 | 0 | none | {base['ppl_hamlet']:.3f} | {base['ppl_sqlite']:.3f} | | | |")
         for rank in EORA_RANKS:
             got = {m: rows.get(f"gptq-w{bits}-g64+{m}-r{rank}") for m in ("eora", "svd")}
@@ -369,7 +381,7 @@ def eora_table(data: dict) -> str:
             lines.append(f"- EoRA beats SVD on {dom}: {better} of {len(wins)} (bits, rank) pairs (target: every "
                          f"rank): **{'MET' if better == len(wins) else 'MISSED'}**")
     for dom, closed in gap32.items():
-        lines.append(f"- 3-bit + EoRA rank 32 closes {closed:.0%} of the GPTQ gap to fp32 on {dom} (target >= 50%): "
+        lines.append(f"- 3-bit + EoRA rank 32 closes {closed:.1%} of the GPTQ gap to fp32 on {dom} (target >= 50%): "
                      f"**{'MET' if closed >= 0.5 else 'MISSED'}**")
     times = [r["compensate_s"] for k, r in rows.items() if k.endswith("-r32") and "+eora" in k]
     if times:
