@@ -19,7 +19,6 @@ from hfcompress.api import AFTER_QUANTIZE_HOOKS, dequantize_, quantize_weight
 from hfcompress.config import QUANT_METHOD, HfCompressConfig
 from hfcompress.formats.int_group import FormatError, validate_tensors
 from hfcompress.modules import (
-    is_conv1d,
     linear_modules,
     linear_shape,
     resolve_modules_to_not_convert,
@@ -60,8 +59,7 @@ class HfCompressQuantizer(HfQuantizer):
                                 compute_dtype=compute_dtype, device="meta")
             except FormatError as e:
                 raise FormatError(f"{name}: {e}") from None
-            q.source_conv1d = is_conv1d(module)
-            set_submodule(model, name, q)
+            set_submodule(model, name, q)  # records source_conv1d
         if self.pre_quantized and kwargs.get("checkpoint_files"):
             validate_checkpoint_headers(model, kwargs["checkpoint_files"])
         return model

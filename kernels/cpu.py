@@ -3,18 +3,19 @@
 - 2/3/4-bit: ``aten._weight_int4pack_mm_for_cpu``. Its weight is ``(q - 8) * s + c`` per group
   of 32/64/128/256 input channels; ours is ``(q - z) * s``, so ``c = (8 - z) * s`` (exact in
   fp32: ``s`` is fp16 and ``8 - z`` a small integer). 2- and 3-bit codes are 4-bit codes that
-  never exceed 3 / 7, so they take the same op (the repacked copy holds 4 bits per weight). A group size that is a multiple of 32
-  (or per-channel) maps onto sub-groups of 32..256 with repeated scales; act-order layers whose
-  ``g_idx`` sorts into equal contiguous groups permute the activations instead of the weight.
+  never exceed 3 / 7, so they take the same op (the repacked copy holds 4 bits per weight).
+  A group size that is a multiple of 32 (or per-channel) maps onto sub-groups of 32..256 with
+  repeated scales; act-order layers whose ``g_idx`` sorts into equal contiguous groups permute
+  the activations instead of the weight.
 - 8-bit, one group per output channel, K % 16 == 0: ``aten._weight_int8pack_mm`` on ``q - 128`` (int8)
   with per-channel scales, plus the rank-1 zero-point term ``sum_k x[m, k] * (128 - z[n]) * s[n]``.
 
 Both ops are fast on CPU only in bf16 (fp32 is a scalar fallback, 100x slower), so this path
 computes with bf16 activations and bf16 scales and returns the input dtype: outputs differ
 from the fp32 reference at bf16 precision (measured SQNR in tests/test_kernels_cpu.py).
-Everything else (ragged groups, grouped 8-bit, K not a multiple of 32) returns ``None``: the caller runs the
-reference. The rearranged weights live in a cache keyed by the packed tensor (dropped with
-it, rebuilt if it is modified in place); ``state_dict`` never sees them.
+Everything else (ragged groups, grouped 8-bit, K not a multiple of 32) returns ``None``: the
+caller runs the reference. The rearranged weights live in a cache keyed by the packed tensor
+(dropped with it, rebuilt if it is modified in place); ``state_dict`` never sees them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import weakref
 
 import torch
-
 
 _SUBGROUPS = (256, 128, 64, 32)
 _CACHE: dict[int, tuple] = {}  # id(qweight) -> (weakref(qweight), versions, prepared or None)

@@ -9,7 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import HfCompressConfig
-from .modules import is_conv1d, linear_modules, linear_weight, resolve_modules_to_not_convert, set_submodule
+from .modules import linear_modules, linear_weight, resolve_modules_to_not_convert, set_submodule
 from .nn import QuantLinear
 
 #: called as ``hook(model, config)`` after a model is quantized in memory; the transformers
@@ -26,9 +26,7 @@ def quantize_weight(weight: torch.Tensor, bias: torch.Tensor | None, config: HfC
 
 def quantize_linear(module: nn.Module, config: HfCompressConfig) -> QuantLinear:
     """One nn.Linear / Conv1D -> QuantLinear with a data-free algorithm."""
-    q = quantize_weight(linear_weight(module), module.bias, config)
-    q.source_conv1d = is_conv1d(module)
-    return q
+    return quantize_weight(linear_weight(module), module.bias, config)
 
 
 @torch.no_grad()

@@ -80,6 +80,11 @@ def linear_modules(model: nn.Module, skip: list[str]) -> Iterator[tuple[str, nn.
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at ``name``. A layer with a ``source_conv1d`` flag (QuantLinear) that replaces a
+    GPT-2 ``Conv1D`` (or a layer that had replaced one) records it, so dequantizing restores a Conv1D."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    if hasattr(new, "source_conv1d"):
+        old = getattr(parent, child, None)
+        new.source_conv1d = is_conv1d(old) or bool(getattr(old, "source_conv1d", False))
     setattr(parent, child, new)

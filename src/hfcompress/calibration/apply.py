@@ -43,7 +43,6 @@ def gptq_group(modules: dict[str, nn.Module], H: torch.Tensor, config, where: st
         out[name] = QuantLinear.from_codes(codes[rows], scale[rows], None if zero is None else zero[rows],
                                            None if g_idx is None else g_idx.clone(),
                                            config.spec, bias=modules[name].bias, compute_dtype=w.dtype)
-        out[name].source_conv1d = is_conv1d(modules[name])
     return out
 
 
@@ -105,6 +104,4 @@ def _rtn_linear(module: nn.Module, spec: IntGroupSpec) -> QuantLinear:
     plain = IntGroupSpec(bits=spec.bits, group_size=spec.group_size, sym=spec.sym)
     codes, scale, zero, _ = rtn(w, plain, mse_clip=True)
     g_idx = default_g_idx(spec, w.shape[1], w.device) if spec.act_order else None
-    q = QuantLinear.from_codes(codes, scale, zero, g_idx, spec, bias=module.bias, compute_dtype=w.dtype)
-    q.source_conv1d = is_conv1d(module)
-    return q
+    return QuantLinear.from_codes(codes, scale, zero, g_idx, spec, bias=module.bias, compute_dtype=w.dtype)

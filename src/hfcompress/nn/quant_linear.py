@@ -37,8 +37,8 @@ class QuantLinear(nn.Module):
         self.out_features = out_features
         self.spec = spec
         self.compute_dtype = compute_dtype
-        #: the layer it replaced was a GPT-2 style Conv1D (weight stored [in, out]); not saved, set
-        #: again when a model is rebuilt from its float skeleton. dequantize_ restores a Conv1D.
+        #: the layer it replaced was a GPT-2 style Conv1D (weight stored [in, out]); set by
+        #: modules.set_submodule, not saved (a reload replaces the float skeleton's Conv1D again).
         self.source_conv1d = False
         for name, (shape, dtype) in spec.tensor_shapes(out_features, in_features).items():
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
