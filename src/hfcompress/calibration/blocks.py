@@ -106,6 +106,8 @@ class InputStats:
 
     xtx: torch.Tensor
     n_tokens: int = 0
+    #: the layer whose input fills these sums (layers reading the same tensor share the object)
+    shared_first: str | None = None
 
     def add_(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)  # [tokens, K]
@@ -176,15 +178,53 @@ class BlockStep:
                 h.remove()
         return outputs
 
+    @torch.no_grad()
     def collect_input_stats(self, names: list[str] | None = None, stop_early: bool = True) -> dict[str, InputStats]:
-        """``X^T X`` of the inputs of the named linear layers (default: all) over all inputs."""
+        """``X^T X`` of the inputs of the named linear layers (default: all) over all inputs.
+
+        Inputs are read by forward pre-hooks; layers that receive the very tensor the layer hooked
+        just before them received (q/k/v, gate/up) share one :class:`InputStats` object, summed once.
+        With ``stop_early`` each forward ends as soon as every named layer has its input, before
+        the last of them runs."""
         names = list(names or self.linear_names)
-        stats = {}
-        for n in names:
-            k = _in_features(self.module(n))
-            stats[n] = InputStats(torch.zeros(k, k, dtype=torch.float32, device=self.inputs[0].device))
-        self.run({n: (lambda s: lambda m, x, y: s.add_(x))(stats[n]) for n in names},
-                 stop_after=set(names) if stop_early else None, keep_outputs=False)
+        wanted = set(names)
+        stats: dict[str, InputStats] = {}
+        seen: set[str] = set()
+        last: list = [None, None]  # (name, input tensor) of the hook that fired last in this forward
+
+        def make(name):
+            def pre_hook(module, args):
+                x = args[0]
+                if name not in stats:
+                    if last[1] is x and last[0] in stats:  # same tensor as the previous layer's input
+                        stats[name] = stats[last[0]]
+                    else:
+                        k = _in_features(module)
+                        stats[name] = InputStats(torch.zeros(k, k, dtype=torch.float32, device=x.device))
+                        stats[name].shared_first = name
+                if stats[name].shared_first == name:  # the owner adds; sharers read the same sums
+                    stats[name].add_(x)
+                last[:] = [name, x]
+                seen.add(name)
+                if stop_early and seen >= wanted:
+                    raise _StopForward
+            return pre_hook
+
+        handles = [self.module(n).register_forward_pre_hook(make(n)) for n in names]
+        try:
+            for x, a, kw in zip(self.inputs, self.args, self.kwargs):
+                seen.clear()
+                last[:] = [None, None]
+                try:
+                    self.block(x, *a, **kw)
+                except _StopForward:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+        missing = wanted - set(stats)
+        if missing:
+            raise RuntimeError(f"{self.name}: the block's forward never reached {sorted(missing)}")
         return stats
 
     def sequential_groups(self) -> list[list[str]]:
