@@ -38,7 +38,7 @@ TARGET_INT4_VS_FP32 = 1.5
 def load_smollm2():
     from hfcompress.smollm2 import load_smollm2 as load
 
-    model, tok = load(str(ROOT / ".cache" / "smollm2-135m-instruct-f32"))
+    model, tok = load(str(ROOT / "benchmarks" / ".cache" / "smollm2-135m-instruct-f32"))
     return tok, model
 
 
