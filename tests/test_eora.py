@@ -320,7 +320,7 @@ def _char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
 
 
-def test_eora_cli(llama_rtn3, tmp_path):
+def test_eora_cli(llama_rtn3, tmp_path, capsys):
     from hfcompress.cli.main import main
 
     orig, q = llama_rtn3
@@ -336,6 +336,15 @@ def test_eora_cli(llama_rtn3, tmp_path):
     assert cfg["r"] == 6 and cfg["base_model_name_or_path"] == str(tmp_path / "q")
     assert cfg["auto_mapping"][RECORD_KEY]["original_model"] == str(tmp_path / "float")
     assert cfg["auto_mapping"][RECORD_KEY]["config"]["n_samples"] == 4
+    # quantize -> compensate -> eval, all from the command line: the adapter lowers the perplexity
+    _char_tokenizer().save_pretrained(tmp_path / "q")
+    ppl = {}
+    for name, extra in (("base", []), ("eora", ["--adapter", str(tmp_path / "adapter")])):
+        capsys.readouterr()
+        assert main(["eval", str(tmp_path / "q"), "--text", str(text), "--window", "32", "--stride", "16"] + extra) == 0
+        ppl[name] = float(capsys.readouterr().out.split("perplexity ")[1].split()[0])
+    assert ppl["eora"] < ppl["base"], ppl
+    assert main(["eval", str(tmp_path / "q"), "--adapter", str(tmp_path / "nowhere")]) == 2
     assert main(["compensate", str(tmp_path / "float"), "--original", str(tmp_path / "float"), "--rank", "4",
                  "--method", "svd", "--out", str(tmp_path / "x")]) == 2  # nothing compressed: clear error
 

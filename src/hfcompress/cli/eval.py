@@ -1,4 +1,5 @@
-"""``hfcompress eval MODEL [--text FILE ...]``: sliding-window perplexity (the benchmarks' code)."""
+"""``hfcompress eval MODEL [--adapter DIR] [--text FILE ...]``: sliding-window perplexity (the
+benchmarks' code), of a model or of a model with a PEFT adapter (e.g. an EoRA compensation)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from __future__ import annotations
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="perplexity of a (compressed) model on text, sliding window")
     p.add_argument("model", help="model directory (float or hfcompress checkpoint)")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a PEFT adapter directory to load on the model first (e.g. from `hfcompress compensate`)")
     p.add_argument("--text", nargs="*", default=None, metavar="FILE",
                    help="text files to score (default: the bundled Hamlet and SQLite-docs texts, "
                         "never used for calibration)")
@@ -37,6 +40,12 @@ def run(args) -> int:
         texts = {"bundled:hamlet": bundled_text("eval"), "bundled:sqlite-docs": bundled_text("eval_technical")}
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
+    if args.adapter:
+        from peft import PeftModel
+
+        if not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
+            raise FileNotFoundError(f"--adapter {args.adapter!r} has no adapter_config.json")
+        model = PeftModel.from_pretrained(model, args.adapter).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     for name, text in texts.items():
         r = perplexity(model, tokenizer, text, window=args.window, stride=args.stride, max_tokens=args.max_tokens,
