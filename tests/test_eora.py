@@ -228,6 +228,22 @@ def test_eora_act_order_layer_error_is_taken_exactly():
         assert (ql(x) - float_model(x)).abs().max() > 1e-2  # the base alone is visibly off
 
 
+def test_eora_skips_float_layers_that_only_differ_by_rounding(llama_rtn3):
+    """A float layer (lm_head kept unquantized) whose weight went through a bf16 round trip is not
+    compensated; zeroing some of its weights (mask pruning) makes it a target."""
+    orig, q = llama_rtn3
+    q = copy.deepcopy(q)
+    assert isinstance(q.lm_head, nn.Linear)
+    with torch.no_grad():
+        q.lm_head.weight.copy_(q.lm_head.weight.bfloat16().float())
+    assert not torch.equal(q.lm_head.weight, orig.lm_head.weight)
+    targets = find_targets(q, orig, hfcompress.EoRAConfig(rank=4))
+    assert "lm_head" not in targets and len(targets) == 14  # the 7 quantized projections of 2 blocks
+    with torch.no_grad():
+        q.lm_head.weight[:, :5] = 0  # pruned input columns
+    assert "lm_head" in find_targets(q, orig, hfcompress.EoRAConfig(rank=4))
+
+
 def test_eora_pruned_float_base_and_exact_merge():
     orig = gpt2(seed=2)  # GPT-2: Conv1D layers ([in, out] weights)
     pruned = copy.deepcopy(orig)

@@ -44,7 +44,8 @@ class EoRAConfig:
     * ``rank``: LoRA rank per layer (capped at ``min(out, in)`` of each layer).
     * ``method``: ``"eora"`` (eigenspace of the layer inputs) or ``"svd"`` (plain SVD of ΔW, no data).
     * ``target_modules``: module-name patterns (``"q_proj"``, ``"layers.*.mlp"``, regex); ``None`` =
-      every linear layer whose compressed weight differs from the original's.
+      every compressed layer whose weight differs from the original's, and every float layer with
+      weights zeroed by pruning (float layers that differ only by dtype rounding are left alone).
     * ``rank_pattern``: ``{pattern: rank}`` overrides per module (first match wins).
     * ``dataset``: calibration data for ``"eora"``: token ids ``[n, seq]`` (LongTensor), a list of
       1-D token tensors, or a list of strings (then pass ``tokenizer=`` to :func:`compensate`).
@@ -178,8 +179,17 @@ def delta_weight(compressed_layer: nn.Module, original_layer: nn.Module, name: s
     return w - w_c
 
 
+def _mask_pruned(layer: nn.Module, original_layer: nn.Module) -> bool:
+    """A float layer counts as compressed when weights the original has were zeroed (mask pruning);
+    a float copy that only differs by dtype rounding (e.g. a bf16 round trip) does not."""
+    w, w_c = linear_weight(original_layer).detach(), linear_weight(layer).detach().to(original_layer.weight.device)
+    return bool(((w_c == 0) & (w != 0)).any())
+
+
 def find_targets(compressed: nn.Module, original: nn.Module, config: EoRAConfig) -> dict[str, Target]:
-    """``{module name: Target}`` for every layer to compensate."""
+    """``{module name: Target}`` for every layer to compensate: by default every compressed layer
+    whose weight differs from the original's, and every float layer with weights zeroed by
+    pruning (a float layer that differs only by dtype rounding is left alone)."""
     orig_modules = dict(original.named_modules())
     out: dict[str, Target] = {}
     for name, module in compressed.named_modules():
@@ -195,8 +205,8 @@ def find_targets(compressed: nn.Module, original: nn.Module, config: EoRAConfig)
                                  "not have as a linear layer; is `original` the model that was compressed?")
             continue
         delta = delta_weight(module, ref, name)
-        if not explicit and not torch.any(delta != 0):
-            continue  # not compressed (kept in float): nothing to compensate
+        if not explicit and not (torch.any(delta != 0) if is_quantized_layer(module) else _mask_pruned(module, ref)):
+            continue  # kept in float (at most re-rounded to another dtype): nothing to compensate
         out[name] = Target(ref, min(config.rank_for(name), *delta.shape), tuple(delta.shape))
         del delta
     if not out:
