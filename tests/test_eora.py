@@ -352,6 +352,8 @@ def test_eora_cli(llama_rtn3, tmp_path, capsys):
     assert cfg["r"] == 6 and cfg["base_model_name_or_path"] == str(tmp_path / "q")
     assert cfg["auto_mapping"][RECORD_KEY]["original_model"] == str(tmp_path / "float")
     assert cfg["auto_mapping"][RECORD_KEY]["config"]["n_samples"] == 4
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert saved and all(t.dtype == torch.float16 for t in saved.values())  # --save-dtype float16 (default)
     # quantize -> compensate -> eval, all from the command line: the adapter lowers the perplexity
     _char_tokenizer().save_pretrained(tmp_path / "q")
     ppl = {}

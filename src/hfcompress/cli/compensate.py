@@ -19,6 +19,9 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--target-modules", nargs="*", default=None, metavar="PATTERN",
                    help="module-name patterns to compensate (default: every layer that differs from the original)")
+    p.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="precision of the saved LoRA weights (PEFT computes them in fp32 after loading); "
+                        "float16 is what the added bits per weight in adapter_config.json count")
     p.add_argument("--out", required=True, help="adapter output directory")
     p.set_defaults(func=run)
 
@@ -34,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
                                    target_modules=args.target_modules)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     peft_model = hfcompress.compensate(model, args.original, config, progress=True)
+    dtype = getattr(torch, args.save_dtype)
+    for name, p in peft_model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.to(dtype)
     peft_model.save_pretrained(args.out)
-    print(f"saved {args.method} rank-{args.rank} LoRA adapter to {args.out}")
+    print(f"saved {args.method} rank-{args.rank} LoRA adapter ({args.save_dtype}) to {args.out}")
     return 0
