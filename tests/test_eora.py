@@ -354,6 +354,11 @@ def test_eora_cli(llama_rtn3, tmp_path, capsys):
     assert cfg["auto_mapping"][RECORD_KEY]["config"]["n_samples"] == 4
     saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert saved and all(t.dtype == torch.float16 for t in saved.values())  # --save-dtype float16 (default)
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "adapter")]) == 0
+    out = capsys.readouterr().out
+    assert "peft_type: LORA" in out and "adapted layers: 14" in out and "F16" in out
+    assert "compensation: eora" in out and "(rtn 3-bit, group 32)" in out
     # quantize -> compensate -> eval, all from the command line: the adapter lowers the perplexity
     _char_tokenizer().save_pretrained(tmp_path / "q")
     ppl = {}

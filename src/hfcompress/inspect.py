@@ -1,5 +1,5 @@
-"""Describe a saved hfcompress checkpoint from its config.json and safetensors headers only
-(no weights are loaded)."""
+"""Describe a saved hfcompress checkpoint (or a PEFT adapter, e.g. an EoRA compensation) from its
+config and safetensors headers only (no weights are loaded)."""
 
 from __future__ import annotations
 
@@ -122,4 +122,31 @@ def format_summary(s: CheckpointSummary, per_layer: bool = True) -> str:
         lines.append(f"{'layer':<48} {'in':>6} {'out':>6} {'bits/w':>7}")
         for lay in s.layers:
             lines.append(f"{lay.name:<48} {lay.in_features:>6} {lay.out_features:>6} {lay.bits_per_weight:>7.3f}")
+    return "\n".join(lines)
+
+
+def describe_adapter(path: str) -> str:
+    """A PEFT adapter directory: method, ranks, targets, storage, and for an hfcompress
+    compensation (EoRA / SVD) what it compensates and the bits per weight it adds."""
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    files = sorted(fn for fn in os.listdir(path) if fn.endswith(".safetensors"))
+    tensors = {k: v for fn in files for k, v in read_safetensors_header(os.path.join(path, fn)).items()}
+    n_params = sum(math.prod(t["shape"]) for t in tensors.values())
+    dtypes = sorted({t["dtype"] for t in tensors.values()})
+    adapted = sum(".lora_A." in k for k in tensors)
+    ranks = sorted({cfg.get("r"), *(cfg.get("rank_pattern") or {}).values()} - {None})
+    lines = [f"adapter: {path}", f"peft_type: {cfg.get('peft_type')}  base model: {cfg.get('base_model_name_or_path')}",
+             f"rank: {cfg.get('r')} (all ranks used: {ranks})  lora_alpha: {cfg.get('lora_alpha')}  "
+             f"adapted layers: {adapted}",
+             f"stored: {len(tensors)} tensors, {n_params:,} parameters, {'/'.join(dtypes)}, "
+             f"{sum(os.path.getsize(os.path.join(path, fn)) for fn in files) / 2**20:.2f} MiB"]
+    record = (cfg.get("auto_mapping") or {}).get("hfcompress_compensation")
+    if record:
+        comp = record.get("compression") or {}
+        what = (f"{comp.get('algorithm')} {comp.get('bits')}-bit, group {comp.get('group_size')}"
+                if comp.get("algorithm") else ", ".join(f"{k}={v}" for k, v in comp.items()))
+        lines.append(f"compensation: {record.get('method')} of {record.get('compressed_model')} ({what}) toward "
+                     f"{record.get('original_model')}; adds {record.get('added_bits_per_weight_fp16'):.3f} bits "
+                     "per compensated weight at fp16")
     return "\n".join(lines)

@@ -1,17 +1,23 @@
-"""``hfcompress inspect DIR``: format, bits per weight (overhead included), size, per-layer summary."""
+"""``hfcompress inspect DIR``: format, bits per weight (overhead included), size, per-layer summary;
+for a PEFT adapter directory (e.g. from ``hfcompress compensate``) its ranks, storage and what it compensates."""
 
 from __future__ import annotations
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("inspect", help="describe a saved (compressed) checkpoint")
-    p.add_argument("path", help="checkpoint directory")
+    p = sub.add_parser("inspect", help="describe a saved (compressed) checkpoint or adapter")
+    p.add_argument("path", help="checkpoint or PEFT adapter directory")
     p.add_argument("--no-layers", action="store_true", help="omit the per-layer table")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from hfcompress.inspect import format_summary, summarize
+    import os
 
-    print(format_summary(summarize(args.path), per_layer=not args.no_layers))
+    from hfcompress.inspect import describe_adapter, format_summary, summarize
+
+    if os.path.isfile(os.path.join(args.path, "adapter_config.json")):
+        print(describe_adapter(args.path))
+    else:
+        print(format_summary(summarize(args.path), per_layer=not args.no_layers))
     return 0
