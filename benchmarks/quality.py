@@ -40,6 +40,7 @@ ENTRIES = {
     "rtn-w4-g64-mse": ("hfcompress", {"method": "rtn", "bits": 4, "group_size": 64, "mse_clip": True}),
     "rtn-w3-g64-mse": ("hfcompress", {"method": "rtn", "bits": 3, "group_size": 64, "mse_clip": True}),
     "gptq-w4-g64": ("hfcompress", {"method": "gptq", "bits": 4, "group_size": 64}),
+    "gptq-w4-g64-damp0.05": ("hfcompress", {"method": "gptq", "bits": 4, "group_size": 64, "damp": 0.05}),
     "gptq-w4-g128": ("hfcompress", {"method": "gptq", "bits": 4, "group_size": 128}),
     "gptq-w3-g64": ("hfcompress", {"method": "gptq", "bits": 3, "group_size": 64}),
     "gptq-w3-g128": ("hfcompress", {"method": "gptq", "bits": 3, "group_size": 128}),
@@ -174,7 +175,8 @@ def run_entry(name: str) -> dict:
         import hfcompress
 
         if opts["method"] == "gptq":
-            cfg = hfcompress.GPTQConfig(bits=opts["bits"], group_size=opts["group_size"], **CALIB)
+            cfg = hfcompress.GPTQConfig(bits=opts["bits"], group_size=opts["group_size"],
+                                        damp=opts.get("damp", 0.01), **CALIB)
             # streams the float checkpoint block by block: the low-memory path
             hfcompress.quantize(src, cfg, out_dir=work, batches=batches, dtype=torch.float32)
         else:
