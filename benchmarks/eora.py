@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import hfcompress
-from hfcompress.adapters.eora import RECORD_KEY
+from hfcompress.adapters.eora import RECORD_KEY, cast_lora_
 from hfcompress.calibration import bundled_text
 
 ROOT = Path(__file__).resolve().parent
@@ -84,12 +84,6 @@ def compressed_checkpoint(base: str, bits: int, args, tok) -> tuple[Path, float]
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def round_adapters_fp16_(peft_model) -> None:
-    for name, p in peft_model.named_parameters():
-        if "lora_" in name:
-            p.data = p.data.to(torch.float16).to(p.dtype)
 
 
 def main():
@@ -154,7 +148,7 @@ def main():
                 pm = hfcompress.compensate(q, float_model, cfg, tokenizer=tok)
                 sync()
                 seconds = time.perf_counter() - t
-                round_adapters_fp16_(pm)
+                cast_lora_(pm, torch.float16, round_only=True)
                 rec = pm.peft_config["default"].auto_mapping[RECORD_KEY]
                 row = {"bits": bits, "method": method, "rank": rank, "compensate_seconds": seconds,
                        "base_bits_per_weight": base_bpw, "added_bits_per_weight": rec["added_bits_per_weight_fp16"],

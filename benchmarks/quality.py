@@ -205,9 +205,7 @@ def run_entry(name: str) -> dict:
         out["quantize_s"] = None  # the base's own time is the gptq entry's
         out["peak_rss_mb"] = _rss_mb()
         del float_model
-        for n, p in model.named_parameters():  # the adapter is stored (and scored) in fp16
-            if "lora_" in n:
-                p.data = p.data.to(torch.float16).to(p.dtype)
+        hfcompress.adapters.eora.cast_lora_(model, torch.float16, round_only=True)  # stored (and scored) in fp16
         rec = model.peft_config["default"].auto_mapping[hfcompress.adapters.eora.RECORD_KEY]
         out["added_bits_per_weight"] = rec["added_bits_per_weight_fp16"]
         out["bits_per_weight"] = round(out["bits_per_weight"] + rec["added_bits_per_weight_fp16"], 4)

@@ -88,6 +88,13 @@ def test_calibration_groups_and_input_stats(arch):
     assert stats.n_tokens == 22
     torch.testing.assert_close(stats.xtx, x.t() @ x, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(stats.hessian(), 2 * x.t() @ x / 22, rtol=1e-5, atol=1e-5)
+    # layers reading the same tensor share one InputStats; step.run(hooks) sees the same inputs
+    shared = step.collect_input_stats(groups[0])
+    assert all(shared[n] is shared[groups[0][0]] for n in groups[0])
+    got = []
+    outs = step.run({first: lambda m, x, y: got.append(x.reshape(-1, x.shape[-1]).float())})
+    torch.testing.assert_close(torch.cat(got), x, rtol=1e-6, atol=1e-6)
+    assert len(outs) == 1 and outs[0].shape == step.inputs[0].shape
 
 
 def test_calibration_feeds_changed_block_forward():

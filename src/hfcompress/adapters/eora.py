@@ -342,6 +342,18 @@ def added_bits_per_weight(targets: dict, ranks: dict[str, int], bits: int = 16) 
     return added / weights
 
 
+@torch.no_grad()
+def cast_lora_(peft_model, dtype: torch.dtype, round_only: bool = False):
+    """Store the LoRA weights of ``peft_model`` in ``dtype`` (fp16 before ``save_pretrained`` is
+    the storage ``added_bits_per_weight_fp16`` counts; PEFT loads them back into fp32 parameters).
+    ``round_only``: round to ``dtype`` but keep each parameter's dtype, i.e. compute with exactly
+    what such a save reloads to. Returns ``peft_model``."""
+    for name, p in peft_model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.to(dtype).to(p.dtype) if round_only else p.data.to(dtype)
+    return peft_model
+
+
 def merge_compensation(peft_model, requantize: bool = False):
     """Merge the compensation into the base where that is exact (a float base: plain
     ``merge_and_unload``). On a quantized base merging re-quantizes (lossy): refused unless
@@ -367,4 +379,4 @@ def merge_compensation(peft_model, requantize: bool = False):
     return peft_model.unload()
 
 
-__all__ = ["EoRAConfig", "compensate", "compressed_weight", "merge_compensation", "RECORD_KEY"]
+__all__ = ["EoRAConfig", "cast_lora_", "compensate", "compressed_weight", "merge_compensation", "RECORD_KEY"]

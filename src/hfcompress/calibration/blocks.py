@@ -106,8 +106,6 @@ class InputStats:
 
     xtx: torch.Tensor
     n_tokens: int = 0
-    #: the layer whose input fills these sums (layers reading the same tensor share the object)
-    shared_first: str | None = None
 
     def add_(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)  # [tokens, K]
@@ -143,34 +141,19 @@ class BlockStep:
 
     @torch.no_grad()
     def run(self, hooks: dict[str, Callable[[nn.Module, torch.Tensor, torch.Tensor], None]] | None = None,
-            stop_after: set[str] | None = None, keep_outputs: bool = True) -> list[torch.Tensor] | None:
+            keep_outputs: bool = True) -> list[torch.Tensor] | None:
         """Run the block on every captured input, calling ``hooks[name](module, x, y)`` with each
-        input ``x`` and output ``y`` of the named linear layers. With ``stop_after``, each forward
-        ends as soon as all those layers ran (outputs are then not returned)."""
-        hooks = hooks or {}
-        handles = []
-        seen: set[str] = set()
-
-        def make(name, fn):
+        input ``x`` and output ``y`` of the named linear layers."""
+        def make(fn):
             def hook(module, args, output):
-                if fn is not None:
-                    fn(module, args[0], output)
-                seen.add(name)
-                if stop_after and stop_after <= seen:
-                    raise _StopForward
+                fn(module, args[0], output)
             return hook
 
-        names = set(hooks) | set(stop_after or ())
-        for name in names:
-            handles.append(self.module(name).register_forward_hook(make(name, hooks.get(name))))
-        outputs = [] if keep_outputs and not stop_after else None
+        handles = [self.module(name).register_forward_hook(make(fn)) for name, fn in (hooks or {}).items()]
+        outputs = [] if keep_outputs else None
         try:
             for x, a, kw in zip(self.inputs, self.args, self.kwargs):
-                seen.clear()
-                try:
-                    out = self.block(x, *a, **kw)
-                except _StopForward:
-                    continue
+                out = self.block(x, *a, **kw)
                 if outputs is not None:
                     outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
         finally:
@@ -189,6 +172,7 @@ class BlockStep:
         names = list(names or self.linear_names)
         wanted = set(names)
         stats: dict[str, InputStats] = {}
+        owners: set[str] = set()  # the layers whose input fills their stats; sharers read the same sums
         seen: set[str] = set()
         last: list = [None, None]  # (name, input tensor) of the hook that fired last in this forward
 
@@ -201,8 +185,8 @@ class BlockStep:
                     else:
                         k = _in_features(module)
                         stats[name] = InputStats(torch.zeros(k, k, dtype=torch.float32, device=x.device))
-                        stats[name].shared_first = name
-                if stats[name].shared_first == name:  # the owner adds; sharers read the same sums
+                        owners.add(name)
+                if name in owners:
                     stats[name].add_(x)
                 last[:] = [name, x]
                 seen.add(name)

@@ -31,16 +31,14 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
     import hfcompress
+    from hfcompress.adapters.eora import cast_lora_
 
     config = hfcompress.EoRAConfig(rank=args.rank, method=args.method, dataset=args.dataset,
                                    n_samples=args.n_samples, seq_len=args.seq_len, batch_size=args.batch_size,
                                    target_modules=args.target_modules)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     peft_model = hfcompress.compensate(model, args.original, config, progress=True)
-    dtype = getattr(torch, args.save_dtype)
-    for name, p in peft_model.named_parameters():
-        if "lora_" in name:
-            p.data = p.data.to(dtype)
+    cast_lora_(peft_model, getattr(torch, args.save_dtype))
     peft_model.save_pretrained(args.out)
     print(f"saved {args.method} rank-{args.rank} LoRA adapter ({args.save_dtype}) to {args.out}")
     return 0
