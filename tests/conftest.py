@@ -16,6 +16,8 @@ import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
 from hub_server import HubServer  # noqa: E402
+# Per-test seeds for torch/numpy/random, Hypothesis profile, pytest-randomly order only (tests/seeding.py).
+from seeding import pytest_configure, pytest_fixture_setup, seed_rngs  # noqa: E402,F401
 
 if "huggingface_hub.constants" in sys.modules:
     raise RuntimeError("huggingface_hub was imported before tests/conftest.py; the local Hub environment "
