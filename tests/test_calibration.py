@@ -5,7 +5,9 @@ import torch
 import tiny_models as tm
 
 from hfcompress.calibration import (
+    EVAL_DOMAINS,
     bundled_text,
+    eval_texts,
     find_blocks,
     get_calibration_batches,
     iterate_blocks,
@@ -41,6 +43,20 @@ def test_calibration_sources_list_file_and_dataset_like(tmp_path):
     from_ds = get_calibration_batches(tok, Columns(text=[text]), n_samples=3, seq_len=40)
     assert torch.equal(from_list[0], from_file[0]) and torch.equal(from_list[0], from_ds[0])
     assert load_texts("eval_technical")[0].startswith("This document was originally created")
+
+
+def test_eval_domains_are_distinct_and_never_in_the_default_calibration():
+    texts = eval_texts()
+    assert list(texts) == list(EVAL_DOMAINS) and len(texts) >= 4
+    calib = load_texts(None)
+    calib_lines = {ln.strip() for t in calib for ln in t.splitlines() if len(ln.strip()) > 40}
+    for domain, text in texts.items():
+        assert len(text) > 20_000, domain  # room for the benchmarks' 2048 tokens
+        lines = [ln.strip() for ln in text.splitlines() if len(ln.strip()) > 40]
+        shared = sum(ln in calib_lines for ln in lines)
+        assert shared <= len(lines) // 100, (domain, shared)  # no evaluation text is calibrated on
+    assert texts["code"].startswith("from types import") and "\n    def " in texts["code"]
+    assert texts["dialogue"].startswith("A: ") and "\nB: " in texts["dialogue"]
 
 
 @pytest.mark.parametrize("bad, err", [

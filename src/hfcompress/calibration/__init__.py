@@ -27,13 +27,15 @@ models larger than memory from their safetensors shards).
 """
 
 from .blocks import BlockStep, InputStats, capture_block_inputs, find_blocks, iterate_blocks
-from .data import bundled_text, get_calibration_batches, load_texts, tokenize_text
+from .data import EVAL_DOMAINS, bundled_text, eval_texts, get_calibration_batches, load_texts, tokenize_text
 
 __all__ = [
+    "EVAL_DOMAINS",
     "BlockStep",
     "InputStats",
     "bundled_text",
     "capture_block_inputs",
+    "eval_texts",
     "find_blocks",
     "get_calibration_batches",
     "iterate_blocks",

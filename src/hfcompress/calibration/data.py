@@ -18,21 +18,38 @@ BUNDLED = {
     "calibration": "shakespeare_calibration.txt",   # five plays, never used for evaluation
     "eval": "shakespeare_eval.txt",                 # Hamlet: same domain, disjoint text
     "eval_technical": "sqlite_eval.txt",            # technical prose: a second, unrelated domain
+    "eval_code": "python_code_eval.txt",            # Python source code (CPython standard library)
+    "eval_dialogue": "dialogue_eval.txt",           # short two-speaker chat conversations
+}
+
+#: the evaluation domains every quality number is reported on (short name -> bundled text);
+#: none of them is used by any default calibration
+EVAL_DOMAINS = {
+    "hamlet": "eval",
+    "sqlite": "eval_technical",
+    "code": "eval_code",
+    "dialogue": "eval_dialogue",
 }
 
 
 def bundled_text(name: str = "calibration") -> str:
-    """The text of a bundled file: ``"calibration"``, ``"eval"`` or ``"eval_technical"``."""
+    """The text of a bundled file: a key of :data:`BUNDLED` (``"calibration"``, ``"eval"``,
+    ``"eval_technical"``, ``"eval_code"``, ``"eval_dialogue"``)."""
     if name not in BUNDLED:
         raise ValueError(f"bundled text {name!r} is unknown; choose one of {sorted(BUNDLED)}")
     return resources.files("hfcompress.data").joinpath(BUNDLED[name]).read_text(encoding="utf-8")
+
+
+def eval_texts() -> dict[str, str]:
+    """Every evaluation domain's text, by short name (see :data:`EVAL_DOMAINS`)."""
+    return {domain: bundled_text(name) for domain, name in EVAL_DOMAINS.items()}
 
 
 def load_texts(dataset: Any = None) -> list[str]:
     """Normalise a calibration source to a list of strings.
 
     ``None`` -> the bundled calibration text; a path to a text file -> its content; the name of a
-    bundled text (``"calibration"``, ``"eval"``, ``"eval_technical"``); a list/tuple of strings; or
+    bundled text (a key of :data:`BUNDLED`); a list/tuple of strings; or
     any object with a ``"text"`` column (``datasets.Dataset``) or an iterable of strings.
     """
     if dataset is None:

@@ -10,8 +10,9 @@ def add_parser(sub) -> None:
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="a PEFT adapter directory to load on the model first (e.g. from `hfcompress compensate`)")
     p.add_argument("--text", nargs="*", default=None, metavar="FILE",
-                   help="text files to score (default: the bundled Hamlet and SQLite-docs texts, "
-                        "never used for calibration)")
+                   help="text files to score (default: the bundled evaluation domains, never used for "
+                        "calibration: Hamlet, SQLite docs, Python code, dialogue; their geometric mean is printed "
+                        "too)")
     p.add_argument("--window", type=int, default=512, help="tokens per window")
     p.add_argument("--stride", type=int, default=256, help="tokens the window advances by")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of each text")
@@ -20,13 +21,14 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    import math
     import os
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import hfcompress  # noqa: F401  (registers the quantizer so compressed checkpoints load)
-    from hfcompress.calibration import bundled_text
+    from hfcompress.calibration import eval_texts
     from hfcompress.evaluate import perplexity
 
     texts = {}
@@ -37,7 +39,7 @@ def run(args) -> int:
             with open(path, encoding="utf-8") as f:
                 texts[path] = f.read()
     else:
-        texts = {"bundled:hamlet": bundled_text("eval"), "bundled:sqlite-docs": bundled_text("eval_technical")}
+        texts = {f"bundled:{domain}": text for domain, text in eval_texts().items()}
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
     if args.adapter:
@@ -47,9 +49,13 @@ def run(args) -> int:
             raise FileNotFoundError(f"--adapter {args.adapter!r} has no adapter_config.json")
         model = PeftModel.from_pretrained(model, args.adapter).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
+    nlls = []
     for name, text in texts.items():
         r = perplexity(model, tokenizer, text, window=args.window, stride=args.stride, max_tokens=args.max_tokens,
                        progress=True)
+        nlls.append(r.nll)
         print(f"{name}: perplexity {r.perplexity:.3f} over {r.n_tokens} tokens "
               f"(window {r.window}, stride {r.stride})")
+    if len(nlls) > 1:
+        print(f"geometric mean over {len(nlls)} texts: perplexity {math.exp(sum(nlls) / len(nlls)):.3f}")
     return 0
