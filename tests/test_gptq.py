@@ -2,6 +2,7 @@
 three ways in (from_pretrained, hfcompress.quantize on a model, streaming from a directory)."""
 
 import glob
+import math
 import os
 
 import pytest
@@ -171,6 +172,15 @@ def test_gptq_cli_quantize_stream_eval_and_demo(tmp_path, capsys):
     expect = perplexity(AutoModelForCausalLM.from_pretrained(tmp_path / "cli"), tok, text.read_text(), window=64,
                         stride=32)
     assert f"perplexity {expect.perplexity:.3f} over {expect.n_tokens} tokens" in printed
+    # several texts: the geometric mean of their perplexities is printed too
+    text2 = tmp_path / "t2.txt"
+    text2.write_text("def f(x):\n    return [y * 2 for y in range(x) if y % 3]\n" * 10)
+    assert main(["eval", str(tmp_path / "cli"), "--text", str(text), str(text2), "--window", "64", "--stride",
+                 "32"]) == 0
+    printed = capsys.readouterr().out
+    expect2 = perplexity(AutoModelForCausalLM.from_pretrained(tmp_path / "cli"), tok, text2.read_text(), window=64,
+                         stride=32)
+    assert f"geometric mean over 2 texts: perplexity {math.sqrt(expect.perplexity * expect2.perplexity):.3f}" in printed
 
     assert main(["demo", "--model", str(src), "--out", str(tmp_path / "demo"), "--group-size", "32",
                  "--n-samples", "4", "--seq-len", "32", "--eval-tokens", "200", "--prompt", "To be"]) == 0
