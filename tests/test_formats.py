@@ -66,10 +66,11 @@ def test_quantlinear_forward_uses_dequantized_weight(dtype):
 
 
 def test_quantlinear_dtype_moves_keep_scales():
+    g = torch.Generator().manual_seed(0)
     spec = IntGroupSpec(bits=4, group_size=32)
-    scale = torch.rand(8, 2) * 1e-3 + 1e-4
-    layer = QuantLinear.from_codes(torch.randint(0, 16, (8, 64)), scale, torch.randint(0, 16, (8, 2)), None, spec,
-                                   bias=torch.randn(8))
+    scale = torch.rand(8, 2, generator=g) * 1e-3 + 1e-4
+    codes, zero = torch.randint(0, 16, (8, 64), generator=g), torch.randint(0, 16, (8, 2), generator=g)
+    layer = QuantLinear.from_codes(codes, scale, zero, None, spec, bias=torch.randn(8, generator=g))
     before = layer.weight_scale.clone()
     layer.to(torch.bfloat16)
     assert layer.weight_scale.dtype == torch.float16 and torch.equal(layer.weight_scale, before)
@@ -78,19 +79,22 @@ def test_quantlinear_dtype_moves_keep_scales():
 
 
 def test_custom_op_opcheck():
+    g = torch.Generator().manual_seed(0)
     spec = IntGroupSpec(bits=4, group_size=32)
-    layer = QuantLinear.from_codes(torch.randint(0, 16, (16, 64)), torch.rand(16, 2) * 0.1,
-                                   torch.randint(0, 16, (16, 2)), None, spec, bias=torch.randn(16))
-    x = torch.randn(3, 64, requires_grad=True)
+    layer = QuantLinear.from_codes(torch.randint(0, 16, (16, 64), generator=g), torch.rand(16, 2, generator=g) * 0.1,
+                                   torch.randint(0, 16, (16, 2), generator=g), None, spec,
+                                   bias=torch.randn(16, generator=g))
+    x = torch.randn(3, 64, requires_grad=True, generator=g)
     args = (x, layer.weight, layer.weight_scale, layer.weight_zero, None, layer.bias, 4, 32, False, 64)
     torch.library.opcheck(torch.ops.hfcompress.int_group_mm.default, args)
 
 
 def test_torch_compile_through_fake():
+    g = torch.Generator().manual_seed(0)
     spec = IntGroupSpec(bits=4, group_size=32)
-    layer = QuantLinear.from_codes(torch.randint(0, 16, (16, 64)), torch.rand(16, 2) * 0.1,
-                                   torch.randint(0, 16, (16, 2)), None, spec)
-    x = torch.randn(2, 64)
+    layer = QuantLinear.from_codes(torch.randint(0, 16, (16, 64), generator=g), torch.rand(16, 2, generator=g) * 0.1,
+                                   torch.randint(0, 16, (16, 2), generator=g), None, spec)
+    x = torch.randn(2, 64, generator=g)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(x), layer(x))
 

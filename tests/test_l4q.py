@@ -120,25 +120,29 @@ _ELEMENTWISE = 6  # elementwise roundings allowed per chain (a few multiplies/di
 
 @pytest.mark.parametrize("bits,sym", GRID_CASES, ids=[f"l4q-{b}bit-{'sym' if s else 'asym'}" for b, s in GRID_CASES])
 def test_l4q_grad_matches_naive_autograd(bits, sym):
-    spec, x, w0, a, b, step, zero, bias = _layer_case(bits, sym)
-    y = l4q_linear(x, w0, a, b, step, zero, bias, 1.5, spec)
-    y_ref = l4q_linear_naive(x, w0, a, b, step, zero, bias, 1.5, spec)
-    assert torch.equal(y, y_ref)
-    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
-    got = torch.autograd.grad(y, _params(x, a, b, step, zero, bias), gy)
-    ref = torch.autograd.grad(y_ref, _params(x, a, b, step, zero, bias), gy)
-    bounds = _rounding_bounds(spec, x, w0, a, b, step, zero, gy, 1.5)
-    names = [name for name in ("x", "A", "B", "step", "zero", "bias") if not (sym and name == "zero")]
-    for name, g1, g2, tol in zip(names, got, ref, bounds, strict=True):
-        assert g2.abs().max() > 0, name  # every gradient is non-trivial in this case
-        diff = (g1.double() - g2.double()).abs()
-        worst = (diff - tol).argmax()
-        assert (diff <= tol).all(), f"{name}: |custom - naive| = {diff.flatten()[worst]:.3g} > bound {tol.flatten()[worst]:.3g}"
-    # The bounds stay far below what one weight on another grid point (a real forward/backward
-    # mismatch) would change: W_q[n, k] moves by s[n, g], so dL/dx[:, k] moves by |dY[:, n]| * s[n, g].
-    s = stored_step(step)[:, default_g_idx(spec, w0.shape[1]).long()]  # [N, K]
-    flip_effect = gy.reshape(-1, w0.shape[0]).abs().amax(0)[:, None] * s  # [N, K]
-    assert flip_effect.min() > 100 * bounds[0].max()
+    """The custom backward equals plain autograd up to float32 rounding, over 16 layers and upstream
+    gradients (the old fixed ``atol=1e-6`` failed about 1 case in 100 by rounding alone)."""
+    for seed in range(16):
+        spec, x, w0, a, b, step, zero, bias = _layer_case(bits, sym, seed=seed)
+        y = l4q_linear(x, w0, a, b, step, zero, bias, 1.5, spec)
+        y_ref = l4q_linear_naive(x, w0, a, b, step, zero, bias, 1.5, spec)
+        assert torch.equal(y, y_ref)
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1000 + seed))
+        got = torch.autograd.grad(y, _params(x, a, b, step, zero, bias), gy)
+        ref = torch.autograd.grad(y_ref, _params(x, a, b, step, zero, bias), gy)
+        bounds = _rounding_bounds(spec, x, w0, a, b, step, zero, gy, 1.5)
+        names = [name for name in ("x", "A", "B", "step", "zero", "bias") if not (sym and name == "zero")]
+        for name, g1, g2, tol in zip(names, got, ref, bounds, strict=True):
+            assert g2.abs().max() > 0, name  # every gradient is non-trivial in this case
+            diff = (g1.double() - g2.double()).abs()
+            worst = (diff - tol).argmax()
+            assert (diff <= tol).all(), \
+                f"seed {seed}, {name}: |custom - naive| = {diff.flatten()[worst]:.3g} > {tol.flatten()[worst]:.3g}"
+        # The bounds stay far below what one weight on another grid point (a real forward/backward
+        # mismatch) would change: W_q[n, k] moves by s[n, g], so dL/dx[:, k] by |dY[:, n]| * s[n, g].
+        s = stored_step(step)[:, default_g_idx(spec, w0.shape[1]).long()]  # [N, K]
+        flip_effect = gy.reshape(-1, w0.shape[0]).abs().amax(0)[:, None] * s  # [N, K]
+        assert flip_effect.min() > 100 * bounds[0].max()
 
 
 @pytest.mark.parametrize("bits,sym", GRID_CASES[:4], ids=[f"l4q-{b}bit-{'sym' if s else 'asym'}" for b, s in GRID_CASES[:4]])

@@ -91,7 +91,8 @@ def fixture_problems(source: str) -> list[str]:
         problems.append("seed_rngs is not an autouse fixture")
     elif "seed_all" not in {_dotted(c.func) for c in ast.walk(fixture) if isinstance(c, ast.Call)}:
         problems.append("seed_rngs does not call seed_all")
-    seeded = {_dotted(c.func) for c in ast.walk(funcs["seed_all"]) if isinstance(c, ast.Call)} if "seed_all" in funcs else set()
+    seed_all = funcs.get("seed_all", ast.Module(body=[], type_ignores=[]))
+    seeded = {_dotted(c.func) for c in ast.walk(seed_all) if isinstance(c, ast.Call)}
     for needed in ("random.seed", "np.random.seed", "torch.manual_seed"):
         if needed not in seeded:
             problems.append(f"seed_all does not call {needed}")
@@ -115,7 +116,8 @@ def test_seed_fixture_is_autouse_and_covers_torch_numpy_random():
         assert fixture_problems(f.read()) == []
     with open(os.path.join(TESTS_DIR, "conftest.py")) as f:
         conftest = ast.parse(f.read())
-    imported = {a.name for n in conftest.body if isinstance(n, ast.ImportFrom) and n.module == "seeding" for a in n.names}
+    imported = {a.name for n in conftest.body if isinstance(n, ast.ImportFrom) and n.module == "seeding"
+                for a in n.names}
     assert {"seed_rngs", "pytest_fixture_setup", "pytest_configure"} <= imported
 
 
