@@ -1,0 +1,70 @@
+"""Checkpoints are pinned byte for byte: the format registry (and anything after it) must not
+change what an existing format writes. The digests were taken from checkpoints written before
+the int_group format moved into its own folder; a change here is a format change and needs a
+new ``format_version``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+
+import hfcompress
+from tiny_models import inputs, llama_gqa
+
+# sha256 over (model.safetensors bytes, quantization_config as sorted JSON)
+PINNED = {
+    "rtn-w4-g32": "f24d354cf639fb69c78fc550875c36922e21f7df50dd1aab2f954fccd2c2acac",
+    "rtn-w3-sym-perchannel": "c2326c8d1f292b2a6e57be0c8d5d4f3749fef9e9d7b5ab99ddabf31600d3866f",
+    "rtn-w8-g-1": "c7b84707c8872387f39b703a6e77d33fbc2bc87b86acbb9a9b9cae1d25ba1f72",
+    "gptq-w4-g32-actorder": "c49c6ebb767b2c68900604f467e22b9213f7a0f331ed54b8f7c9640135a34e06",
+    "gptq-w2-g16-static": "7c98eda45d5df2db2354c94848568d27102a30cdfcebee00652aca715da1deb7",
+}
+
+
+def _config(case: str):
+    if case == "rtn-w4-g32":
+        return hfcompress.RTNConfig(bits=4, group_size=32)
+    if case == "rtn-w3-sym-perchannel":
+        return hfcompress.RTNConfig(bits=3, group_size=-1, sym=True, mse_clip=False)
+    if case == "rtn-w8-g-1":
+        return hfcompress.RTNConfig(bits=8, group_size=-1)
+    if case == "gptq-w4-g32-actorder":
+        return hfcompress.GPTQConfig(bits=4, group_size=32, act_order=True)
+    if case == "gptq-w2-g16-static":
+        return hfcompress.GPTQConfig(bits=2, group_size=16, act_order=True, static_groups=True, sym=True)
+    raise KeyError(case)
+
+
+def checkpoint_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(os.path.join(path, "model.safetensors"), "rb") as f:
+        h.update(f.read())
+    with open(os.path.join(path, "config.json")) as f:
+        h.update(json.dumps(json.load(f)["quantization_config"], sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def write_checkpoint(case: str, out: str) -> str:
+    torch.manual_seed(0)
+    model = llama_gqa(seed=3)
+    batches = [inputs(batch=2, seq=16, seed=s) for s in range(2)]
+    hfcompress.quantize_(model, _config(case), batches=batches)
+    model.save_pretrained(out)
+    return checkpoint_digest(out)
+
+
+@pytest.mark.parametrize("case", sorted(PINNED))
+def test_checkpoint_bytes_are_pinned(case, tmp_path):
+    assert write_checkpoint(case, str(tmp_path / case)) == PINNED[case]
+
+
+if __name__ == "__main__":  # prints the digests (run once when a format version changes)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        for case in sorted(PINNED):
+            print(f'    "{case}": "{write_checkpoint(case, os.path.join(d, case))}",')
