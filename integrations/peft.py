@@ -18,7 +18,7 @@ from peft.tuners.lora.model import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from hfcompress.api import requantize_
-from hfcompress.nn import QuantLinear
+from hfcompress.formats import is_compressed
 
 _REQUANTIZE = {"on": False}
 
@@ -85,7 +85,7 @@ class LoraQuantLinear(torch.nn.Module, LoraLayer):
 
 def dispatch_hfcompress(target, adapter_name, config, **kwargs):
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-    if isinstance(base, QuantLinear):
+    if is_compressed(base):  # a layer of any registered format
         return LoraQuantLinear(target, adapter_name, config=config, **kwargs)
     return None
 

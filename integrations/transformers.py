@@ -1,10 +1,10 @@
 """One transformers quantizer, ``quant_method = "hfcompress"``, for every format and algorithm.
 
-Quantize on load: data-free algorithms (RTN) swap nn.Linear for QuantLinear on the meta
-model and quantize each float weight as it arrives (:class:`QuantizeOnLoad`); calibration
-algorithms (GPTQ ...) load the float model and run after loading. Pre-quantized reload
-builds the same QuantLinear tree from the config and loads the packed tensors; every packed
-tensor is validated against the format before the model is returned.
+Quantize on load: data-free algorithms (RTN) swap nn.Linear for the format's compressed layer
+(asked of the format registry) on the meta model and quantize each float weight as it arrives
+(:class:`QuantizeOnLoad`); calibration algorithms (GPTQ ...) load the float model and run after
+loading. Pre-quantized reload builds the same layer tree from the config and loads the stored
+tensors; every stored tensor is validated against the format before the model is returned.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from hfcompress.api import AFTER_QUANTIZE_HOOKS, dequantize_, quantize_weight
 from hfcompress.config import QUANT_METHOD, HfCompressConfig
-from hfcompress.formats.int_group import FormatError, validate_tensors
+from hfcompress.formats import FormatError, is_compressed, make_layer, validate_tensors
+from hfcompress.formats.registry import bind_sizes, expected_tensors
 from hfcompress.modules import (
     linear_modules,
     linear_shape,
     resolve_modules_to_not_convert,
     set_submodule,
 )
-from hfcompress.nn import QuantLinear
 
 
 def _has_disk(device_map) -> bool:
@@ -55,8 +55,8 @@ class HfCompressQuantizer(HfQuantizer):
         for name, module in linear_modules(model, config.modules_to_not_convert):
             in_features, out_features = linear_shape(module)
             try:
-                q = QuantLinear(in_features, out_features, module.bias is not None, config.spec,
-                                compute_dtype=compute_dtype, device="meta")
+                q = make_layer(config.spec_for(name), in_features, out_features, module.bias is not None,
+                               compute_dtype=compute_dtype, device="meta")
             except FormatError as e:
                 raise FormatError(f"{name}: {e}") from None
             set_submodule(model, name, q)  # records source_conv1d
@@ -68,7 +68,7 @@ class HfCompressQuantizer(HfQuantizer):
         if self.pre_quantized or not self.quantization_config.data_free:
             return False
         module, tensor_name = get_module_from_name(model, param_name)
-        return isinstance(module, QuantLinear) and tensor_name == "weight"
+        return is_compressed(module) and tensor_name == "weight"
 
     def get_quantize_ops(self):
         return QuantizeOnLoad(self)
@@ -77,9 +77,9 @@ class HfCompressQuantizer(HfQuantizer):
         config = self.quantization_config
         if self.pre_quantized:
             for name, module in model.named_modules():
-                if isinstance(module, QuantLinear):
-                    tensors = {n: b for n, b in module._buffers.items() if b is not None}
-                    validate_tensors(tensors, module.spec, module.out_features, module.in_features, where=name)
+                if is_compressed(module):
+                    validate_tensors(module.stored_tensors(), module.spec, module.out_features, module.in_features,
+                                     where=name)
         elif not config.data_free:
             config.calibrate_(model, **kwargs)
         return model
@@ -101,7 +101,7 @@ class HfCompressQuantizer(HfQuantizer):
 
 
 class QuantizeOnLoad(ConversionOps):
-    """float ``<prefix>.weight`` -> the packed tensors of the int_group format."""
+    """float ``<prefix>.weight`` -> the stored tensors of the module's format."""
 
     def __init__(self, hf_quantizer: HfCompressQuantizer):
         self.hf_quantizer = hf_quantizer
@@ -115,10 +115,10 @@ class QuantizeOnLoad(ConversionOps):
         config = self.hf_quantizer.quantization_config
 
         try:
-            q = quantize_weight(weight, None, config)
+            q = quantize_weight(weight, None, config, spec=module.spec)
         except ValueError as e:
             raise type(e)(f"{prefix}: {e}") from None
-        return {f"{prefix}.{n}": b.to(value.device) for n, b in q._buffers.items() if b is not None}
+        return {f"{prefix}.{n}": b.to(value.device) for n, b in q.stored_tensors().items()}
 
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -127,8 +127,10 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
 
 
 def validate_checkpoint_headers(model, checkpoint_files) -> None:
-    """Check every packed tensor's shape and dtype in the safetensors headers against the format
-    before anything is loaded (transformers would otherwise cast a wrong float dtype silently)."""
+    """Check every stored tensor's shape and dtype in the safetensors headers against the format
+    before anything is loaded (transformers would otherwise cast a wrong float dtype silently).
+    Layers whose tensor shapes depend on the checkpoint (e.g. a number of outliers) are sized
+    from the headers here, on meta."""
     from hfcompress.inspect import read_safetensors_header
 
     pickles = [str(p) for p in checkpoint_files if not str(p).endswith(".safetensors")]
@@ -141,10 +143,10 @@ def validate_checkpoint_headers(model, checkpoint_files) -> None:
             for key, meta in read_safetensors_header(str(path)).items():
                 entries[key] = (meta, str(path))
     for name, module in model.named_modules():
-        if not isinstance(module, QuantLinear):
+        if not is_compressed(module):
             continue
         tensors = {}
-        for tname in module.spec.tensor_shapes(module.out_features, module.in_features):
+        for tname in expected_tensors(module.spec, module.out_features, module.in_features):
             found = entries.get(f"{name}.{tname}")
             if found is None:
                 continue  # reported as missing by validate_tensors below
@@ -154,6 +156,9 @@ def validate_checkpoint_headers(model, checkpoint_files) -> None:
                 raise FormatError(f"{name}.{tname} in {path} has unsupported dtype {meta['dtype']}")
             tensors[tname] = torch.empty(meta["shape"], dtype=dtype, device="meta")
         validate_tensors(tensors, module.spec, module.out_features, module.in_features, where=name)
+        sizes = bind_sizes(tensors, module.spec, module.out_features, module.in_features, where=name)
+        if sizes:
+            module.resize_stored_(sizes)
 
 
 def attach(model, config: HfCompressConfig) -> None:

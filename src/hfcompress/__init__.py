@@ -26,6 +26,16 @@ from hfcompress.integrations.trainer import L4QCallback, LoRAPruneCallback  # no
 
 from . import prune  # noqa: E402
 
+def __getattr__(name: str):
+    """Config classes of registered algorithms (e.g. a format plug-in's) as ``hfcompress.<ClassName>``."""
+    from .config import algorithms
+
+    for cls in algorithms().values():
+        if cls.__name__ == name:
+            return cls
+    raise AttributeError(f"module 'hfcompress' has no attribute {name!r}")
+
+
 __all__ = [
     "CompacterConfig",
     "ConfigError",

@@ -9,24 +9,27 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import HfCompressConfig
+from .formats import CompressedLinear, get_format, is_compressed
 from .modules import linear_modules, linear_weight, resolve_modules_to_not_convert, set_submodule
-from .nn import QuantLinear
 
 #: called as ``hook(model, config)`` after a model is quantized in memory; the transformers
 #: integration registers one that attaches its quantizer so save_pretrained works.
 AFTER_QUANTIZE_HOOKS: list[Callable[[nn.Module, HfCompressConfig], None]] = []
 
 
-def quantize_weight(weight: torch.Tensor, bias: torch.Tensor | None, config: HfCompressConfig) -> QuantLinear:
-    """A float ``[out, in]`` weight -> QuantLinear, with a data-free algorithm."""
-    config.spec.check_layer(weight.shape[1])
-    codes, scale, zero, g_idx = config.quantize_weight(weight)
-    return QuantLinear.from_codes(codes, scale, zero, g_idx, config.spec, bias=bias, compute_dtype=weight.dtype)
+def quantize_weight(weight: torch.Tensor, bias: torch.Tensor | None, config: HfCompressConfig,
+                    spec=None) -> CompressedLinear:
+    """A float ``[out, in]`` weight -> the format's compressed layer, with a data-free algorithm
+    (``spec``: this module's spec, default ``config.spec``)."""
+    spec = config.spec if spec is None else spec
+    spec.check_layer(weight.shape[1])
+    out = config.quantize_weight(weight)
+    return get_format(spec).layer_cls.from_codes(*out, spec, bias=bias, compute_dtype=weight.dtype)
 
 
-def quantize_linear(module: nn.Module, config: HfCompressConfig) -> QuantLinear:
-    """One nn.Linear / Conv1D -> QuantLinear with a data-free algorithm."""
-    return quantize_weight(linear_weight(module), module.bias, config)
+def quantize_linear(module: nn.Module, config: HfCompressConfig, name: str = "") -> CompressedLinear:
+    """One nn.Linear / Conv1D -> compressed layer with a data-free algorithm."""
+    return quantize_weight(linear_weight(module), module.bias, config, spec=config.spec_for(name))
 
 
 @torch.no_grad()
@@ -35,7 +38,7 @@ def quantize_(model: nn.Module, config: HfCompressConfig, progress: bool = False
     ``from_pretrained(..., quantization_config=config)``."""
     if not isinstance(config, HfCompressConfig):
         raise TypeError(f"config must be an hfcompress config (e.g. hfcompress.RTNConfig), got {type(config).__name__}")
-    if any(isinstance(m, QuantLinear) for m in model.modules()):
+    if any(is_compressed(m) for m in model.modules()):
         raise ValueError("model is already quantized by hfcompress; quantize the float model instead")
     config.check_can_quantize()
     config.modules_to_not_convert = resolve_modules_to_not_convert(model, config.modules_to_not_convert)
@@ -43,7 +46,7 @@ def quantize_(model: nn.Module, config: HfCompressConfig, progress: bool = False
         targets = list(linear_modules(model, config.modules_to_not_convert))
         for name, module in tqdm(targets, desc=f"{config.algorithm} quantize", disable=not progress):
             try:
-                set_submodule(model, name, quantize_linear(module, config))
+                set_submodule(model, name, quantize_linear(module, config, name))
             except ValueError as e:
                 raise type(e)(f"{name}: {e}") from None
     else:
@@ -55,21 +58,22 @@ def quantize_(model: nn.Module, config: HfCompressConfig, progress: bool = False
 
 @torch.no_grad()
 def dequantize_(model: nn.Module) -> nn.Module:
-    """Replace every QuantLinear by the float layer it stands for (``nn.Linear``, or GPT-2's
+    """Replace every compressed layer by the float layer it stands for (``nn.Linear``, or GPT-2's
     ``Conv1D`` where it replaced one) holding its dequantized weight."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, QuantLinear):
+        if is_compressed(module):
             w = module.dequantize()  # [out, in]
+            device = w.device
             if module.source_conv1d:
                 from transformers.pytorch_utils import Conv1D
 
-                lin = Conv1D(module.out_features, module.in_features).to(module.weight.device, module.compute_dtype)
+                lin = Conv1D(module.out_features, module.in_features).to(device, module.compute_dtype)
                 lin.weight.data.copy_(w.t())
                 if module.bias is None:
                     lin.bias = None
             else:
                 lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                                device=module.weight.device, dtype=module.compute_dtype)
+                                device=device, dtype=module.compute_dtype)
                 lin.weight.data.copy_(w)
             if module.bias is not None:
                 lin.bias.data.copy_(module.bias)
@@ -79,27 +83,10 @@ def dequantize_(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def requantize_(layer: QuantLinear, weight: torch.Tensor, mse_clip: bool = True) -> QuantLinear:
-    """Store a new float ``weight [out, in]`` in ``layer`` with RTN on the layer's own grid
-    layout (same bits, groups, symmetry; act-order layers keep their g_idx)."""
-    from .algorithms.rtn import rtn
-    from .formats.int_group import IntGroupSpec, default_g_idx
-    from .nn.quant_linear import pack
-
-    spec = layer.spec
-    plain = IntGroupSpec(bits=spec.bits, group_size=spec.group_size, sym=spec.sym, act_order=False)
-    w = weight.to(torch.float32)
-    if spec.act_order:
-        g_idx = layer.weight_g_idx.long()
-        perm = torch.argsort(g_idx, stable=True)
-        if not torch.equal(g_idx[perm], default_g_idx(plain, layer.in_features, g_idx.device).long()):
-            raise ValueError("requantize_: this layer's g_idx does not form equal contiguous groups once sorted")
-        codes_p, scale, zero, _ = rtn(w[:, perm], plain, mse_clip=mse_clip)
-        codes = torch.empty_like(codes_p)
-        codes[:, perm] = codes_p
-        tensors = pack(codes, scale, zero, layer.weight_g_idx, spec)
-    else:
-        codes, scale, zero, _ = rtn(w, plain, mse_clip=mse_clip)
-        tensors = pack(codes, scale, zero, None, spec)
-    layer.load_packed(**tensors)
-    return layer
+def requantize_(layer: CompressedLinear, weight: torch.Tensor, mse_clip: bool = True) -> CompressedLinear:
+    """Store a new float ``weight [out, in]`` in ``layer`` on the layer's own grid layout (int_group:
+    RTN with the same bits, groups, symmetry; act-order layers keep their g_idx)."""
+    requantize = getattr(layer, "requantize_", None)
+    if requantize is None:
+        raise TypeError(f"requantize_: the {layer.format} format has no re-quantization of a float weight")
+    return requantize(weight, mse_clip=mse_clip)

@@ -12,7 +12,8 @@ from typing import Any, ClassVar
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .formats.int_group import FORMAT_NAME, FORMAT_VERSION, FormatError, IntGroupSpec
+from .formats import FormatError, formats, get_format
+from .formats.int_group import FORMAT_NAME, IntGroupSpec
 
 QUANT_METHOD = "hfcompress"
 _ALGORITHMS: dict[str, type["HfCompressConfig"]] = {}
@@ -23,9 +24,15 @@ class ConfigError(ValueError):
 
 
 def register_algorithm(cls):
-    """Class decorator: make ``cls.algorithm`` reloadable from config.json."""
+    """Class decorator: make ``cls.algorithm`` reloadable from config.json (and the class
+    reachable as ``hfcompress.<ClassName>``; the CLI offers it when it defines ``add_cli_arguments``)."""
     _ALGORITHMS[cls.algorithm] = cls
     return cls
+
+
+def algorithms() -> dict[str, type["HfCompressConfig"]]:
+    """Registered algorithm name -> config class."""
+    return dict(_ALGORITHMS)
 
 
 def _check_type(name: str, value: Any, types: tuple, allow_none: bool = False) -> None:
@@ -42,23 +49,29 @@ class HfCompressConfig(QuantizationConfigMixin):
     """Base of every hfcompress quantization config (use a subclass such as :class:`RTNConfig`)."""
 
     algorithm: ClassVar[str] = ""
+    #: the format this algorithm writes by default (a registered format name)
+    format_name: ClassVar[str] = FORMAT_NAME
     #: True when the algorithm needs only the weight (quantizes each tensor as it loads)
     data_free: ClassVar[bool] = False
     #: algorithm options beyond the format: name -> (types, allow_none)
     options: ClassVar[dict[str, tuple[tuple, bool]]] = {}
 
     def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, act_order: bool = False,
-                 modules_to_not_convert: list[str] | None = None, format: str = FORMAT_NAME,
-                 format_version: int = FORMAT_VERSION, **kwargs):
+                 modules_to_not_convert: list[str] | None = None, format: str | None = None,
+                 format_version: int | None = None, **kwargs):
         self.quant_method = QUANT_METHOD
         kwargs.pop("quant_method", None)
         kwargs.pop("algorithm", None)
+        format = type(self).format_name if format is None else format
+        _check_type("format", format, (str,))
+        if format not in formats():
+            raise ConfigError(f"quantization_config.format={format!r} is unknown; known formats: {sorted(formats())}")
+        fmt = get_format(format)
+        format_version = fmt.version if format_version is None else format_version
         _check_type("format_version", format_version, (int,))
-        if format_version > FORMAT_VERSION:
+        if format_version > fmt.version:
             raise ConfigError(f"quantization_config.format_version={format_version} is newer than this hfcompress "
-                              f"understands ({FORMAT_VERSION}); upgrade hfcompress to load this checkpoint")
-        if format != FORMAT_NAME:
-            raise ConfigError(f"quantization_config.format={format!r} is unknown; known formats: [{FORMAT_NAME!r}]")
+                              f"understands ({fmt.version}); upgrade hfcompress to load this checkpoint")
         _check_type("bits", bits, (int,))
         _check_type("group_size", group_size, (int,))
         _check_type("sym", sym, (bool,))
@@ -68,10 +81,6 @@ class HfCompressConfig(QuantizationConfigMixin):
             for m in modules_to_not_convert:
                 _check_type("modules_to_not_convert[]", m, (str,))
             modules_to_not_convert = list(modules_to_not_convert)
-        try:
-            IntGroupSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order)
-        except FormatError as e:
-            raise ConfigError(f"quantization_config: {e}") from None
         self.format = format
         self.format_version = format_version
         self.bits = bits
@@ -89,10 +98,19 @@ class HfCompressConfig(QuantizationConfigMixin):
         self.extra = extra or {}
         if kwargs:
             raise ConfigError(f"{type(self).__name__} got unknown field(s) {sorted(kwargs)}")
+        try:
+            self.spec
+        except FormatError as e:
+            raise ConfigError(f"quantization_config: {e}") from None
 
     @property
-    def spec(self) -> IntGroupSpec:
-        return IntGroupSpec(bits=self.bits, group_size=self.group_size, sym=self.sym, act_order=self.act_order)
+    def spec(self):
+        """The format spec of every converted layer (built by the registered format from the fields)."""
+        return get_format(self.format).spec_from_fields(vars(self))
+
+    def spec_for(self, module_name: str):
+        """The spec of one module (one spec for all today; a per-module table plugs in here)."""
+        return self.spec
 
     def to_dict(self) -> dict[str, Any]:
         d = {"quant_method": QUANT_METHOD, "format": self.format, "format_version": self.format_version,
@@ -111,8 +129,22 @@ class HfCompressConfig(QuantizationConfigMixin):
         """Raise before any work if this config cannot *produce* a checkpoint (it may still load one)."""
 
     def quantize_weight(self, weight):
-        """Data-free algorithms: ``weight [N, K]`` -> ``(codes, scale, zero, g_idx)``."""
+        """Data-free algorithms: ``weight [N, K]`` -> the algorithm's output that the format's
+        ``layer_cls.from_codes`` takes (int_group: ``(codes, scale, zero, g_idx)``)."""
         raise NotImplementedError(f"{self.algorithm} needs calibration data; it has no per-weight path")
+
+    def quantize_group(self, modules: dict, H, where: str) -> dict:
+        """Calibration algorithms: float linear layers reading one input with Hessian ``H [K, K]``
+        -> ``{name: compressed layer}`` (run by ``calibration.apply.quantize_blocks_``)."""
+        raise NotImplementedError(f"{self.algorithm} has no calibration path")
+
+    def fallback_layer(self, module, name: str):
+        """A linear layer outside the calibrated blocks (no inputs reach it): data-free layer of
+        the format (int_group: RTN with MSE clip on the spec's grid)."""
+        from .modules import linear_weight
+
+        spec = self.spec_for(name)
+        return get_format(spec).layer_cls.from_float(linear_weight(module), module.bias, spec)
 
     def calibrate_(self, model, **kwargs):
         """Calibration algorithms: quantize ``model`` in place (after its float weights loaded)."""
@@ -220,20 +252,32 @@ class GPTQConfig(HfCompressConfig):
             return "<in-memory dataset>"
         return value
 
+    def quantize_group(self, modules: dict, H, where: str) -> dict:
+        from .calibration.apply import gptq_group
+
+        return gptq_group(modules, H, self, where)
+
     def calibrate_(self, model, progress: bool = False, tokenizer=None, batches=None, device=None, **kwargs):
         """Quantize ``model`` in place. Calibration tokens: ``batches`` (list of LongTensor
         ``[b, s]``) if given, else ``dataset`` tokenized with ``tokenizer`` (default: the model's
         own, loaded from ``model.name_or_path``)."""
-        from .calibration import get_calibration_batches
-        from .calibration.data import token_ids
-        from .calibration.apply import quantize_blocks_
+        return calibrate_blocks_(self, model, progress=progress, tokenizer=tokenizer, batches=batches, device=device)
 
-        if batches is None:
-            if tokenizer is None and token_ids(self.dataset) is None:
-                tokenizer = _model_tokenizer(model)
-            dataset = None if self.dataset == "<in-memory dataset>" else self.dataset
-            batches = get_calibration_batches(tokenizer, dataset, n_samples=self.n_samples, seq_len=self.seq_len)
-        return quantize_blocks_(model, self, batches, device=device, progress=progress)
+
+def calibrate_blocks_(config, model, progress: bool = False, tokenizer=None, batches=None, device=None):
+    """The calibration driver of every block-wise algorithm (GPTQ, SpQR ...): calibration tokens
+    from ``batches`` or ``config.dataset`` / ``n_samples`` / ``seq_len``, then
+    ``calibration.apply.quantize_blocks_`` (which calls ``config.quantize_group``)."""
+    from .calibration import get_calibration_batches
+    from .calibration.data import token_ids
+    from .calibration.apply import quantize_blocks_
+
+    if batches is None:
+        if tokenizer is None and token_ids(config.dataset) is None:
+            tokenizer = _model_tokenizer(model)
+        dataset = None if config.dataset == "<in-memory dataset>" else config.dataset
+        batches = get_calibration_batches(tokenizer, dataset, n_samples=config.n_samples, seq_len=config.seq_len)
+    return quantize_blocks_(model, config, batches, device=device, progress=progress)
 
 
 def _model_tokenizer(model):

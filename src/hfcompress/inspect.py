@@ -70,20 +70,31 @@ def summarize(path: str) -> CheckpointSummary:
         bits = _DTYPE_BITS.get(meta["dtype"], 32)
         summary.total_params_bits += math.prod(meta["shape"]) * bits
     if qcfg and qcfg.get("quant_method") == "hfcompress":
+        from .config import HfCompressConfig
+        from .formats import get_format
+
+        fmt = get_format(qcfg.get("format", HfCompressConfig.format_name))
+        spec = fmt.spec_from_fields(qcfg)
         shapes = _linear_shapes(path)
-        for name, meta in tensors.items():
-            if not name.endswith(".weight_scale"):
-                continue
-            prefix = name.removesuffix(".weight_scale")
-            if prefix not in shapes:
-                raise ValueError(f"{path}: {name} belongs to no linear layer of the model in config.json")
-            in_f, out_f = shapes[prefix]
+        # a layer is compressed when its format's first stored tensor (int_group: ``weight``) is
+        # in the checkpoint with a non-float dtype; its size is every tensor the spec lists
+        for prefix, (in_f, out_f) in shapes.items():
+            expected = spec.tensors(out_f, in_f)
+            first = next(iter(expected))
+            meta = tensors.get(f"{prefix}.{first}")
+            if meta is None or meta["dtype"].startswith(("F", "BF")):
+                continue  # kept in float
             lay = LayerSummary(prefix, in_f, out_f)
-            for suffix in ("weight", "weight_scale", "weight_zero", "weight_g_idx"):
-                t = tensors.get(f"{prefix}.{suffix}")
+            for tname in expected:
+                t = tensors.get(f"{prefix}.{tname}")
                 if t is not None:
                     lay.stored_bits += math.prod(t["shape"]) * _DTYPE_BITS[t["dtype"]]
             summary.layers.append(lay)
+        known = set(shapes)
+        for name in tensors:
+            prefix, _, tname = name.rpartition(".")
+            if tname != "weight" and tname in spec.all_tensor_names() and prefix not in known:
+                raise ValueError(f"{path}: {name} belongs to no linear layer of the model in config.json")
     summary.layers.sort(key=lambda lay: lay.name)
     return summary
 
@@ -113,9 +124,9 @@ def format_summary(s: CheckpointSummary, per_layer: bool = True) -> str:
         return "\n".join(lines)
     lines.append(f"quant_method: {q.get('quant_method')}  format: {q.get('format')} v{q.get('format_version')}  "
                  f"algorithm: {q.get('algorithm')}")
-    lines.append(f"bits: {q.get('bits')}  group_size: {q.get('group_size')}  sym: {q.get('sym')}  "
-                 f"act_order: {q.get('act_order')}")
-    lines.append(f"quantized layers: {len(s.layers)}  bits per weight (scales, zeros, g_idx included): "
+    fields, overhead = _spec_fields(q)
+    lines.append("  ".join(f"{k}: {v}" for k, v in fields.items()))
+    lines.append(f"quantized layers: {len(s.layers)}  bits per weight ({overhead} included): "
                  f"{s.quantized_bits_per_weight:.3f}")
     lines.append(f"kept in float: {q.get('modules_to_not_convert')}")
     if per_layer and s.layers:
@@ -123,6 +134,18 @@ def format_summary(s: CheckpointSummary, per_layer: bool = True) -> str:
         for lay in s.layers:
             lines.append(f"{lay.name:<48} {lay.in_features:>6} {lay.out_features:>6} {lay.bits_per_weight:>7.3f}")
     return "\n".join(lines)
+
+
+def _spec_fields(q: dict) -> tuple[dict, str]:
+    """The format's spec fields of a quantization config (as config.json has them), and what its
+    stored overhead is called."""
+    from .config import HfCompressConfig
+    from .formats import formats
+
+    fmt = formats().get(q.get("format", HfCompressConfig.format_name))
+    if fmt is None:
+        return {k: q.get(k) for k in ("bits", "group_size")}, "every stored tensor"
+    return {k: q.get(k) for k in fmt.spec_fields}, fmt.spec_cls.overhead
 
 
 def describe_adapter(path: str) -> str:

@@ -30,7 +30,7 @@ from ..algorithms.eora import EIG_REL_FLOOR, activation_eigenbasis, eora_compens
 from ..api import requantize_
 from ..config import ConfigError
 from ..modules import is_linear, linear_weight, matches
-from ..nn import QuantLinear
+from ..formats import is_compressed
 
 METHODS = ("eora", "svd")
 #: key of the compensation record inside adapter_config.json's ``auto_mapping`` (a dict PEFT keeps)
@@ -105,13 +105,13 @@ class EoRAConfig:
 
 def is_quantized_layer(module: nn.Module) -> bool:
     """Layers whose stored weight is not a float matrix (merging into them re-quantizes)."""
-    return (isinstance(module, QuantLinear) or _has_dequantize(module)
+    return (is_compressed(module) or _has_dequantize(module)
             or getattr(getattr(module, "weight", None), "quant_state", None) is not None)
 
 
 def compressed_weight(module: nn.Module, name: str = "layer") -> torch.Tensor:
     """The float ``[out, in]`` weight ``module`` really computes with (fp32)."""
-    if isinstance(module, QuantLinear):
+    if is_compressed(module):  # any registered format: the weight exactly as its forward computes
         return module.dequantize(torch.float32)
     if _has_dequantize(module):  # any other compressed layer following the hfcompress layer contract
         return module.dequantize().to(torch.float32)
@@ -146,7 +146,7 @@ def _has_dequantize(module: nn.Module) -> bool:
 
 
 def _linear_like(module: nn.Module) -> bool:
-    return isinstance(module, QuantLinear) or _has_dequantize(module) or is_linear(module)
+    return is_compressed(module) or _has_dequantize(module) or is_linear(module)
 
 
 def _float_model(original, like: nn.Module) -> nn.Module:
@@ -368,7 +368,7 @@ def merge_compensation(peft_model, requantize: bool = False):
                          "Keep the adapter unmerged, merge into the float model, or pass requantize=True.")
     for _, layer in [(n, m) for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)]:
         base = layer.get_base_layer()
-        if isinstance(base, QuantLinear):  # dequantize + B A, back onto the layer's own grid
+        if is_compressed(base):  # dequantize + B A, back onto the layer's own grid
             w = base.dequantize(torch.float32)
             for name in layer.active_adapters:
                 if name in layer.lora_A:

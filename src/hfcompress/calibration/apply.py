@@ -1,10 +1,12 @@
-"""Run a calibration algorithm over a model, block by block (GPTQ today).
+"""Run a calibration algorithm over a model, block by block.
 
 ``quantize_blocks_(model, config, batches)`` walks the decoder blocks with
 :func:`iterate_blocks`; inside each block the linear layers are quantized group by group
 (q/k/v, then o, then gate/up, then down: each group calibrated on the outputs of the groups
-already quantized), each replaced by a :class:`QuantLinear`. Linear layers outside the blocks
-that are not skipped (rare: lm_head is skipped by default) get data-free RTN.
+already quantized) by the algorithm (``config.quantize_group``: GPTQ, SpQR ...), each replaced
+by the compressed layer of the config's format. Linear layers outside the blocks that are not
+skipped (rare: lm_head is skipped by default) get the format's data-free fallback
+(``config.fallback_layer``).
 """
 
 from __future__ import annotations
@@ -15,10 +17,9 @@ import torch
 from torch import nn
 
 from ..algorithms.gptq import gptq
-from ..algorithms.rtn import rtn
-from ..formats.int_group import IntGroupSpec, default_g_idx
+from ..formats import CompressedLinear
+from ..formats.int_group import QuantLinear
 from ..modules import is_conv1d, linear_modules, linear_weight, set_submodule
-from ..nn import QuantLinear
 from .blocks import find_blocks, iterate_blocks
 
 
@@ -50,9 +51,10 @@ def gptq_group(modules: dict[str, nn.Module], H: torch.Tensor, config, where: st
 def quantize_blocks_(model: nn.Module, config, batches: list[torch.Tensor], device=None, progress: bool = False,
                      load_block: Callable | None = None, release_block: Callable | None = None,
                      quantize_outside: bool = True) -> nn.Module:
-    """Quantize every non-skipped linear layer of ``model``'s decoder blocks with GPTQ, in place."""
+    """Quantize every non-skipped linear layer of ``model``'s decoder blocks with the calibration
+    algorithm of ``config``, in place."""
     skip = config.modules_to_not_convert or []
-    pending: dict[str, QuantLinear] = {}
+    pending: dict[str, CompressedLinear] = {}
 
     def swap_then_release(i, name, block):
         # QuantLinears go in only after the runner computed the block's outputs: until then the
@@ -70,8 +72,8 @@ def quantize_blocks_(model: nn.Module, config, batches: list[torch.Tensor], devi
             stats = step.collect_input_stats(group)
             for names in _same_input_width(step, group):
                 H = stats[names[0]].hessian()  # [K, K] shared: these layers read the same tensor
-                qs = gptq_group({n: step.module(n) for n in names}, H, config,
-                                where=f"{step.name}.{'/'.join(names)}")
+                qs = config.quantize_group({n: step.module(n) for n in names}, H,
+                                           where=f"{step.name}.{'/'.join(names)}")
                 for rel, q in qs.items():
                     _load_dequantized_(step.module(rel), q)
                     pending[rel] = q
@@ -80,11 +82,11 @@ def quantize_blocks_(model: nn.Module, config, batches: list[torch.Tensor], devi
         prefix, _ = find_blocks(model)
         for name, module in list(linear_modules(model, skip)):
             if not name.startswith(prefix + "."):
-                set_submodule(model, name, _rtn_linear(module, config.spec))
+                set_submodule(model, name, config.fallback_layer(module, name))
     return model
 
 
-def _load_dequantized_(module: nn.Module, q: QuantLinear) -> None:
+def _load_dequantized_(module: nn.Module, q: CompressedLinear) -> None:
     """Give a float nn.Linear / Conv1D the weight ``q`` computes with."""
     w = q.dequantize(module.weight.dtype).to(module.weight.device)  # [N, K]
     module.weight.data.copy_(w.t() if is_conv1d(module) else w)
@@ -96,12 +98,3 @@ def _same_input_width(step, group: list[str]) -> list[list[str]]:
     if len(group) > 1 and group in step.sequential_groups():
         return [group]
     return [[n] for n in group]
-
-
-def _rtn_linear(module: nn.Module, spec: IntGroupSpec) -> QuantLinear:
-    """Data-free fallback for a linear layer outside the blocks (no calibrated inputs reach it)."""
-    w = linear_weight(module)  # [N, K]
-    plain = IntGroupSpec(bits=spec.bits, group_size=spec.group_size, sym=spec.sym)
-    codes, scale, zero, _ = rtn(w, plain, mse_clip=True)
-    g_idx = default_g_idx(spec, w.shape[1], w.device) if spec.act_order else None
-    return QuantLinear.from_codes(codes, scale, zero, g_idx, spec, bias=module.bias, compute_dtype=w.dtype)

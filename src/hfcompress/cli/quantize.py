@@ -8,12 +8,20 @@ import argparse
 METHODS = {"rtn": "RTNConfig", "gptq": "GPTQConfig"}
 
 
+def _plugin_methods() -> dict:
+    """Registered algorithms that bring their own CLI options (``add_cli_arguments`` / ``cli_kwargs``)."""
+    from hfcompress.config import algorithms
+
+    return {name: cls for name, cls in algorithms().items()
+            if name not in METHODS and hasattr(cls, "add_cli_arguments")}
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model directory and save it")
     p.add_argument("model", help="float model directory (or Hub id if online)")
-    p.add_argument("--method", default="rtn", choices=sorted(METHODS))
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--method", default="rtn", choices=sorted(set(METHODS) | set(_plugin_methods())))
+    p.add_argument("--bits", type=int, default=None, help="bits per weight code (default: 4; spqr: 3)")
+    p.add_argument("--group-size", type=int, default=None, help="input columns per group (default: 128; spqr: 16)")
     p.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
     p.add_argument("--no-mse-clip", action="store_true", help="RTN: plain min-max instead of the MSE clip search")
     p.add_argument("--skip", nargs="*", default=None, metavar="MODULE",
@@ -30,6 +38,8 @@ def add_parser(sub) -> None:
     g.add_argument("--device", default=None, help="GPTQ: where each block is calibrated (cpu, cuda)")
     g.add_argument("--stream", action="store_true",
                    help="GPTQ: stream blocks from the safetensors shards (models larger than memory)")
+    for name, cls in sorted(_plugin_methods().items()):
+        cls.add_cli_arguments(p.add_argument_group(f"{name} (calibration)"))
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
@@ -40,8 +50,15 @@ def add_parser(sub) -> None:
 def make_config(args: argparse.Namespace):
     import hfcompress
 
+    plugins = _plugin_methods()
+    if args.method in plugins:
+        cls = plugins[args.method]
+        kwargs = dict(modules_to_not_convert=args.skip, **cls.cli_kwargs(args))
+        kwargs.update({k: v for k, v in (("bits", args.bits), ("group_size", args.group_size)) if v is not None})
+        return cls(**kwargs)
     cls = getattr(hfcompress, METHODS[args.method])
-    kwargs = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, modules_to_not_convert=args.skip)
+    kwargs = dict(bits=4 if args.bits is None else args.bits, group_size=128 if args.group_size is None else
+                  args.group_size, sym=args.sym, modules_to_not_convert=args.skip)
     if args.method == "rtn":
         kwargs["mse_clip"] = not args.no_mse_clip
     if args.method == "gptq":
@@ -59,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
     config = make_config(args)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     if getattr(args, "stream", False):
-        if args.method != "gptq":
-            raise ValueError("--stream is for calibration methods (--method gptq)")
+        if config.data_free:
+            raise ValueError(f"--stream is for calibration methods (--method gptq ...), not {args.method}")
         if args.push_to_hub:
             raise ValueError("--stream does not push; run `hfcompress push` on the output directory")
         hfcompress.quantize(args.model, config, out_dir=args.out, device=args.device, progress=True,
@@ -69,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     hfcompress.quantize_(model, config, progress=True,
-                         **({"device": args.device} if args.method == "gptq" and args.device else {}))
+                         **({"device": args.device} if not config.data_free and args.device else {}))
     repo_id = None
     if args.push_to_hub:
         from huggingface_hub import HfApi

@@ -9,14 +9,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..nn import QuantLinear
+from ..formats import is_compressed
 
 
 @dataclass
 class SizeStats:
     quantized_layers: int
-    quantized_weights: int  # number of weights held by QuantLinear layers
-    stored_bits: int  # bits of their packed codes + scales + zeros + g_idx
+    quantized_weights: int  # number of weights held by compressed layers (every format)
+    stored_bits: int  # bits of everything their format stores (codes, scales, zeros, g_idx, outliers ...)
     checkpoint_bytes: int  # every tensor of the model as saved
     original_bytes: int  # the same model with the quantized layers back in their float dtype
     original_dtype: str
@@ -42,11 +42,11 @@ def size_stats(model: nn.Module) -> SizeStats:
     float_bytes = 0
     dtypes = set()
     for m in model.modules():
-        if isinstance(m, QuantLinear):
+        if is_compressed(m):
             n_layers += 1
             n = m.in_features * m.out_features
             n_weights += n
-            stored = sum(b.numel() * b.element_size() for b in m._buffers.values() if b is not None)
+            stored = sum(b.numel() * b.element_size() for b in m.stored_tensors().values())
             bits += 8 * stored
             float_bytes += n * torch.empty(0, dtype=m.compute_dtype).element_size() - stored
             dtypes.add(str(m.compute_dtype).removeprefix("torch."))

@@ -174,7 +174,9 @@ def prune_model(model: nn.Module, masks: StructuredMasks | None = None) -> nn.Mo
     work = copy.deepcopy(model)
     if hasattr(work, "merge_and_unload"):  # a PEFT model: fold the adapters into the weights
         work = work.merge_and_unload()
-    if any(type(m).__name__ == "QuantLinear" for m in work.modules()):
+    from ..formats import is_compressed
+
+    if any(is_compressed(m) for m in work.modules()):
         raise ValueError("export: the model is quantized; prune the float model first, then quantize the exported one")
     config = work.config
     base_type = str(config.model_type).removeprefix(PRUNED_MODEL_TYPE_PREFIX)

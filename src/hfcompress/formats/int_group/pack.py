@@ -1,0 +1,62 @@
+"""int_group packing: unsigned codes <-> little-endian int32 bit streams, and the algorithm
+output (codes, scales, zeros, g_idx) -> the stored tensors."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..registry import FormatError
+from .spec import SUPPORTED_BITS, IntGroupSpec, packed_len  # noqa: F401  (packed_len re-exported)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned codes ``[..., L]`` (values < 2**bits) into int32 ``[..., ceil(L/32)*bits]``."""
+    if bits not in SUPPORTED_BITS:
+        raise FormatError(f"bits={bits} is not supported; choose one of {SUPPORTED_BITS}")
+    *lead, length = codes.shape
+    runs = math.ceil(length / 32)
+    c = torch.zeros(*lead, runs * 32, dtype=torch.int64, device=codes.device)
+    c[..., :length] = codes.to(torch.int64)
+    c = c.view(*lead, runs, 32)
+    # bit position of each code inside its 32*bits-bit run, then scatter into int64 words
+    shifts = torch.arange(32, device=codes.device, dtype=torch.int64) * bits
+    word, offset = shifts // 32, shifts % 32
+    out = torch.zeros(*lead, runs, bits, dtype=torch.int64, device=codes.device)
+    low = (c << offset) & 0xFFFFFFFF
+    out.index_add_(-1, word, low)
+    spill = offset + bits > 32  # codes straddling two words (3-bit only)
+    if spill.any():
+        high = c[..., spill] >> (32 - offset[spill])
+        out.index_add_(-1, word[spill] + 1, high)
+    out = torch.where(out >= 2**31, out - 2**32, out)
+    return out.view(*lead, runs * bits).to(torch.int32)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: int32 ``[..., ceil(L/32)*bits]`` -> uint8 ``[..., L]``."""
+    *lead, n_words = packed.shape
+    runs = n_words // bits
+    w = packed.to(torch.int64) & 0xFFFFFFFF
+    w = w.view(*lead, runs, bits)
+    shifts = torch.arange(32, device=packed.device, dtype=torch.int64) * bits
+    word, offset = shifts // 32, shifts % 32
+    val = w[..., word] >> offset
+    spill = offset + bits > 32
+    if 32 % bits:  # only widths that do not divide 32 straddle (a Python test: traceable, no guard)
+        nxt = torch.clamp(word + 1, max=bits - 1)
+        val = torch.where(spill, val | (w[..., nxt] << (32 - offset)), val)
+    val = val & ((1 << bits) - 1)
+    return val.reshape(*lead, runs * 32)[..., :length].to(torch.uint8)
+
+
+def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, g_idx: torch.Tensor | None,
+         spec: IntGroupSpec) -> dict[str, torch.Tensor]:
+    """Unpacked algorithm output -> the stored tensors of the int_group format."""
+    out = {"weight": pack_codes(codes, spec.bits), "weight_scale": scale.to(torch.float16)}
+    if not spec.sym:
+        out["weight_zero"] = pack_codes(zero.t(), spec.bits)  # [G, N] packed along N
+    if spec.act_order:
+        out["weight_g_idx"] = g_idx.to(torch.int32)
+    return out
