@@ -12,8 +12,6 @@ from typing import Any, ClassVar
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .formats import FormatError, formats, get_format
-from .formats.int_group import FORMAT_NAME, IntGroupSpec
 
 QUANT_METHOD = "hfcompress"
 _ALGORITHMS: dict[str, type["HfCompressConfig"]] = {}
@@ -50,7 +48,7 @@ class HfCompressConfig(QuantizationConfigMixin):
 
     algorithm: ClassVar[str] = ""
     #: the format this algorithm writes by default (a registered format name)
-    format_name: ClassVar[str] = FORMAT_NAME
+    format_name: ClassVar[str] = "int_group"
     #: True when the algorithm needs only the weight (quantizes each tensor as it loads)
     data_free: ClassVar[bool] = False
     #: algorithm options beyond the format: name -> (types, allow_none)
@@ -292,3 +290,9 @@ def _model_tokenizer(model):
     except (OSError, ValueError) as e:
         raise ConfigError(f"GPTQ calibration needs a tokenizer and none loads from {path!r} ({e}); pass "
                           "tokenizer=... or batches=...") from None
+
+
+# Formats are imported last: a format folder may define its own config class on top of this
+# module (e.g. formats/spqr/config.py), so everything above must exist when it is imported.
+from .formats import FormatError, formats, get_format  # noqa: E402
+from .formats.int_group import IntGroupSpec  # noqa: E402
