@@ -17,6 +17,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from hfcompress.api import AFTER_QUANTIZE_HOOKS, dequantize_, quantize_weight
 from hfcompress.config import QUANT_METHOD, HfCompressConfig
+from hfcompress.convert import from_gptq
 from hfcompress.formats import FormatError, is_compressed, make_layer, validate_tensors
 from hfcompress.formats.registry import bind_sizes, expected_tensors
 from hfcompress.modules import (
@@ -44,6 +45,11 @@ class HfCompressQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, dtype=None, **kwargs):
         config = self.quantization_config
+        if getattr(config, "pending", None) is not None:  # importing a GPTQ checkpoint (hfcompress.convert)
+            self._import_dtype = dtype if isinstance(dtype, torch.dtype) else torch.get_default_dtype()
+            config.source = {**(config.source or {}), "name_or_path": getattr(model, "name_or_path", None)}
+            from_gptq.place_holders_(model, config, _headers(kwargs.get("checkpoint_files") or []))
+            return model
         keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
         config.modules_to_not_convert = sorted(
             set(resolve_modules_to_not_convert(model, config.modules_to_not_convert)) | set(keep_fp32))
@@ -75,6 +81,8 @@ class HfCompressQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         config = self.quantization_config
+        if getattr(config, "pending", None) is not None:
+            from_gptq.convert_placeholders_(model, config, self._import_dtype)
         if self.pre_quantized:
             for name, module in model.named_modules():
                 if is_compressed(module):
@@ -126,22 +134,28 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
               "BOOL": torch.bool}
 
 
+def _headers(checkpoint_files) -> dict[str, dict]:
+    """Tensor name -> safetensors header entry (with its file under "path"), over all shards;
+    pickle files are refused before transformers unpickles anything."""
+    from hfcompress.inspect import read_safetensors_header
+
+    pickles = [str(p) for p in checkpoint_files if not str(p).endswith(".safetensors")]
+    if pickles:
+        raise FormatError(f"{pickles[0]}: hfcompress checkpoints are read from safetensors only (a pickle file can "
+                          "run code when loaded); re-save the model with save_pretrained after `import hfcompress`")
+    entries: dict[str, dict] = {}
+    for path in checkpoint_files:
+        for key, meta in read_safetensors_header(str(path)).items():
+            entries[key] = {**meta, "path": str(path)}
+    return entries
+
+
 def validate_checkpoint_headers(model, checkpoint_files) -> None:
     """Check every stored tensor's shape and dtype in the safetensors headers against the format
     before anything is loaded (transformers would otherwise cast a wrong float dtype silently).
     Layers whose tensor shapes depend on the checkpoint (e.g. a number of outliers) are sized
     from the headers here, on meta."""
-    from hfcompress.inspect import read_safetensors_header
-
-    pickles = [str(p) for p in checkpoint_files if not str(p).endswith(".safetensors")]
-    if pickles:  # refused before transformers unpickles anything
-        raise FormatError(f"{pickles[0]}: hfcompress checkpoints are read from safetensors only (a pickle file can "
-                          "run code when loaded); re-save the model with save_pretrained after `import hfcompress`")
-    entries: dict[str, tuple[dict, str]] = {}
-    for path in checkpoint_files:
-        if str(path).endswith(".safetensors"):
-            for key, meta in read_safetensors_header(str(path)).items():
-                entries[key] = (meta, str(path))
+    entries = {k: (meta, meta["path"]) for k, meta in _headers(checkpoint_files).items()}
     for name, module in model.named_modules():
         if not is_compressed(module):
             continue
@@ -170,7 +184,29 @@ def attach(model, config: HfCompressConfig) -> None:
     model.quantization_method = QUANT_METHOD
 
 
+def _merge_quantization_configs(original):
+    """transformers uses a checkpoint's own quantization_config over the one passed to
+    ``from_pretrained`` (and refuses a different class); :class:`FromGPTQConfig` passed for a GPTQ
+    checkpoint is the one exception: it takes the checkpoint's GPTQ settings and loads through
+    hfcompress. Every other combination goes to transformers unchanged."""
+
+    def merge(cls, quantization_config, quantization_config_from_args):
+        if isinstance(quantization_config_from_args, from_gptq.FromGPTQConfig):
+            q = quantization_config.to_dict() if hasattr(quantization_config, "to_dict") else quantization_config
+            if isinstance(q, dict) and str(q.get("quant_method", "")).lower() == "gptq":
+                return from_gptq.FromGPTQConfig.for_checkpoint(q)
+        return original.__func__(cls, quantization_config, quantization_config_from_args)
+
+    merge._hfcompress_original = original
+    return classmethod(merge)
+
+
 def register() -> None:
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    if not hasattr(AutoHfQuantizer.merge_quantization_configs, "_hfcompress_original"):
+        AutoHfQuantizer.merge_quantization_configs = _merge_quantization_configs(
+            AutoHfQuantizer.__dict__["merge_quantization_configs"])
     if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not HfCompressConfig:
         AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = HfCompressConfig
     if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not HfCompressQuantizer:

@@ -10,6 +10,7 @@ from .adapters.eora import EoRAConfig, compensate, merge_compensation
 from .adapters.l4q import L4QConfig
 from .api import dequantize_, quantize_, requantize_
 from .config import ConfigError, GPTQConfig, HfCompressConfig, RTNConfig
+from .convert import FromGPTQConfig
 from .formats import FormatError, IntGroupSpec
 from .nn import QuantLinear
 from .streaming import quantize
@@ -41,6 +42,7 @@ __all__ = [
     "ConfigError",
     "EoRAConfig",
     "FormatError",
+    "FromGPTQConfig",
     "GPTQConfig",
     "HfCompressConfig",
     "IntGroupSpec",

@@ -1,0 +1,41 @@
+"""``hfcompress convert SRC --from gptq --out DIR``: a GPTQ checkpoint -> an hfcompress checkpoint (exact)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("convert", help="convert a checkpoint of another tool into an hfcompress checkpoint (exact)")
+    p.add_argument("model", help="GPTQ checkpoint directory or Hub id (AutoGPTQ / GPTQModel layout)")
+    p.add_argument("--from", dest="source_format", required=True, choices=["gptq"],
+                   help="the format of MODEL (gptq: quant_method 'gptq', checkpoint_format gptq or gptq_v2)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="float dtype of the layers that stay float (default: the checkpoint's)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import hfcompress
+
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype,
+                                                 quantization_config=hfcompress.FromGPTQConfig())
+    q = model.config.quantization_config
+    if not isinstance(q, hfcompress.FromGPTQConfig):
+        raise ValueError(f"{args.model} is not a GPTQ checkpoint (its quantization_config is "
+                         f"{getattr(q, 'quant_method', None)!r}, expected 'gptq')")
+    model.save_pretrained(args.out)
+    try:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(args.model).save_pretrained(args.out)
+    except (OSError, ValueError):
+        pass  # a checkpoint without a tokenizer is fine
+    print(f"converted {args.model} (GPTQ {q.bits}-bit, group {q.group_size}, "
+          f"{'sym' if q.sym else 'asym'}, act-order {q.act_order}) to {args.out}")
+    return 0
