@@ -15,7 +15,9 @@ import torch
 
 #: bundled texts (see hfcompress/data/SOURCES.md for where each comes from)
 BUNDLED = {
-    "calibration": "shakespeare_calibration.txt",   # five plays, never used for evaluation
+    "calibration": "shakespeare_calibration.txt",   # the default calibration set (dataset=None)
+    "shakespeare": "shakespeare_calibration.txt",   # the same, by its content's name
+    "mixed": "mixed_calibration.txt",               # Shakespeare + Node.js docs + Rust release notes, interleaved
     "eval": "shakespeare_eval.txt",                 # Hamlet: same domain, disjoint text
     "eval_technical": "sqlite_eval.txt",            # technical prose: a second, unrelated domain
     "eval_code": "python_code_eval.txt",            # Python source code (CPython standard library)
