@@ -1,54 +1,87 @@
-"""GEMV for decode (M = 1..8): each program dequantizes a ``[BLOCK_N, BLOCK_K]`` weight tile
-once and reduces it against all M rows of x on the CUDA cores (no tensor cores: at M <= 8
-the kernel is bound by reading the packed weights). Optional split-K over a grid axis,
-accumulated with fp32 atomics into a zeroed workspace."""
+"""GEMV for decode (M = 1..4): each program streams ``[BLOCK_N, KI]`` weight tiles (packed words
+loaded once per tile with 128-bit vector loads), expands code ``j`` of every word with a shift,
+dequantizes it with one fma (``w = q * s + c``) and multiplies it with the matching contiguous
+run of activations on the CUDA cores (at M <= 8 the kernel is bound by reading the packed
+weights, not by math). Tiles never cross a sub-group, so scales and zeros are one load per row
+per tile. Partial sums stay per thread across K tiles (one ``[BN, WK]`` accumulator per
+activation row) and are reduced once at the end. Optional split-K over a grid axis, accumulated with fp32 atomics into a zeroed
+workspace."""
 
 import triton
 import triton.language as tl
 
-from .int_group_tile import _dequant_tile
+from .int_group_tile import _as_f32, _code, _load_words, _scale_zero
 
 
 @triton.jit
 def _int_group_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, out_ptr,
+    x_ptr, qw_ptr, qh_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
     M, N, K,
-    stride_xm, stride_qw, stride_s, stride_z, stride_om,
-    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, SYM: tl.constexpr, ACT_ORDER: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ROUND_W: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    stride_xm, stride_qw, stride_qh, stride_om,
+    BITS: tl.constexpr, SG: tl.constexpr, SYM: tl.constexpr, KI: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    # x [M, K] (M <= BLOCK_M), packed W [N, K*BITS/32], out [M, N] (fp32 workspace when SPLIT_K > 1)
+    # x [M, K] (M <= BLOCK_M <= 4, columns already in kernel order), out [M, N] (fp32 workspace if SPLIT_K > 1)
+    LB: tl.constexpr = 2 if BITS == 3 else BITS
+    PER: tl.constexpr = 32 // LB
+    WK: tl.constexpr = KI // PER
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
     mask_n = offs_n < N
-    ONE_GROUP: tl.constexpr = (not ACT_ORDER) and (GROUP_SIZE == -1 or GROUP_SIZE % BLOCK_K == 0)
+    offs_w = tl.arange(0, WK)
 
-    k_tiles = tl.cdiv(K, BLOCK_K)
+    k_tiles = tl.cdiv(K, KI)
     per_split = tl.cdiv(k_tiles, SPLIT_K)
     t_end = tl.minimum((pid_k + 1) * per_split, k_tiles)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # one [BN, WK] accumulator per activation row (BLOCK_M <= 4), all in the words' register layout
+    acc0 = tl.zeros((BLOCK_N, WK), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, WK), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, WK), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, WK), dtype=tl.float32)
     for t in range(pid_k * per_split, t_end):
-        k0 = t * BLOCK_K
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, g_ptr, offs_n[:, None], offs_k[None, :],
-                          mask_n[:, None], mask_k[None, :], k0, stride_qw, stride_s, stride_z,
-                          BITS, GROUP_SIZE, SYM, ACT_ORDER, ONE_GROUP)  # [BN, BK] fp32
-        if ROUND_W:  # the weight rounded to the activation dtype, as the reference computes with
-            w = w.to(x_ptr.dtype.element_ty).to(tl.float32)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0).to(tl.float32)  # [BM, BK]
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)  # [BM, BN]
+        k0 = t * KI
+        words, hi = _load_words(qw_ptr, qh_ptr, offs_n, mask_n, k0, stride_qw, stride_qh, BITS, KI)  # [BN, WK]
+        s, c = _scale_zero(s_ptr, z_ptr, offs_n, mask_n, k0, N, 0, BITS, SG, SYM, KI)
+        for j in tl.static_range(PER):
+            if j > 0 and SG < KI:
+                s, c = _scale_zero(s_ptr, z_ptr, offs_n, mask_n, k0, N, j, BITS, SG, SYM, KI)
+            w = _as_f32(_code(words, hi, j, BITS)) * s + c  # [BN, WK], one fma per code
+            # columns of code j: one contiguous run; broadcast over the rows, so each thread reads
+            # the activations of its own words (cache hits after the first warp)
+            kk = (k0 + j * WK + offs_w)[None, :] + 0 * offs_n[:, None]  # [BN, WK]
+            acc0 += w * _x(x_ptr, kk, K, 0, M, stride_xm)
+            if BLOCK_M > 1:
+                acc1 += w * _x(x_ptr, kk, K, 1, M, stride_xm)
+            if BLOCK_M > 2:
+                acc2 += w * _x(x_ptr, kk, K, 2, M, stride_xm)
+                acc3 += w * _x(x_ptr, kk, K, 3, M, stride_xm)
 
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    out_mask = mask_m[:, None] & mask_n[None, :]
+    out_ptrs = out_ptr + offs_n
+    _store_row(out_ptrs, b_ptr, acc0, offs_n, mask_n, 0, M, stride_om, HAS_BIAS, SPLIT_K)
+    if BLOCK_M > 1:
+        _store_row(out_ptrs, b_ptr, acc1, offs_n, mask_n, 1, M, stride_om, HAS_BIAS, SPLIT_K)
+    if BLOCK_M > 2:
+        _store_row(out_ptrs, b_ptr, acc2, offs_n, mask_n, 2, M, stride_om, HAS_BIAS, SPLIT_K)
+        _store_row(out_ptrs, b_ptr, acc3, offs_n, mask_n, 3, M, stride_om, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _x(x_ptr, kk, K, row: tl.constexpr, M, stride_xm):
+    """Activations of row ``row`` at columns ``kk`` (fp32; zero past K or past M)."""
+    return tl.load(x_ptr + row * stride_xm + kk, mask=(kk < K) & (kk * 0 + row < M), other=0,
+                   eviction_policy="evict_last").to(tl.float32)
+
+
+@triton.jit
+def _store_row(out_ptrs, b_ptr, acc, offs_n, mask_n, row: tl.constexpr, M, stride_om,
+               HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    out = tl.sum(acc, axis=1)  # [BN]
+    mask = mask_n & (offs_n * 0 + row < M)
     if SPLIT_K == 1:
         if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+            out += tl.load(b_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)
+        tl.store(out_ptrs + row * stride_om, out.to(out_ptrs.dtype.element_ty), mask=mask)
     else:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+        tl.atomic_add(out_ptrs + row * stride_om, out, mask=mask)

@@ -1,11 +1,14 @@
-"""Launcher of the int_group kernels: ``y = x @ dequantize(W)^T + bias`` on CUDA tensors
-(or CPU tensors under ``TRITON_INTERPRET=1``), dispatched by M to the GEMV, split-K GEMM or
-tiled GEMM kernel. Same signature as ``hfcompress.ops.int_group_mm.int_group_mm_ref``.
+"""Launcher of the int_group kernels: ``y = x @ dequantize(W)^T + bias`` on CUDA tensors (or CPU
+tensors under ``TRITON_INTERPRET=1``). Same signature as ``hfcompress.ops.int_group_mm.int_group_mm_ref``.
 
-Autotuning: on the first call for a (kind, M bucket, N, K, format, dtype, device) key every
-pruned candidate of ``configs.CONFIGS[family][kind]`` is timed with ``triton.testing.do_bench``
-and the fastest is cached (``tuned()`` lists the choices). Nothing touches CUDA before the
-first call.
+On the first call for a layer its stored v1 tensors are converted once into the GPU layout
+(``gpu_layout.gpu_layout``: cached outside ``state_dict``, keyed by the packed weight). Act-order
+layers gather ``x[:, perm]`` (the layout's K order) so no kernel reads ``g_idx``.
+
+Autotuning: on the first call for a (M bucket, N, K, format, dtype, device) key every pruned
+candidate (``configs.candidates``: GEMV / split-K / GEMM / dense by M, plus torch's tinygemm
+where it runs) is timed with CUDA-graph replay and the fastest is kept (``tuned()`` lists the
+choices). Nothing touches CUDA before the first call.
 """
 
 from __future__ import annotations
@@ -15,8 +18,11 @@ import os
 import torch
 import triton
 
-from .configs import CONFIGS, INTERPRETER_CONFIGS, KernelConfig, family, gemv_block_m, kind_for, prune
-from .int_group_gemm import _int_group_gemm_kernel
+from . import tinygemm
+from .configs import (CONFIGS, INTERPRETER_CONFIGS, TINYGEMM, KernelConfig, candidates, family, gemv_block_m,
+                      kind_for, prune)
+from .gpu_layout import GpuLayout, gpu_layout
+from .int_group_gemm import _int_group_dequant_kernel, _int_group_gemm_kernel
 from .int_group_gemv import _int_group_gemv_kernel
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -55,19 +61,19 @@ def _check(x, qweight, scale, qzero, g_idx, bits, sym, in_features):
 
 def int_group_mm_triton(x, qweight, scale, qzero, g_idx, bias, bits: int, group_size: int, sym: bool,
                         in_features: int, *, config: KernelConfig | None = None) -> torch.Tensor:
-    """``x [..., K]`` -> ``[..., N]``. ``config`` forces one launch configuration (tests)."""
+    """``x [..., K]`` -> ``[..., N]``. ``config`` forces one launch configuration (tests, benchmarks)."""
     _check(x, qweight, scale, qzero, g_idx, bits, sym, in_features)
-    k, n = in_features, qweight.shape[0]
+    lay = gpu_layout(qweight, scale, qzero, g_idx, bits, group_size, sym, in_features)
+    k, n = in_features, lay.n
     x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
+    if lay.perm is not None:
+        x2 = x2[:, lay.perm]  # the layout's K order (groups contiguous)
+    elif x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m and n:
-        a = _Launch(x2, qweight.contiguous(), scale.contiguous(),
-                    None if qzero is None else qzero.contiguous(),
-                    None if g_idx is None else g_idx.to(torch.int32).contiguous(),
-                    bias, bits, group_size, sym, out)
+        a = _Launch(x2, lay, bias, out)
         a.run(config or _choose(a))
     return out.reshape(*x.shape[:-1], n)
 
@@ -75,65 +81,95 @@ def int_group_mm_triton(x, qweight, scale, qzero, g_idx, bias, bits: int, group_
 class _Launch:
     """One problem; ``run(config)`` launches it with a configuration."""
 
-    def __init__(self, x, qw, s, z, g, bias, bits, group_size, sym, out):
-        self.x, self.qw, self.s, self.z, self.g, self.bias, self.out = x, qw, s, z, g, bias, out
+    def __init__(self, x, lay: GpuLayout, bias, out):
+        self.x, self.lay, self.bias, self.out = x, lay, bias, out
         self.m, self.k = x.shape
-        self.n = qw.shape[0]
-        self.bits, self.sym, self.act_order = bits, sym, g is not None
-        # act-order groups come from g_idx; -1 also means one group per output channel
-        self.group_size = -1 if (g is not None or group_size == -1 or s.shape[1] == 1) else group_size
-        bf16_interp = interpreting() and x.dtype == torch.bfloat16  # the interpreter has no bf16 math
-        self.round_w = x.dtype != torch.float32 and not bf16_interp
-        self.dot_fp32 = x.dtype == torch.float32 or bf16_interp
+        self.n = lay.n
+        # the interpreter has no bf16 arithmetic: its tl.dot runs in fp32
+        self.dot_fp32 = x.dtype == torch.float32 or (interpreting() and x.dtype == torch.bfloat16)
 
     def key(self) -> tuple:
-        return (kind_for(self.m), gemv_block_m(min(self.m, 1 << 20)), self.n, self.k, self.bits, self.group_size,
-                self.sym, self.act_order, self.x.dtype, self.x.device)
+        lay = self.lay
+        return (_m_bucket(self.m), self.n, self.k, lay.bits, lay.sg, lay.sym, lay.perm is not None,
+                self.x.dtype, self.x.device)
 
     def run(self, cfg: KernelConfig) -> None:
-        m, n, k = self.m, self.n, self.k
+        lay, m, n, k = self.lay, self.m, self.n, self.k
+        if cfg.kind == "tinygemm":
+            prep = lay.extra.get("tinygemm")
+            if prep is None:
+                prep = lay.extra["tinygemm"] = tinygemm.prepare(lay)
+            y = tinygemm.mm(self.x.contiguous(), prep)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+            self.out.copy_(y)
+            return
+        qh = lay.codes_hi if lay.codes_hi is not None else lay.codes  # never read unless 3-bit
+        z = lay.zero if lay.zero is not None else lay.scale  # never read when symmetric
+        layout = dict(BITS=lay.bits, SG=lay.sg, SYM=lay.sym, KI=lay.ki)
+        if cfg.kind == "dense":
+            w = torch.empty(n, lay.k_pad, dtype=self.x.dtype, device=self.x.device)
+            grid = (triton.cdiv(n, cfg.block_n), lay.k_pad // lay.ki)
+            _int_group_dequant_kernel[grid](lay.codes, qh, lay.scale, z, w, n, lay.codes.stride(0), qh.stride(0),
+                                            w.stride(0), BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **layout)
+            torch.matmul(self.x, w[:, :k].t(), out=self.out)
+            if self.bias is not None:
+                self.out += self.bias.to(self.out.dtype)
+            return
         target = self.out if cfg.split_k == 1 else torch.zeros(m, n, dtype=torch.float32, device=self.out.device)
-        dummy = self.qw  # stands in for absent optional tensors (never read: constexpr branches)
-        z = self.z if self.z is not None else dummy
-        g = self.g if self.g is not None else dummy
-        b = self.bias if self.bias is not None else dummy
-        common = dict(BITS=self.bits, GROUP_SIZE=self.group_size, SYM=self.sym, ACT_ORDER=self.act_order,
-                      HAS_BIAS=self.bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                      SPLIT_K=cfg.split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        args = (self.x, self.qw, self.s, z, g, b, target, m, n, k, self.x.stride(0), self.qw.stride(0),
-                self.s.stride(0), z.stride(0), target.stride(0))
+        b = self.bias if self.bias is not None else self.out  # never read without bias
+        args = (self.x, lay.codes, qh, lay.scale, z, b, target, m, n, k, self.x.stride(0), lay.codes.stride(0),
+                qh.stride(0), target.stride(0))
+        common = dict(HAS_BIAS=self.bias is not None, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k,
+                      num_warps=cfg.num_warps, num_stages=cfg.num_stages, **layout)
         if cfg.kind == "gemv":
-            grid = (triton.cdiv(n, cfg.block_n), cfg.split_k)
-            _int_group_gemv_kernel[grid](*args, ROUND_W=self.round_w, BLOCK_M=gemv_block_m(m), **common)
+            bm = gemv_block_m(m)
+            for m0 in range(0, m, bm):  # M <= 4 in one launch; more rows (forced configs) in slices
+                sliced = (self.x[m0:],) + args[1:6] + (target[m0:], min(bm, m - m0)) + args[8:]
+                _int_group_gemv_kernel[(triton.cdiv(n, cfg.block_n), cfg.split_k)](*sliced, BLOCK_M=bm, **common)
         else:
             grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
-            _int_group_gemm_kernel[grid](*args, DOT_FP32=self.dot_fp32, BLOCK_M=cfg.block_m,
-                                         GROUP_M=cfg.group_m, **common)
+            _int_group_gemm_kernel[grid](*args, DOT_FP32=self.dot_fp32, BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m,
+                                         **common)
         if cfg.split_k > 1:
             if self.bias is not None:
                 target += self.bias.to(torch.float32)
             self.out.copy_(target)
 
 
+def _m_bucket(m: int) -> int:
+    return m if m <= 4 else 1 << (m - 1).bit_length()
+
+
+def _per(lay: GpuLayout) -> int:
+    return 32 // lay.lo_bits
+
+
 def _choose(a: _Launch) -> KernelConfig:
-    kind = kind_for(a.m)
+    lay = a.lay
     if interpreting():
-        return prune([INTERPRETER_CONFIGS[kind]], a.m, a.n, a.k)[0]
+        return prune([INTERPRETER_CONFIGS[kind_for(a.m)]], a.m, a.n, a.k, lay.ki, _per(lay))[0]
     key = a.key()
     if key in _TUNED:
         return _TUNED[key]
     fam = family(torch.cuda.get_device_capability(a.x.device))
-    candidates = prune(CONFIGS[fam][kind], a.m, a.n, a.k)
-    best, best_ms = candidates[0], float("inf")
-    if len(candidates) > 1:
-        for cfg in candidates:
-            try:  # graph replay: at decode sizes launch overhead would otherwise hide the kernel time
-                ms = triton.testing.do_bench_cudagraph(lambda: a.run(cfg), rep=20)
-            except triton.runtime.errors.OutOfResources:
-                continue  # e.g. shared memory over this device's limit: not a candidate here
-            if ms < best_ms:
-                best, best_ms = cfg, ms
-    if best_ms == float("inf") and len(candidates) > 1:
-        raise triton.runtime.errors.OutOfResources(0, 0, f"every {kind} configuration for {key}")
+    cands = prune(candidates(fam, a.m), a.m, a.n, a.k, lay.ki, _per(lay))
+    if tinygemm.eligible(lay, a.x.dtype) and a.x.device.type == "cuda":
+        cands.append(TINYGEMM)
+    best, best_ms = cands[0], float("inf")
+    for cfg in cands:
+        try:
+            a.run(cfg)  # compile (and prepare) outside the timed graph
+            # graph replay: at decode sizes launch overhead would otherwise hide the kernel time
+            ms = triton.testing.do_bench_cudagraph(lambda: a.run(cfg), rep=20)
+        except (triton.runtime.errors.OutOfResources, RuntimeError):
+            continue  # e.g. shared memory over this device's limit: not a candidate here
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best_ms == float("inf"):
+        raise RuntimeError(f"int_group_mm_triton: no configuration could run {key}: {[c.name for c in cands]}")
     _TUNED[key] = best
     return best
+
+
+__all__ = ["int_group_mm_triton", "tuned", "CONFIGS", "KernelConfig"]

@@ -1,12 +1,15 @@
-"""Triton helpers shared by the int_group kernels: read codes out of the packed bit stream
-and dequantize a tile, exactly as the format defines it (hfcompress.formats.int_group):
+"""Triton helpers shared by the int_group kernels. They read the GPU layout of
+``kernels/gpu_layout.py`` (never the stored v1 stream):
 
-    W[n, k] = (q[n, k] - z[n, g(k)]) * s[n, g(k)]     g(k) = g_idx[k] or k // group_size
+    codes   int32 [N, k_pad*b/32]  PER = 32/b codes per word (b = bits; the 3-bit low plane: 2)
+    hi      int16 [N, k_pad/16]    3-bit only: the high bits, one half-word per word of ``codes``
+    scale   fp16  [G', N]          one row per sub-group of SG input channels
+    zero    fp16  [G', N]          integer zero points (asymmetric)
 
-Codes are a stream along K per output row (``weight [N, ceil(K/32)*BITS]``); zero points a
-stream along N per group (``weight_zero [G, ceil(N/32)*BITS]``).
-The stream: every run of 32 codes is ``BITS`` int32 words, code ``j`` of a run at bits
-``[j*BITS, (j+1)*BITS)``; only 3-bit codes straddle two words (j = 10 and j = 21).
+K is cut into blocks of KI columns (the tile width); a block is WK = KI / PER words per row and
+code ``j`` of word ``w`` is column ``j * WK + w`` of its block (interleaved). So a thread loads
+its words once (contiguous along K: 128-bit vector loads) and code ``j`` of all of them,
+``(words >> j*b) & mask``, lines up with one contiguous run of activations.
 """
 
 import triton
@@ -14,52 +17,95 @@ import triton.language as tl
 
 
 @triton.jit
-def _unpack_codes(row_ptr, idx, mask, BITS: tl.constexpr):
-    """Codes ``idx`` (any int tensor broadcastable with ``row_ptr``) of the streams at ``row_ptr``."""
-    bitpos = (idx % 32) * BITS
-    word = (idx // 32) * BITS + bitpos // 32
-    off = bitpos % 32
-    w = tl.load(row_ptr + word, mask=mask, other=0).to(tl.uint32, bitcast=True)
-    v = w >> off.to(tl.uint32)
+def _load_words(qw_ptr, qh_ptr, offs_n, mask_n, k0, stride_qw, stride_qh, BITS: tl.constexpr, KI: tl.constexpr):
+    """The tile's words ``[BN, WK]`` (and 3-bit high half-words, int32), streamed: evict-first."""
+    LB: tl.constexpr = 2 if BITS == 3 else BITS
+    PER: tl.constexpr = 32 // LB
+    WK: tl.constexpr = KI // PER
+    offs_w = k0 // PER + tl.arange(0, WK)
+    words = tl.load(qw_ptr + offs_n[:, None] * stride_qw + offs_w[None, :], mask=mask_n[:, None], other=0,
+                    eviction_policy="evict_first")
     if BITS == 3:
-        straddle = off > 29
-        w1 = tl.load(row_ptr + word + 1, mask=mask & straddle, other=0).to(tl.uint32, bitcast=True)
-        up = tl.where(straddle, 32 - off, 0).to(tl.uint32)
-        v = v | tl.where(straddle, w1 << up, 0)
-    return (v & ((1 << BITS) - 1)).to(tl.int32)
+        hi = tl.load(qh_ptr + offs_n[:, None] * stride_qh + offs_w[None, :], mask=mask_n[:, None], other=0,
+                     eviction_policy="evict_first").to(tl.int32)
+    else:
+        hi = words
+    return words, hi
 
 
 @triton.jit
-def _dequant_tile(qw_ptr, s_ptr, z_ptr, g_ptr, n, k, mask_n, mask_k, k0,
-                  stride_qw, stride_s, stride_z,
-                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, SYM: tl.constexpr,
-                  ACT_ORDER: tl.constexpr, ONE_GROUP: tl.constexpr):
-    """fp32 weights ``W[n, k]`` for a tile; ``n``/``k`` are broadcastable index tensors
-    (``[BN, 1]``/``[1, BK]`` for a row-major tile, ``[1, BN]``/``[BK, 1]`` for a K-major one).
+def _code(words, hi, j: tl.constexpr, BITS: tl.constexpr):
+    """Code ``j`` of every word (int32, same shape as ``words``): shifts in registers."""
+    LB: tl.constexpr = 2 if BITS == 3 else BITS
+    q = (words >> (j * LB)) & ((1 << LB) - 1)
+    if BITS == 3:
+        q = q | (((hi >> j) & 1) << 2)
+    return q
 
-    ONE_GROUP: the whole K range of this tile (starting at ``k0``) lies in one group, so
-    scales and zeros are one value per row instead of one per element.
-    """
-    mask = mask_n & mask_k
-    q = _unpack_codes(qw_ptr + n * stride_qw, k, mask, BITS)
-    if ONE_GROUP:
-        if GROUP_SIZE == -1:
-            g = k0 * 0
-        else:
-            g = k0 // GROUP_SIZE
-        s = tl.load(s_ptr + n * stride_s + g, mask=mask_n, other=0).to(tl.float32)
-        if SYM:
-            z = (1 << (BITS - 1)) + 0 * n
-        else:
-            z = _unpack_codes(z_ptr + g * stride_z, n, mask_n, BITS)
+
+@triton.jit
+def _as_f32(q):
+    """Exact fp32 of small non-negative int32 codes without an int->float conversion (those run
+    at a fraction of the ALU rate): the bits of ``2**23 + q``, minus ``2**23``."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _codes_kmajor(words, hi, BITS: tl.constexpr):
+    """All codes of a tile in column order: ``[BN, WK]`` words -> int32 ``[BN, PER, WK]``
+    (``[n, j, w]`` is column ``j * WK + w`` of the block)."""
+    LB: tl.constexpr = 2 if BITS == 3 else BITS
+    PER: tl.constexpr = 32 // LB
+    j = tl.arange(0, PER)[None, :, None]
+    q = (words[:, None, :] >> (j * LB)) & ((1 << LB) - 1)
+    if BITS == 3:
+        q = q | (((hi[:, None, :] >> j) & 1) << 2)
+    return q
+
+
+@triton.jit
+def _dequant_block(words, hi, s_ptr, z_ptr, offs_n, mask_n, k0, N,
+                   BITS: tl.constexpr, SG: tl.constexpr, SYM: tl.constexpr, KI: tl.constexpr):
+    """fp32 weights ``[BN, KI]`` of the block at ``k0``, columns in natural order."""
+    LB: tl.constexpr = 2 if BITS == 3 else BITS
+    PER: tl.constexpr = 32 // LB
+    WK: tl.constexpr = KI // PER
+    q = _as_f32(_codes_kmajor(words, hi, BITS))  # [BN, PER, WK]
+    cols = k0 + tl.arange(0, PER)[:, None] * WK + tl.arange(0, WK)[None, :]  # [PER, WK]
+    if KI <= SG:  # one sub-group: one scale (and zero) per row
+        ptr = (k0 // SG) * N + offs_n[:, None, None]
+    elif SG >= WK:  # one sub-group per code position j
+        ptr = ((k0 + tl.arange(0, PER) * WK) // SG)[None, :, None] * N + offs_n[:, None, None]
     else:
-        if ACT_ORDER:
-            g = tl.load(g_ptr + k, mask=mask_k, other=0)
-        else:
-            g = k // GROUP_SIZE
-        s = tl.load(s_ptr + n * stride_s + g, mask=mask, other=0).to(tl.float32)
-        if SYM:
-            z = (1 << (BITS - 1)) + 0 * q
-        else:
-            z = _unpack_codes(z_ptr + g * stride_z, n, mask, BITS)
-    return (q - z).to(tl.float32) * s
+        ptr = (cols // SG)[None, :, :] * N + offs_n[:, None, None]
+    m = mask_n[:, None, None]
+    s = tl.load(s_ptr + ptr, mask=m, other=0).to(tl.float32)
+    if SYM:
+        c = s * (-(1 << (BITS - 1)))
+    else:
+        c = -tl.load(z_ptr + ptr, mask=m, other=0).to(tl.float32) * s
+    return tl.reshape(q * s + c, (q.shape[0], KI))
+
+
+@triton.jit
+def _scale_zero(s_ptr, z_ptr, offs_n, mask_n, k0, N, j: tl.constexpr,
+                BITS: tl.constexpr, SG: tl.constexpr, SYM: tl.constexpr, KI: tl.constexpr):
+    """``(s, c)`` with ``c = -z * s`` (fp32, exact) for code ``j`` of the tile at ``k0``:
+    ``[BN, 1]`` when its columns lie in one sub-group (``KI <= SG``: loaded once per tile, at
+    ``j == 0``, and reused; or ``WK <= SG``: one per ``j``), ``[BN, WK]`` gathered otherwise."""
+    LB: tl.constexpr = 2 if BITS == 3 else BITS
+    PER: tl.constexpr = 32 // LB
+    WK: tl.constexpr = KI // PER
+    if SG >= WK:
+        g = (k0 + j * WK) // SG
+        ptr = g * N + offs_n[:, None]
+        m = mask_n[:, None]
+    else:
+        ptr = ((k0 + j * WK + tl.arange(0, WK)) // SG)[None, :] * N + offs_n[:, None]
+        m = mask_n[:, None]
+    s = tl.load(s_ptr + ptr, mask=m, other=0).to(tl.float32)
+    if SYM:
+        c = s * (-(1 << (BITS - 1)))
+    else:
+        c = -tl.load(z_ptr + ptr, mask=m, other=0).to(tl.float32) * s
+    return s, c

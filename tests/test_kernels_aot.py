@@ -1,8 +1,8 @@
 """Ahead-of-time compilation of every shipped kernel configuration for its GPU target (sm_80
 for the Ampere list, sm_90 for the Hopper list), on CPU: a configuration that would fail only
 on a device (tl.dot shape minimums, shared memory over the per-block limit) fails here.
-Each is compiled in its heaviest variant (fp32 activations, 3-bit codes straddling words,
-asymmetric, act-order gathers, bias)."""
+Each is compiled in its heaviest variant (fp32 activations, 3-bit bit planes, asymmetric, bias)
+and the production variant (bf16, 4-bit, group 128)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from hfcompress.kernels.aot import SMEM_LIMIT, compile_config, shipped  # noqa: E402
-from hfcompress.kernels.configs import CONFIGS, KernelConfig, prune  # noqa: E402
+from hfcompress.kernels.configs import CONFIGS, KernelConfig, candidates, prune  # noqa: E402
 
 SHIPPED = shipped()
 
@@ -29,27 +29,30 @@ def test_kernels_aot_compiles_within_limits(capability, config):
     assert compiled.asm.get("cubin"), "no cubin produced"
 
 
-@pytest.mark.parametrize("kind", ["gemv", "splitk", "gemm"])
+@pytest.mark.parametrize("kind", ["splitk", "gemm", "dense"])
 def test_kernels_aot_common_variant_sm90(kind):
-    """The production path: bf16, 4-bit, group 128 asymmetric, no act-order (one group per tile)."""
+    """The production path: bf16, 4-bit, group 128 asymmetric (the GEMV's is in test_kernels_ptx.py)."""
     config = CONFIGS["sm90"][kind][0]
-    compiled = compile_config(config, 90, dtype=torch.bfloat16, bits=4, group_size=128, act_order=False)
-    assert compiled.metadata.shared <= SMEM_LIMIT[90]
+    compiled = compile_config(config, 90, dtype=torch.bfloat16, bits=4, group_size=128, sym=False)
+    assert compiled.metadata.shared <= SMEM_LIMIT[90] and compiled.asm.get("cubin")
 
 
 def test_kernels_configs_prune_and_validate():
     gemv = CONFIGS["sm90"]["gemv"]
-    # a 64-wide problem keeps only tiles that fit it; split-K needs two K tiles per slice
-    kept = prune(gemv, m=1, n=64, k=64)
-    assert kept and all(c.block_k <= 64 and c.split_k == 1 for c in kept)
-    # M = 8 drops tiles whose [BM, BN, BK] product would spill registers
-    assert all(8 * c.block_n * c.block_k <= 128 * 32 * c.num_warps for c in prune(gemv, m=8, n=4096, k=4096))
-    with pytest.raises(ValueError, match="block_m, block_n, block_k >= 16"):
-        KernelConfig("gemm", block_m=8, block_n=64, block_k=64)
+    # 4-bit, KI = 128: 16 words per row per tile; every kept GEMV gives each thread >= one 128-bit load
+    kept = prune(gemv, m=1, n=4096, k=4096, ki=128, per=8)
+    assert kept and all(c.block_n * 16 >= 4 * 32 * c.num_warps for c in kept)
+    # a 64-wide problem keeps only tiles that fit it; split-K needs two K blocks per slice
+    small = prune(gemv, m=1, n=64, k=256, ki=128, per=8)
+    assert small and all(c.block_n <= 64 and c.split_k == 1 for c in small)
+    assert {c.kind for c in candidates("sm90", 1)} == {"gemv", "splitk"}
+    assert "dense" in {c.kind for c in candidates("sm90", 512)}
+    with pytest.raises(ValueError, match="block_m, block_n >= 16"):
+        KernelConfig("gemm", block_m=8, block_n=64)
     with pytest.raises(ValueError, match="power of two"):
-        KernelConfig("gemv", block_n=24, block_k=64)
+        KernelConfig("gemv", block_n=24)
     with pytest.raises(ValueError, match="kind="):
-        KernelConfig("gemmm", block_m=16, block_n=64, block_k=64)
+        KernelConfig("gemmm", block_m=16, block_n=64)
 
 
 def test_kernels_import_touches_nothing():

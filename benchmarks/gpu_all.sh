@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Every GPU benchmark of issue 13 in one command (on a machine with an H100/H200; ~10 minutes):
+#   bash benchmarks/gpu_all.sh
+# writes benchmarks/results/gpu_kernels.json and gpu_e2e.json and prints their README tables.
+# Each script is bounded (timeout) and saves after every section, so a slow step keeps the rest.
+set -uo pipefail
+cd "$(dirname "$0")"
+export TRITON_DEFAULT_FP_FUSION=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+timeout 330 python gpu_kernels.py; k=$?
+timeout 330 python gpu_e2e.py; e=$?
+python gpu_kernels.py --table results/gpu_kernels.json || true
+python gpu_e2e.py --table results/gpu_e2e.json || true
+echo "gpu_kernels exit $k, gpu_e2e exit $e"
+exit $(( k != 0 || e != 0 ))
