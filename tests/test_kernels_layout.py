@@ -79,7 +79,10 @@ def test_kernels_layout_interleave_lines_codes_up_with_contiguous_columns():
 
 
 def test_kernels_layout_cache_built_once_rebuilt_after_change():
+    import gc
+
     spec, (qw, s, z, gi) = _tensors(4, 64, False, True, seed=3)
+    gc.collect()  # earlier tests' layers must not be collected in the middle of the count
     before = gl.cached_layouts()
     a = gl.gpu_layout(qw, s, z, gi, 4, 64, False, K)
     assert gl.gpu_layout(qw, s, z, gi, 4, 64, False, K) is a
@@ -88,8 +91,6 @@ def test_kernels_layout_cache_built_once_rebuilt_after_change():
     b = gl.gpu_layout(qw, s, z, gi, 4, 64, False, K)
     assert b is not a and torch.equal(gl.dequantize_layout(b), dequantize(qw, s, z, gi, spec, K))
     del qw, a, b
-    import gc
-
     gc.collect()
     assert gl.cached_layouts() == before  # dropped with the packed tensor
 
