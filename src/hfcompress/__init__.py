@@ -10,7 +10,7 @@ from .adapters.eora import EoRAConfig, compensate, merge_compensation
 from .adapters.l4q import L4QConfig
 from .api import dequantize_, quantize_, requantize_
 from .config import ConfigError, GPTQConfig, HfCompressConfig, RTNConfig
-from .convert import FromGPTQConfig
+from .convert import FromGPTQConfig, export_compressed_tensors
 from .formats import FormatError, IntGroupSpec
 from .nn import QuantLinear
 from .streaming import quantize
@@ -54,6 +54,7 @@ __all__ = [
     "RTNConfig",
     "compensate",
     "dequantize_",
+    "export_compressed_tensors",
     "l4q",
     "merge_and_requantize",
     "merge_compensation",

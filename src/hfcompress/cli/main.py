@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # one module per subcommand, in the order shown by --help
-COMMANDS = ("quantize", "inspect", "push", "compensate", "eval", "demo", "convert")
+COMMANDS = ("quantize", "inspect", "push", "compensate", "eval", "demo", "convert", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
