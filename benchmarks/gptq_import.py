@@ -1,0 +1,180 @@
+"""GPTQ import and compressed-tensors export on the real SmolLM2-135M-Instruct.
+
+Three steps, two interpreters (GPTQModel is not a dependency of hfcompress):
+
+    python benchmarks/gptq_import.py prepare                       # hfcompress venv: token ids
+    GPTQMODEL_CPU_WORKERS=2 /work/venv-baselines/bin/python benchmarks/gptq_import.py gptqmodel
+    python benchmarks/gptq_import.py ours                          # hfcompress venv: the rest
+
+``prepare`` writes the calibration windows (the bundled Shakespeare, 32 x 512 tokens) and the
+evaluation token ids (held-out Hamlet, SQLite docs: the texts every benchmark here scores).
+``gptqmodel`` quantizes SmolLM2 with GPTQModel 7.6.0 (4-bit, group 128, its defaults otherwise,
+bf16: fp16 matmuls on this CPU made it 10x slower), saves the checkpoint GPTQModel writes, loads it back with ``GPTQModel.load(dir,
+device="cpu")`` (its own CPU path and kernel choice) and scores it with hfcompress's sliding-window
+perplexity (``src/hfcompress/evaluate.py``, loaded by path: it needs only torch).
+``ours`` converts that checkpoint with ``FromGPTQConfig`` (fp32 model: the exact dequantized
+weights), checks every layer's weight against GPTQModel's formula, scores the same ids, and
+exports an hfcompress RTN 4-bit g64 SmolLM2 to compressed-tensors, reads it back with
+transformers and compares logits (the g128 GPTQ import itself has ragged groups on SmolLM2's
+576-wide layers, which compressed-tensors cannot store: the export's refusal is recorded).
+Decode speed of the converted checkpoint: ``benchmarks/cpu_decode.py --gptq DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "benchmarks" / ".cache"
+IDS = CACHE / "gptq_import_ids.safetensors"
+GPTQ_DIR = CACHE / "smollm2-gptqmodel-w4g128"
+OUT = ROOT / "benchmarks" / "results" / "gptq_import.json"
+DOMAINS = ("hamlet", "sqlite")
+EVAL = dict(window=512, stride=256, max_tokens=8192)
+
+
+def _smollm2_dir() -> str:
+    from hfcompress.smollm2 import smollm2_checkpoint
+
+    return smollm2_checkpoint()  # bf16, converted once from the bundled GGUF
+
+
+def prepare() -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from hfcompress.calibration import get_calibration_batches
+    from hfcompress.calibration.data import tokenize_text
+    from hfcompress.data import __file__ as data_init
+
+    src = _smollm2_dir()
+    tok = AutoTokenizer.from_pretrained(src)
+    data = Path(data_init).parent
+    ids = {"calibration": torch.cat(get_calibration_batches(tok, None, n_samples=32, seq_len=512))}
+    for name, f in (("hamlet", "shakespeare_eval.txt"), ("sqlite", "sqlite_eval.txt")):
+        ids[name] = tokenize_text(tok, [(data / f).read_text()]).reshape(-1)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in ids.items()}, IDS, metadata={"source": src})
+    print({k: tuple(v.shape) for k, v in ids.items()})
+
+
+def _perplexity_fn():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hfc_evaluate", ROOT / "src" / "hfcompress" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.perplexity
+
+
+def _merge(part: dict) -> None:
+    result = json.loads(OUT.read_text()) if OUT.exists() else {}
+    result.update(part)
+    OUT.write_text(json.dumps(result, indent=1))
+
+
+def gptqmodel() -> None:
+    import gptqmodel as gm_pkg
+    from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+    from safetensors.torch import load_file
+
+    ids = load_file(IDS)
+    src = _find_src()
+    calib = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in ids["calibration"]]
+    t0 = time.perf_counter()
+    model = GPTQModel.load(src, QuantizeConfig(bits=4, group_size=128), device="cpu", dtype=torch.bfloat16)
+    model.quantize(calib, batch_size=8)
+    model.save(str(GPTQ_DIR))
+    quantize_s = time.perf_counter() - t0
+    del model
+    perplexity = _perplexity_fn()
+    loaded = GPTQModel.load(str(GPTQ_DIR), device="cpu")  # its own CPU path: kernel and dtype it picks
+    kernels = sorted({type(m).__name__ for m in loaded.model.modules() if isinstance(m, BaseQuantLinear)})
+    with torch.inference_mode():
+        ppl = {d: round(perplexity(loaded.model, ids=ids[d], **EVAL).perplexity, 4) for d in DOMAINS}
+    _merge({"gptqmodel": {"version": gm_pkg.__version__, "quantize_s": round(quantize_s, 1), "kernels": kernels,
+                          "dtype": str(next(loaded.model.parameters()).dtype), "perplexity": ppl,
+                          "checkpoint": str(GPTQ_DIR.relative_to(ROOT)),
+                          "quantization_config": json.loads((GPTQ_DIR / "config.json").read_text())
+                          ["quantization_config"]}})
+    print(ppl, kernels)
+
+
+def _find_src() -> str:
+    for base in (os.environ.get("HFCOMPRESS_CACHE"), os.path.join(os.path.expanduser("~"), ".cache", "hfcompress")):
+        if base and os.path.isfile(os.path.join(base, "SmolLM2-135M-Instruct", "model.safetensors")):
+            return os.path.join(base, "SmolLM2-135M-Instruct")
+    raise FileNotFoundError("run `python benchmarks/gptq_import.py prepare` first (it writes the SmolLM2 checkpoint)")
+
+
+def ours() -> None:
+    import tempfile
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import hfcompress
+    from hfcompress.evaluate import perplexity
+    from hfcompress.formats.int_group import unpack_codes
+
+    ids = load_file(IDS)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(GPTQ_DIR, quantization_config=hfcompress.FromGPTQConfig(),
+                                                 dtype=torch.float32).eval()
+    convert_s = time.perf_counter() - t0
+    q = model.config.quantization_config
+    assert (q.bits, q.source["checkpoint_format"]) == (4, "gptq"), q.source  # the v1 offset below is 4-bit's
+    # every layer against GPTQModel's formula on the stored tensors (fp32: exact products)
+    sd = load_file(GPTQ_DIR / "model.safetensors")
+    exact, layers = 0, 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, hfcompress.QuantLinear):
+            n, k = mod.out_features, mod.in_features
+            codes = unpack_codes(sd[f"{name}.qweight"].t().contiguous(), q.bits, k).float()
+            words = (sd[f"{name}.qzeros"].long() + 0x11111111) & 0xFFFFFFFF  # v1 -> v2, as GPTQModel loads it
+            words = torch.where(words >= 2**31, words - 2**32, words).int()
+            z = unpack_codes(words, q.bits, n).float()
+            g = sd[f"{name}.g_idx"].long()
+            w = (codes - z.t()[:, g]) * sd[f"{name}.scales"].float().t()[:, g]
+            exact += int(torch.equal(mod.dequantize(torch.float32), w))
+            layers += 1
+    with torch.inference_mode():
+        ppl = {d: round(perplexity(model, ids=ids[d], **EVAL).perplexity, 4) for d in DOMAINS}
+    part = {"ours_converted": {"convert_s": round(convert_s, 1), "layers": layers, "layers_bit_exact": exact,
+                               "spec": {k: getattr(q, k) for k in ("bits", "group_size", "sym", "act_order")},
+                               "perplexity": ppl}}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            hfcompress.export_compressed_tensors(model, os.path.join(tmp, "ct"))
+            part["ours_converted"]["compressed_tensors_export"] = "exported"
+        except ValueError as e:
+            part["ours_converted"]["compressed_tensors_export"] = f"refused: {e}"
+        del model
+        # compressed-tensors logits on the real model: RTN 4-bit g64 (576 and 1536 are multiples of 64)
+        from hfcompress.smollm2 import load_smollm2
+
+        float_model, tok = load_smollm2()
+        rtn = hfcompress.quantize_(float_model, hfcompress.RTNConfig(bits=4, group_size=64, mse_clip=False))
+        hfcompress.export_compressed_tensors(rtn, os.path.join(tmp, "ct-rtn"))
+        theirs = AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "ct-rtn")).eval()
+        x = ids["hamlet"][:512][None]
+        with torch.inference_mode():
+            a, b = rtn(x).logits.double(), theirs(x).logits.double()
+            ppl_ct = {d: round(perplexity(theirs, ids=ids[d], **EVAL).perplexity, 4) for d in DOMAINS}
+            ppl_rtn = {d: round(perplexity(rtn, ids=ids[d], **EVAL).perplexity, 4) for d in DOMAINS}
+        part["compressed_tensors_rtn_w4g64"] = {
+            "max_abs_logit_diff_over_max_abs_logit": float((a - b).abs().max() / a.abs().max()),
+            "tokens": int(x.numel()), "perplexity_ours": ppl_rtn, "perplexity_transformers_compressed_tensors": ppl_ct}
+    _merge(part)
+    print(json.dumps(part, indent=1))
+
+
+if __name__ == "__main__":
+    {"prepare": prepare, "gptqmodel": gptqmodel, "ours": ours}[sys.argv[1]]()
