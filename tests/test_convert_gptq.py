@@ -1,4 +1,4 @@
-"""GPTQ import (hfcompress.convert.gptq): checkpoints written by GPTQModel 7.6.0 itself
+"""GPTQ import (hfcompress.convert.gptq_to_int_group): checkpoints written by GPTQModel 7.6.0 itself
 (tests/fixtures/gptq/, made by tests/fixtures/make_gptq_checkpoints.py) convert into int_group
 with dequantized weights bit-identical to GPTQModel's own dequantization; what cannot convert
 exactly is refused by name."""
@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import hfcompress
-from hfcompress.convert.gptq import ConversionError, GPTQSource, convert_layer
+from hfcompress.convert.gptq_to_int_group import ConversionError, GPTQSource, convert_layer
 from hfcompress.formats.int_group import pack_codes, unpack_codes
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "gptq")

@@ -1,4 +1,4 @@
-"""compressed-tensors export (hfcompress.convert.compressed_tensors): the consumer's own reader
+"""compressed-tensors export (hfcompress.convert.int_group_to_compressed_tensors): the consumer's own reader
 (transformers' compressed-tensors integration) loads the export and computes our logits; the
 config parses with compressed-tensors' own classes; what has no exact twin is refused by name."""
 
@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import hfcompress
 from hfcompress.convert import ConversionError, export_compressed_tensors
-from hfcompress.convert.compressed_tensors import convert_layer
+from hfcompress.convert.int_group_to_compressed_tensors import convert_layer
 from hfcompress.formats.int_group import IntGroupSpec
 from tiny_models import inputs, llama_gqa
 

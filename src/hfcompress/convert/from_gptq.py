@@ -3,7 +3,7 @@ straight into hfcompress QuantLinear layers (int_group), exactly; ``save_pretrai
 writes an ordinary hfcompress checkpoint that records where it came from.
 
 While loading, every linear layer that has a ``qweight`` in the checkpoint becomes a
-:class:`~hfcompress.convert.gptq.GPTQLinear` placeholder (shapes and dtypes from the
+:class:`~hfcompress.convert.gptq_to_int_group.GPTQLinear` placeholder (shapes and dtypes from the
 safetensors headers, so transformers loads the tensors untouched); after loading each is
 converted and replaced by a QuantLinear. Linear layers without GPTQ tensors stay float and are
 listed in ``modules_to_not_convert`` so a reload builds the same model.
@@ -19,7 +19,7 @@ from torch import nn
 from ..config import ConfigError, HfCompressConfig, register_algorithm
 from ..modules import linear_shape, set_submodule, is_linear
 from ..formats import make_layer
-from .gptq import TENSORS, ConversionError, GPTQLinear, GPTQSource, choose_spec, convert_layer
+from .gptq_to_int_group import TENSORS, ConversionError, GPTQLinear, GPTQSource, choose_spec, convert_layer
 
 
 @register_algorithm

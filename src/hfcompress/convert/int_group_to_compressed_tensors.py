@@ -42,7 +42,7 @@ import shutil
 import torch
 
 from ..formats.int_group import IntGroupSpec
-from .gptq import ConversionError
+from .gptq_to_int_group import ConversionError
 
 QUANT_METHOD = "compressed-tensors"
 FORMAT = "pack-quantized"
