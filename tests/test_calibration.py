@@ -137,3 +137,70 @@ def test_calibration_skip_and_missing_blocks():
     assert "mlp.down_proj" not in step.linear_names and "mlp.up_proj" in step.linear_names
     with pytest.raises(ValueError, match="no list of decoder blocks"):
         find_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_calibration_input_stats_half_filled_sum_is_full_xtx_and_merges():
+    """X^T X accumulated on and above the diagonal blocks (K wider than one block, ragged last
+    block) equals the full product; merge_ of two halves of the tokens equals one pass over all."""
+    from hfcompress.calibration import InputStats
+
+    g = torch.Generator().manual_seed(0)
+    k = 2 * InputStats.BLOCK + 37
+    x = torch.randn(3, 50, k, generator=g)
+    a = InputStats(torch.zeros(k, k))
+    for chunk in x:
+        a.add_(chunk)
+    flat = x.reshape(-1, k).double()
+    ref = (flat.t() @ flat).float()
+    torch.testing.assert_close(a.xtx, ref, rtol=1e-5, atol=1e-3)
+    assert torch.equal(a.xtx, a.xtx.t()) and a.n_tokens == 150
+    a.add_(x[0])  # reading in between and adding more keeps the sum right
+    torch.testing.assert_close(a.xtx, ref + (x[0].t() @ x[0]), rtol=1e-5, atol=1e-3)
+    b, c = InputStats(torch.zeros(k, k)), InputStats(torch.zeros(k, k))
+    b.add_(x[:2])
+    c.add_(x[2:])
+    torch.testing.assert_close(b.merge_(c).xtx, ref, rtol=1e-5, atol=1e-3)
+    assert b.n_tokens == 150
+    torch.testing.assert_close(b.hessian(), 2 * ref / 150, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_calibration_replay_of_final_children_is_exact(arch):
+    """Once a child's linear layers are marked final (e.g. the whole attention), later passes
+    replay its recorded output instead of recomputing it: the stats and block outputs are the
+    same as without replay, bit for bit, the child runs fewer times, and hooked layers still run."""
+    ids = tm.inputs(3, 13)
+
+    def walk(mark: bool):
+        model = tm.BUILDERS[arch]()
+        attn_name = "self_attn" if arch != "gpt2" else "attn"
+        calls = [0]
+        stats_seen, outs = [], []
+        for step in iterate_blocks(model, [ids[:2], ids[2:]]):
+            if step.index == 0:  # count the attention's real runs by its first linear layer
+                attn = step.block.get_submodule(attn_name + (".q_proj" if arch != "gpt2" else ".c_attn"))
+                attn.register_forward_hook(lambda m, a, o: calls.__setitem__(0, calls[0] + 1))
+            for group in step.sequential_groups():
+                stats = step.collect_input_stats(group)
+                stats_seen.append(stats[group[0]].xtx.clone())
+                for name in group:  # "quantize": change the layer, then promise it is final
+                    step.module(name).weight.data.mul_(0.9)
+                if mark:
+                    step.mark_final(group)
+            if step.index == 0:
+                hooked = [attn_name + (".o_proj" if arch != "gpt2" else ".c_proj")]
+                got = []
+                outs = step.run({hooked[0]: lambda m, x, y: got.append(y)})
+                assert len(got) == 2  # a hooked layer is never skipped
+                outs.append(step.run())
+        with torch.no_grad():
+            logits = model(ids).logits
+        return stats_seen, outs, calls[0], logits
+
+    s0, o0, calls0, l0 = walk(False)
+    s1, o1, calls1, l1 = walk(True)
+    assert all(torch.equal(a, b) for a, b in zip(s0, s1)) and len(s0) == len(s1)
+    assert all(torch.equal(a, b) for a, b in zip(o0[:-1], o1[:-1]))
+    assert all(torch.equal(a, b) for a, b in zip(o0[-1], o1[-1]))
+    assert torch.equal(l0, l1)
+    assert calls1 < calls0, (calls0, calls1)

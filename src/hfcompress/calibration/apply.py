@@ -77,6 +77,7 @@ def quantize_blocks_(model: nn.Module, config, batches: list[torch.Tensor], devi
                 for rel, q in qs.items():
                     _load_dequantized_(step.module(rel), q)
                     pending[rel] = q
+            step.mark_final(group)  # later passes over this block may replay what only these feed
             del stats
     if quantize_outside:
         prefix, _ = find_blocks(model)

@@ -10,6 +10,7 @@ block's weights plus the activations of the calibration batches.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -17,6 +18,9 @@ import torch
 from torch import nn
 
 from ..modules import is_conv1d, is_linear, matches
+
+
+_TWICE = object()  # a recorded child that ran more than once in one forward
 
 
 class _StopForward(Exception):
@@ -100,17 +104,50 @@ def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor], device=N
     return hidden, args, kwargs
 
 
-@dataclass
 class InputStats:
-    """Running ``X^T X`` (fp32, ``[K, K]``) and token count of one linear layer's inputs."""
+    """Running ``X^T X`` (fp32, ``[K, K]``) and token count of one linear layer's inputs.
 
-    xtx: torch.Tensor
-    n_tokens: int = 0
+    A plain sum: the stats of two disjoint sets of tokens are ``a.merge_(b)`` (what a
+    distributed run reduces). ``add_`` fills only the blocks on and above the diagonal (the sum
+    is symmetric: about 0.6x the multiply-adds of a full ``X^T X``); ``xtx`` mirrors them into
+    the lower blocks when read."""
+
+    #: width of the column blocks of the half-filled sum
+    BLOCK = 256
+
+    def __init__(self, xtx: torch.Tensor, n_tokens: int = 0):
+        self._sum = xtx  # [K, K] fp32; blocks below the diagonal stale while _half
+        self._half = False
+        self.n_tokens = n_tokens
+
+    @property
+    def xtx(self) -> torch.Tensor:
+        """``X^T X`` summed over every token seen (``[K, K]``, fp32, symmetric)."""
+        if self._half:
+            k, b = self._sum.shape[0], self.BLOCK
+            for i in range(b, k, b):  # lower block rows <- transposed upper block columns
+                self._sum[i:i + b, :i] = self._sum[:i, i:i + b].t()
+            self._half = False
+        return self._sum
 
     def add_(self, x: torch.Tensor) -> None:
+        """Add the tokens of ``x [..., K]``."""
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)  # [tokens, K]
-        self.xtx.addmm_(x.t(), x)
+        k, b = x.shape[1], self.BLOCK
+        if k <= b:
+            self._sum.addmm_(x.t(), x)
+        else:
+            xt = x.t()
+            for i in range(0, k, b):  # block row i, columns i.. (the diagonal block and right of it)
+                self._sum[i:i + b, i:].addmm_(xt[i:i + b], x[:, i:])
+            self._half = True
         self.n_tokens += x.shape[0]
+
+    def merge_(self, other: "InputStats") -> "InputStats":
+        """Add another run's sums (same layer, other tokens)."""
+        self.xtx.add_(other.xtx.to(self._sum.device))
+        self.n_tokens += other.n_tokens
+        return self
 
     def hessian(self) -> torch.Tensor:
         """GPTQ's ``H = 2 X X^T / n`` (``[K, K]``, fp32)."""
@@ -134,10 +171,21 @@ class BlockStep:
     kwargs: list[dict]
     linear_names: list[str]
     _groups: list[list[str]] | None = field(default=None, repr=False)
+    _final: set[str] = field(default_factory=set, repr=False)
+    _replay: dict[str, list] = field(default_factory=dict, repr=False)  # child name -> its output per input
 
     def module(self, name: str) -> nn.Module:
         """The module now at block-relative ``name`` (a QuantLinear once the caller replaced it)."""
         return self.block.get_submodule(name)
+
+    def mark_final(self, names: list[str]) -> None:
+        """Promise that the named linear layers will not change again in this block.
+
+        A child of the block (e.g. ``self_attn``) whose linear layers are all final, and whose
+        input depends on final layers only, then computes the same output in every later pass:
+        the first pass that runs it whole records its output, later passes (``collect_input_stats``,
+        ``run``) replay it instead of recomputing it."""
+        self._final.update(names)
 
     @torch.no_grad()
     def run(self, hooks: dict[str, Callable[[nn.Module, torch.Tensor, torch.Tensor], None]] | None = None,
@@ -152,14 +200,84 @@ class BlockStep:
         handles = [self.module(name).register_forward_hook(make(fn)) for name, fn in (hooks or {}).items()]
         outputs = [] if keep_outputs else None
         try:
-            for x, a, kw in zip(self.inputs, self.args, self.kwargs):
-                out = self.block(x, *a, **kw)
-                if outputs is not None:
-                    outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
+            with self._replaying(watch=set(hooks or {})) as at:
+                for i, (x, a, kw) in enumerate(zip(self.inputs, self.args, self.kwargs)):
+                    at[0] = i
+                    out = self.block(x, *a, **kw)
+                    if outputs is not None:
+                        outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
         finally:
             for h in handles:
                 h.remove()
         return outputs
+
+    @torch.no_grad()
+    def _advance_(self) -> None:
+        """Replace each input by the block's output on it (one batch of outputs alive at a time)."""
+        with self._replaying() as at:
+            for i, (a, kw) in enumerate(zip(self.args, self.kwargs)):
+                at[0] = i
+                out = self.block(self.inputs[i], *a, **kw)
+                self.inputs[i] = out[0] if isinstance(out, (tuple, list)) else out
+        self._replay.clear()
+
+    @contextmanager
+    def _replaying(self, watch: set[str] = frozenset()):
+        """During a pass over the inputs: replay the recorded children, record the children that
+        may be replayed from now on. Children holding a ``watch``ed layer (hooked by the pass) run
+        for real. Yields ``[i]``: the caller sets the input index."""
+        at = [0]
+        if not self._final:
+            yield at
+            return
+        linear = {n for n, m in self.block.named_modules() if n and is_linear(m)}
+        changing = [n for n in self.linear_names if n not in self._final]  # may still change
+        tainted = [False]  # a changing layer ran earlier in this forward
+        recording: dict[str, list] = {}
+        handles, patched = [], []
+
+        def taint(module, args):
+            tainted[0] = True
+
+        def record(name):
+            def hook(module, args, output):
+                outs = recording[name]
+                if outs[at[0]] is not None:  # called twice in one forward (shared module): never replayed
+                    outs[at[0]] = _TWICE
+                elif not tainted[0]:
+                    outs[at[0]] = (output, _versions(output))
+            return hook
+
+        def pre(module, args, kwargs):
+            tainted[0] = False  # a new forward of the block starts
+            return None
+
+        for name, child in self.block.named_children():
+            mine = [n for n in linear if n == name or n.startswith(name + ".")]
+            if not mine or any(n in changing for n in mine):
+                continue
+            if any(n in watch for n in mine):
+                continue
+            if name in self._replay:
+                patched.append((child, child.__dict__.get("forward")))  # e.g. accelerate's hooked forward
+                child.forward = _replay_forward(child, self._replay[name], at)
+            else:
+                recording[name] = [None] * len(self.inputs)
+                handles.append(child.register_forward_hook(record(name)))
+        handles += [self.module(n).register_forward_pre_hook(taint) for n in changing]
+        handles.append(self.block.register_forward_pre_hook(pre, with_kwargs=True))
+        try:
+            yield at
+        finally:
+            for h in handles:
+                h.remove()
+            for child, own in patched:
+                del child.forward
+                if own is not None:
+                    child.forward = own
+        for name, outs in recording.items():
+            if all(o is not None and o is not _TWICE for o in outs):
+                self._replay[name] = outs
 
     @torch.no_grad()
     def collect_input_stats(self, names: list[str] | None = None, stop_early: bool = True) -> dict[str, InputStats]:
@@ -196,13 +314,15 @@ class BlockStep:
 
         handles = [self.module(n).register_forward_pre_hook(make(n)) for n in names]
         try:
-            for x, a, kw in zip(self.inputs, self.args, self.kwargs):
-                seen.clear()
-                last[:] = [None, None]
-                try:
-                    self.block(x, *a, **kw)
-                except _StopForward:
-                    pass
+            with self._replaying(watch=wanted) as at:
+                for i, (x, a, kw) in enumerate(zip(self.inputs, self.args, self.kwargs)):
+                    at[0] = i
+                    seen.clear()
+                    last[:] = [None, None]
+                    try:
+                        self.block(x, *a, **kw)
+                    except _StopForward:
+                        pass
         finally:
             for h in handles:
                 h.remove()
@@ -242,6 +362,28 @@ class BlockStep:
             missing = [n for n in self.linear_names if not any(n in g for g in groups)]
             self._groups = groups + [[n] for n in missing]
         return self._groups
+
+
+def _versions(obj) -> list[int]:
+    """In-place version counters of the tensors in a module output (tensor, tuple, None ...)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj._version]
+    if isinstance(obj, (tuple, list)):
+        return [v for o in obj for v in _versions(o)]
+    return []
+
+
+def _replay_forward(child: nn.Module, outputs: list, at: list):
+    """A ``forward`` for ``child`` that returns its recorded output for input ``at[0]``; if that
+    output was changed in place since (by code after the child), it runs the real forward."""
+    real = child.forward  # the forward it had (its class's, or an instance attribute such as accelerate's)
+
+    def forward(*args, **kwargs):
+        out, versions = outputs[at[0]]
+        if _versions(out) == versions:
+            return out
+        return real(*args, **kwargs)
+    return forward
 
 
 def _in_features(m: nn.Module) -> int:
@@ -301,8 +443,8 @@ def iterate_blocks(model: nn.Module, batches: list[torch.Tensor], skip: list[str
         step = BlockStep(i, name, block, hidden, args, kwargs, block_linear_names(block, name, skip))
         yield step
         block = blocks[i]  # the caller may have replaced modules inside it
-        hidden = step.run()
-        step.inputs = hidden
+        step._advance_()  # step.inputs now holds the block's outputs
+        hidden = step.inputs
         block.to(home)
         if release_block is not None:
             release_block(i, name, block)

