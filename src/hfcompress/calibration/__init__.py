@@ -12,10 +12,12 @@ Usage (what GPTQ and EoRA do)::
         # step.inputs / step.args / step.kwargs: what the model passed the block per batch,
         # step.linear_names: block-relative linear layers in execution order
         for group in step.sequential_groups():          # e.g. [q,k,v], [o], [gate,up], [down]
-            stats = step.collect_input_stats(group)     # name -> InputStats (X^T X fp32, n_tokens)
+            stats = step.collect_input_stats(group)     # name -> InputStats (.xtx fp32, .n_tokens; merge_)
             for name in group:
                 H = stats[name].hessian()               # 2 X^T X / n   [K, K]
                 ...                                     # replace step.module(name) in step.block
+            step.mark_final(group)                      # optional promise: these layers stay as they are
+            #   now; later passes replay a child (e.g. self_attn) whose layers are all final
         # arbitrary statistics: step.run(hooks={name: fn(module, x, y)}) runs the block on all
         # inputs; step.run() returns the block's outputs.
     # leaving the loop body: the runner runs the *changed* block and feeds its outputs to the
