@@ -248,6 +248,11 @@ def table(path: str = RESULTS) -> str:
             per = ", ".join(f"{r['size']}: {1e3 * r['cpu_s'] / r['tokens']:.2f}" for r in mems)
             targets.append(f"- {model}: in-memory CPU ms per calibration token, {per} (at most linear growth: "
                            "flat or falling, the per-layer work being fixed)")
+    for r in data["entries"]:
+        if "error" in r:
+            what = "failed or stopped (see the JSON and benchmarks/README.md)"
+            targets.append(f"- {r['kind']}{' (profile)' if r.get('profiled') else ''} {r['size']} on "
+                           f"{r.get('blocks', 30)} blocks: {what}, no numbers")
     prof = [r for r in data["entries"] if r.get("profiled") and "error" not in r]
     if prof:
         phases = list(prof[0]["phases_cpu_s"])
@@ -299,7 +304,8 @@ def main(argv=None) -> int:
         line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
             print(f"   {kind} {size} FAILED ({proc.returncode}):\n{stderr[-2500:]}", flush=True)
-            r = {"kind": kind, "size": size, "blocks": args.blocks or 30, "profiled": prof, "error": stderr[-600:]}
+            r = {"kind": kind, "size": size, "blocks": args.blocks or 30, "profiled": prof, "error": stderr[-600:],
+                 "returncode": proc.returncode}
         else:
             r = json.loads(line[-1][len("RESULT "):])
             print("   " + json.dumps(r), flush=True)
