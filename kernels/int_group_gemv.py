@@ -1,11 +1,16 @@
 """GEMV for decode (M = 1..4): each program streams ``[BLOCK_N, KI]`` weight tiles (packed words
-loaded once per tile with 128-bit vector loads), expands code ``j`` of every word with a shift,
-dequantizes it with one fma (``w = q * s + c``) and multiplies it with the matching contiguous
-run of activations on the CUDA cores (at M <= 8 the kernel is bound by reading the packed
-weights, not by math). Tiles never cross a sub-group, so scales and zeros are one load per row
-per tile. Partial sums stay per thread across K tiles (one ``[BN, WK]`` accumulator per
-activation row) and are reduced once at the end. Optional split-K over a grid axis, accumulated with fp32 atomics into a zeroed
-workspace."""
+loaded once per tile with 128-bit vector loads, the next tile's requested before this one is
+computed), expands code ``j`` of every word with a shift, dequantizes it with one fma
+(``w = q * s + c``) and multiplies it with the matching contiguous run of activations on the
+CUDA cores (at M <= 4 tensor cores buy nothing). Tiles never cross a sub-group, so scales and
+zeros are one load per row per tile. Partial sums stay per thread across K tiles (one
+``[BN, WK]`` accumulator per activation row) and are reduced once at the end. Optional split-K
+over a grid axis, accumulated with fp32 atomics into a zeroed workspace.
+
+The loop body is about six ALU instructions per code (bit-field extract, or, sub, two fma,
+the activation's bf16->fp32 conversion; see tests/test_kernels_ptx.py): whether the kernel is
+then bound by HBM or by those instructions on a given GPU is for benchmarks/gpu_kernels.py to
+measure."""
 
 import triton
 import triton.language as tl
@@ -40,10 +45,18 @@ def _int_group_gemv_kernel(
     acc1 = tl.zeros((BLOCK_N, WK), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, WK), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N, WK), dtype=tl.float32)
-    for t in range(pid_k * per_split, t_end):
+    # software pipelining in registers: the next tile's words, scales and zeros are requested
+    # before this tile is computed, so a thread always has a tile of loads in flight
+    t0 = pid_k * per_split
+    more = offs_n * 0 + t0 < t_end  # [BN] (a tensor: the interpreter rejects scalar masks)
+    words, hi = _load_words(qw_ptr, qh_ptr, offs_n, mask_n & more, t0 * KI, stride_qw, stride_qh, BITS, KI)
+    s, c = _scale_zero(s_ptr, z_ptr, offs_n, mask_n & more, t0 * KI, N, 0, BITS, SG, SYM, KI)
+    for t in range(t0, t_end):
         k0 = t * KI
-        words, hi = _load_words(qw_ptr, qh_ptr, offs_n, mask_n, k0, stride_qw, stride_qh, BITS, KI)  # [BN, WK]
-        s, c = _scale_zero(s_ptr, z_ptr, offs_n, mask_n, k0, N, 0, BITS, SG, SYM, KI)
+        more = offs_n * 0 + t + 1 < t_end
+        words_next, hi_next = _load_words(qw_ptr, qh_ptr, offs_n, mask_n & more, k0 + KI, stride_qw, stride_qh,
+                                          BITS, KI)
+        s_next, c_next = _scale_zero(s_ptr, z_ptr, offs_n, mask_n & more, k0 + KI, N, 0, BITS, SG, SYM, KI)
         for j in tl.static_range(PER):
             if j > 0 and SG < KI:
                 s, c = _scale_zero(s_ptr, z_ptr, offs_n, mask_n, k0, N, j, BITS, SG, SYM, KI)
@@ -57,6 +70,7 @@ def _int_group_gemv_kernel(
             if BLOCK_M > 2:
                 acc2 += w * _x(x_ptr, kk, K, 2, M, stride_xm)
                 acc3 += w * _x(x_ptr, kk, K, 3, M, stride_xm)
+        words, hi, s, c = words_next, hi_next, s_next, c_next
 
     out_ptrs = out_ptr + offs_n
     _store_row(out_ptrs, b_ptr, acc0, offs_n, mask_n, 0, M, stride_om, HAS_BIAS, SPLIT_K)

@@ -8,7 +8,8 @@ Hopper GEMV configuration. Per K tile (one trip of the kernel's loop), per threa
 - one scale and one zero load per row the thread owns, nothing else gathered per element;
 - activations: 64/128-bit loads of contiguous runs (code ``j`` of a thread's words meets
   consecutive columns), exactly one bf16 per code dequantized, evict-last;
-- no shared-memory traffic or barrier inside the loop; one fma per code for the dequantization.
+- no shared-memory traffic or barrier inside the loop; one fma per code for the dequantization;
+- the next tile's words are requested before this tile is computed (registers double-buffered).
 
 The kernels this replaced issued ~98 global loads per thread per tile, almost all scalar 32-bit
 reloads of the same word.
@@ -76,5 +77,8 @@ def test_kernels_ptx_gemv_bf16_4bit_g128_loads(config):
     assert len(acts) <= PER * len(weights)
     # no shared-memory round trip inside the loop (the tile stays in the loaded registers)
     assert not [ln for ln in body if re.search(r"\b(st|ld)\.shared|bar\.sync", ln)]
+    # software pipelining: the next tile's words are requested before this tile's math starts
+    first_fma = next(i for i, ln in enumerate(body) if ln.startswith("fma.rn.f32"))
+    assert max(i for i, ln in enumerate(body) if "evict_first" in ln) < first_fma
     # the dequantization is one fma per code
     assert sum(ln.startswith("fma.rn.f32") for ln in body) >= 2 * config.block_n * KI // threads
