@@ -15,8 +15,10 @@ class SpQRConfig(HfCompressConfig):
     """SpQR (Dettmers et al., 2023): GPTQ-style pass with small groups (``group_size`` 16),
     first-level scales quantized to ``stat_bits`` in groups of ``stat_group_size`` rows, and
     outliers (``outlier_threshold`` = tau, relative to the mean Hessian-weighted error; ``None``
-    or ``inf``: no outliers) kept in fp16 in a sparse matrix. ``act_order`` quantizes (and stores)
-    the columns by descending activation energy. ``damp``, ``dataset``, ``n_samples``,
+    or ``inf``: no outliers) kept in fp16 in a sparse matrix. On SmolLM2-135M the default 2.0 kept
+    0.04% of the first block's weights (3.58 bits per weight, everything counted); 0.2 kept 2% of
+    the first two blocks' (4.23). ``act_order`` quantizes (and stores) the columns by descending
+    activation energy. ``damp``, ``dataset``, ``n_samples``,
     ``seq_len``, ``true_sequential`` as in :class:`~hfcompress.GPTQConfig`.
     """
 
@@ -35,7 +37,7 @@ class SpQRConfig(HfCompressConfig):
     }
 
     def __init__(self, bits: int = 3, group_size: int = 16, stat_bits: int = 3, stat_group_size: int = 16,
-                 outlier_threshold: float | None = 0.2, act_order: bool = True, damp: float = 0.01, dataset=None,
+                 outlier_threshold: float | None = 2.0, act_order: bool = True, damp: float = 0.01, dataset=None,
                  n_samples: int = 128, seq_len: int = 512, true_sequential: bool = True,
                  modules_to_not_convert: list[str] | None = None, sym: bool = False, **kwargs):
         if sym is not False:
@@ -105,7 +107,7 @@ class SpQRConfig(HfCompressConfig):
     def add_cli_arguments(cls, group) -> None:
         group.add_argument("--stat-bits", type=int, default=3, help="spqr: bits of the quantized group scales")
         group.add_argument("--stat-group-size", type=int, default=16, help="spqr: rows per second-level group")
-        group.add_argument("--outlier-threshold", type=float, default=0.2,
+        group.add_argument("--outlier-threshold", type=float, default=2.0,
                            help="spqr: tau (relative); larger keeps fewer outliers; 'inf' keeps none")
 
     @classmethod
