@@ -53,6 +53,7 @@ ENTRIES = {
     "gptq-w4-g128": ("hfcompress", {"method": "gptq", "bits": 4, "group_size": 128}),
     "gptq-w3-g64": ("hfcompress", {"method": "gptq", "bits": 3, "group_size": 64}),
     "gptq-w3-g128": ("hfcompress", {"method": "gptq", "bits": 3, "group_size": 128}),
+    "spqr-w3-g16": ("hfcompress", {"method": "spqr", "bits": 3, "group_size": 16, "outlier_threshold": 2.0}),
     "gptqmodel-w4-g64": ("gptqmodel", {"bits": 4, "group_size": 64}),
     "gptqmodel-w3-g64": ("gptqmodel", {"bits": 3, "group_size": 64}),
     "hqq-w4-g64": ("hqq", {"bits": 4, "group_size": 64}),
@@ -188,7 +189,11 @@ def run_entry(name: str) -> dict:
     elif kind == "hfcompress":
         import hfcompress
 
-        if opts["method"] == "gptq":
+        if opts["method"] == "spqr":  # streamed like GPTQ, same calibration
+            cfg = hfcompress.SpQRConfig(bits=opts["bits"], group_size=opts["group_size"],
+                                        outlier_threshold=opts["outlier_threshold"], **CALIB)
+            hfcompress.quantize(src, cfg, out_dir=work, batches=batches, dtype=torch.float32)
+        elif opts["method"] == "gptq":
             cfg = hfcompress.GPTQConfig(bits=opts["bits"], group_size=opts["group_size"],
                                         damp=opts.get("damp", 0.01), **CALIB)
             # streams the float checkpoint block by block: the low-memory path
@@ -367,8 +372,26 @@ def table(path: str = RESULTS) -> str:
         lines.append(f"- default calibration set (building it, generation included) adds {share:.0%} to GPTQ 4-bit "
                      f"g64's quantization time ({gptq4['calibration_s']:.1f} s of {gptq4['quantize_s']:.1f} s; "
                      f"target <= 25%): **{'MET' if share <= 0.25 else 'MISSED'}**")
+    lines += spqr_targets(rows, fp, doms)
     eora = eora_table(data)
     return "\n".join(lines) + ("\n\n" + eora if eora else "")
+
+
+def spqr_targets(rows: dict, fp: dict | None, doms: list[str]) -> list[str]:
+    """SpQR at <= 3.6 bits/weight: gap below GPTQ 4-bit g128's on every domain, and at most half
+    of GPTQ 3-bit g64's."""
+    spqr, g4, g3 = rows.get("spqr-w3-g16"), rows.get("gptq-w4-g128"), rows.get("gptq-w3-g64")
+    if not (fp and spqr and g4 and g3):
+        return []
+    d4 = {d: _gap(spqr, fp, d) / _gap(g4, fp, d) for d in doms + ["geomean"]}
+    d3 = {d: _gap(spqr, fp, d) / _gap(g3, fp, d) for d in doms + ["geomean"]}
+    bits_ok = spqr["bits_per_weight"] <= 3.6
+    return [f"- SpQR 3-bit g16 at {spqr['bits_per_weight']:.3f} bits/weight (target <= 3.6: "
+            f"**{'MET' if bits_ok else 'MISSED'}**); gap to fp32 / GPTQ 4-bit g128's: "
+            + ", ".join(f"{d} {v:.2f}x" for d, v in d4.items())
+            + f" (target < 1 on every domain: **{'MET' if all(v < 1 for v in d4.values()) else 'MISSED'}**); "
+            "/ GPTQ 3-bit g64's: " + ", ".join(f"{d} {v:.2f}x" for d, v in d3.items())
+            + f" (target <= 0.5: **{'MET' if all(v <= 0.5 for v in d3.values()) else 'MISSED'}**)"]
 
 
 def eora_table(data: dict) -> str:
