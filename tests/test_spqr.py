@@ -305,3 +305,20 @@ def test_cuda_path_matches_reference_under_triton_interpreter():
     assert set(results) == {"g16-m1", "g16-m17", "g32-m1", "g32-m17"}
     for case, db in results.items():
         assert db is not None and db > 60.0, (case, db)
+
+
+def test_spqr_on_load_with_from_pretrained(tmp_path):
+    """``from_pretrained(..., quantization_config=SpQRConfig(...))`` calibrates after loading (with the
+    checkpoint's own tokenizer) and writes what ``quantize_`` on the same tokens writes."""
+    import tiny_models as tm
+    from transformers import AutoModelForCausalLM
+
+    llama_gqa(seed=3).save_pretrained(tmp_path / "float")
+    tok = tm.char_tokenizer()
+    tok.save_pretrained(tmp_path / "float")
+    cfg = dict(n_samples=4, seq_len=16, outlier_threshold=1.0)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=hfcompress.SpQRConfig(**cfg))
+    mem = hfcompress.quantize_(llama_gqa(seed=3), hfcompress.SpQRConfig(**cfg), tokenizer=tok)
+    assert isinstance(loaded.model.layers[1].mlp.down_proj, SpQRLinear)
+    a, b = loaded.state_dict(), mem.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
