@@ -182,7 +182,8 @@ def run_entry(kind: str, size: str, profile: bool, blocks: int = 0) -> dict:
            "wall_s": round(time.perf_counter() - t0, 2), "cpu_s": round(_cpu_s() - c0, 2),
            "peak_rss_mb": round(_rss_mb(), 1), "rss_before_mb": round(base_rss, 1),
            "loadavg_before": [round(v, 2) for v in load0], "loadavg_after": [round(v, 2) for v in os.getloadavg()],
-           "torch_threads": __import__("torch").get_num_threads(), "profiled": profile}
+           "torch_threads": __import__("torch").get_num_threads(), "profiled": profile,
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
     if prof:
         out["phases_cpu_s"] = _phases(prof)
     if kind != "gptqmodel":
@@ -193,7 +194,8 @@ def run_entry(kind: str, size: str, profile: bool, blocks: int = 0) -> dict:
 
 def _key(r: dict) -> str:
     cut = f"/{r['blocks']}blocks" if r.get("blocks", 30) != 30 else ""
-    return f"{r['kind']}{'-profile' if r.get('profiled') else ''}@{r['size']}{cut}"
+    omp = "/omp-passive" if r.get("omp_wait_policy") == "PASSIVE" else ""
+    return f"{r['kind']}{'-profile' if r.get('profiled') else ''}@{r['size']}{cut}{omp}"
 
 
 def table(path: str = RESULTS) -> str:
@@ -204,10 +206,12 @@ def table(path: str = RESULTS) -> str:
     lines = ["| model | calibration | tokens | entry | wall s | CPU s | peak RSS MB (above start) | load avg (1 min) | "
              "wall / GPTQModel | CPU / GPTQModel | wall / in-memory |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     targets = []
-    cuts = sorted({r.get("blocks", 30) for r in rows.values()}, reverse=True)
-    for nb in cuts:
-        cut = "" if nb == 30 else f"/{nb}blocks"
-        model = "SmolLM2-135M" if nb == 30 else f"SmolLM2, first {nb} of 30 blocks"
+    cuts = sorted({(r.get("blocks", 30), r.get("omp_wait_policy", "default")) for r in rows.values()},
+                  key=lambda c: (-c[0], c[1]))
+    for nb, omp in cuts:
+        cut = ("" if nb == 30 else f"/{nb}blocks") + ("/omp-passive" if omp == "PASSIVE" else "")
+        model = ("SmolLM2-135M" if nb == 30 else f"SmolLM2, first {nb} of 30 blocks") + \
+            (", OMP_WAIT_POLICY=PASSIVE" if omp == "PASSIVE" else "")
         mems = []
         for size in SIZES:
             gm, mem, st = (rows.get(f"{k}@{size}{cut}") for k in ("gptqmodel", "mem", "stream"))
@@ -272,6 +276,8 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=1,
                     help="entries run at once (on a loaded shared machine, all at once see the same load)")
     ap.add_argument("--profile", action="store_true", help="also run ours under cProfile (phase breakdown)")
+    ap.add_argument("--omp-passive", action="store_true",
+                    help="run every entry with OMP_WAIT_POLICY=PASSIVE (OpenMP threads sleep instead of spinning)")
     ap.add_argument("--entry", nargs=4, default=None, help=argparse.SUPPRESS)  # child: kind size profile blocks
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
@@ -291,6 +297,8 @@ def main(argv=None) -> int:
     if args.profile:
         plan += [(k, s, True) for s in args.sizes for k in ("mem", "stream") if k in args.kinds]
     env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2", TOKENIZERS_PARALLELISM="false")
+    if args.omp_passive:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     running: list = []
 
     logs = tempfile.mkdtemp(prefix="hfc-speed-logs-")
@@ -305,6 +313,7 @@ def main(argv=None) -> int:
         if proc.returncode != 0 or not line:
             print(f"   {kind} {size} FAILED ({proc.returncode}):\n{stderr[-2500:]}", flush=True)
             r = {"kind": kind, "size": size, "blocks": args.blocks or 30, "profiled": prof, "error": stderr[-600:],
+                 "omp_wait_policy": "PASSIVE" if args.omp_passive else "default",
                  "returncode": proc.returncode}
         else:
             r = json.loads(line[-1][len("RESULT "):])
