@@ -6,6 +6,9 @@
   ``PeftModel.from_pretrained`` would not find it again).
 * Merging LoRA into a quantized base changes the stored integers; it is refused unless
   asked for with :func:`merge_and_requantize`.
+* ``target_modules="all-linear"`` finds :class:`~hfcompress.nn.QuantLinear` layers too (PEFT's
+  helper knows only ``nn.Linear`` / ``Conv1D`` and subclasses, which is how it finds bitsandbytes
+  layers), for LoRA and every other method that accepts the shorthand.
 """
 
 from __future__ import annotations
@@ -246,6 +249,40 @@ def _register_peft_methods() -> None:
         register_peft_method_type(name, config_cls, model_cls, prefix)
 
 
+def _wrap_all_linear() -> None:
+    """Wrap PEFT's ``_maybe_include_all_linear_layers`` wherever peft bound it (tuners_utils and the
+    tuners that import it by name): after PEFT's own resolution, every QuantLinear not inside an
+    adapter layer and not the output embedding (PEFT's own rule for ``lm_head``) is added."""
+    import sys
+
+    from peft.tuners import tuners_utils
+    from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND
+
+    original = tuners_utils._maybe_include_all_linear_layers
+    if getattr(original, "_hfcompress", False):
+        return
+
+    def _maybe_include_all_linear_layers(peft_config, model):
+        targets = getattr(peft_config, "target_modules", None)
+        shorthand = isinstance(targets, str) and targets.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND
+        peft_config = original(peft_config, model)
+        if not shorthand:
+            return peft_config
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        inside_adapter = {f"{prefix}.{suffix}" for prefix, m in model.named_modules() if isinstance(m, BaseTunerLayer)
+                          for suffix, _ in m.named_modules() if suffix}
+        quant = {n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m is not output}
+        peft_config.target_modules = set(peft_config.target_modules) | (quant - inside_adapter)
+        return peft_config
+
+    _maybe_include_all_linear_layers._hfcompress = True
+    for module in list(sys.modules.values()):
+        if (getattr(module, "__name__", "").startswith("peft.")
+                and getattr(module, "_maybe_include_all_linear_layers", None) is original):
+            module._maybe_include_all_linear_layers = _maybe_include_all_linear_layers
+
+
 def register() -> None:
     _wrap_create_new_module()
+    _wrap_all_linear()
     _register_peft_methods()
