@@ -96,6 +96,8 @@ def _push(self, repo_id, *, commit_message=None, commit_description=None, privat
 def _wrap_save(original, test, adapter: bool):
     @functools.wraps(original)
     def save_pretrained(self, save_directory, *args, card_data=None, **kwargs):
+        if adapter:
+            _lora_storage_dtype(self, kwargs)
         if not test(self):
             if card_data is not None:
                 raise TypeError("save_pretrained(card_data=...) is only for hfcompress-compressed models")
@@ -104,6 +106,18 @@ def _wrap_save(original, test, adapter: bool):
 
     save_pretrained.__hfcompress_original__ = original
     return save_pretrained
+
+
+def _lora_storage_dtype(peft_model, kwargs: dict) -> None:
+    """An adapter from ``hfcompress.compensate`` saves its LoRA weights in the storage dtype it
+    chose (fp16 by default; PEFT loads them back into fp32 parameters)."""
+    from hfcompress.adapters.eora import SAVE_DTYPE_ATTR
+
+    dtype = getattr(peft_model, SAVE_DTYPE_ATTR, None)
+    if dtype is None or "state_dict" in kwargs:
+        return
+    kwargs["state_dict"] = {k: v.to(dtype) if "lora_" in k and v.is_floating_point() else v
+                            for k, v in peft_model.state_dict().items()}
 
 
 def _wrap_push(original, test, adapter: bool):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer
+from transformers.quantizers import register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
@@ -201,15 +202,47 @@ def _merge_quantization_configs(original):
     return classmethod(merge)
 
 
+def _install_dtype_casts() -> None:
+    """``model.half()`` / ``.float()`` / ``.bfloat16()`` of an hfcompress model do what
+    ``model.to(dtype)`` does (QuantLinear layers cast their compute dtype and keep the stored
+    integers and fp16 scales); transformers refuses them for every quantized model. Other models
+    keep transformers' own methods."""
+    from transformers import PreTrainedModel
+
+    for name, dtype in (("half", torch.float16), ("float", torch.float32), ("bfloat16", torch.bfloat16)):
+        original = PreTrainedModel.__dict__.get(name) or getattr(PreTrainedModel, name)
+        if getattr(original, "_hfcompress", False):
+            continue
+
+        def cast(self, *args, _original=original, _dtype=dtype):
+            if isinstance(getattr(self, "hf_quantizer", None), HfCompressQuantizer):
+                return self.to(_dtype)
+            return _original(self, *args)
+
+        cast._hfcompress = True
+        cast.__doc__ = original.__doc__
+        setattr(PreTrainedModel, name, cast)
+
+
 def register() -> None:
+    """transformers' public ``register_quantization_config`` / ``register_quantizer``; they refuse a
+    second registration, so an existing one is checked first (idempotent; a class re-created by a
+    module reload replaces its old self)."""
     from transformers.quantizers.auto import AutoHfQuantizer
 
     if not hasattr(AutoHfQuantizer.merge_quantization_configs, "_hfcompress_original"):
         AutoHfQuantizer.merge_quantization_configs = _merge_quantization_configs(
             AutoHfQuantizer.__dict__["merge_quantization_configs"])
-    if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not HfCompressConfig:
-        AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = HfCompressConfig
-    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not HfCompressQuantizer:
-        AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = HfCompressQuantizer
+    for mapping, cls, public in ((AUTO_QUANTIZATION_CONFIG_MAPPING, HfCompressConfig, register_quantization_config),
+                                 (AUTO_QUANTIZER_MAPPING, HfCompressQuantizer, register_quantizer)):
+        current = mapping.get(QUANT_METHOD)
+        if current is None:
+            public(QUANT_METHOD)(cls)
+        elif current is not cls:
+            if f"{current.__module__}.{current.__qualname__}" != f"{cls.__module__}.{cls.__qualname__}":
+                raise ValueError(f"quant_method {QUANT_METHOD!r} is already registered with transformers by "
+                                 f"{current.__module__}.{current.__qualname__}")
+            mapping[QUANT_METHOD] = cls  # the same class, re-created by a module reload
+    _install_dtype_casts()
     if attach not in AFTER_QUANTIZE_HOOKS:
         AFTER_QUANTIZE_HOOKS.append(attach)

@@ -186,7 +186,10 @@ def test_hub_card_metadata_license_and_eval(local_hub, tmp_path):
     model = AutoModelForCausalLM.from_pretrained("tester/hub-base",
                                                  quantization_config=hfcompress.RTNConfig(**RTN))
     hub.set_card_data(model, evaluations=[{"metric": "perplexity", "dataset_name": "Hamlet", "value": 61.8,
-                                           "base": 55.4, "dataset_split": "test"}])
+                                           "base": 55.4, "dataset_split": "test"},
+                                          {"metric": "perplexity", "dataset_name": "WikiText-2",
+                                           "dataset_type": "wikitext", "dataset_config": "wikitext-2-raw-v1",
+                                           "value": 30.5, "base": 28.25}])
     out = tmp_path / "q"
     model.save_pretrained(out, card_data={"tags": ["mine"], "datasets": ["shakespeare"]})
     card = _card(str(out / "README.md"))
@@ -195,8 +198,12 @@ def test_hub_card_metadata_license_and_eval(local_hub, tmp_path):
     assert d.license == "mit" and d.language == "en"  # carried from the base card
     assert d.library_name == "transformers" and d.pipeline_tag == "text-generation"
     assert {"hfcompress", "rtn", "4-bit", "mine"} <= set(d.tags) and d.datasets == ["shakespeare"]
-    values = {(r.metric_name, r.metric_value) for r in d.eval_results}
-    assert values == {("perplexity (rtn 4-bit)", 61.8), ("perplexity (base model)", 55.4)}
+    # model-index: this model's own result on a Hub dataset only; the base's figures and the text
+    # without a Hub dataset id are in the body's table
+    values = {(r.dataset_type, r.metric_name, r.metric_value) for r in d.eval_results}
+    assert values == {("wikitext", "perplexity (rtn 4-bit)", 30.5)}
+    assert "| Hamlet (test) | perplexity | 55.400 | 61.800 |" in card.text
+    assert "| WikiText-2 | perplexity | 28.250 | 30.500 |" in card.text
     stats = hub.size_stats(model)
     assert f"| bits per weight (scales, zeros, g_idx included) | {stats.bits_per_weight:.3f} |" in card.text
     assert 4 < stats.bits_per_weight < 5 and stats.checkpoint_bytes < stats.original_bytes
@@ -391,7 +398,8 @@ def test_hub_example_card_validates():
     assert d.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and d.base_model_relation == "quantized"
     assert d.library_name == "transformers" and d.license == "apache-2.0"
     assert {"hfcompress", "gptq", "4-bit"} <= set(d.tags)
-    metrics = {(r.dataset_type, r.metric_name) for r in d.eval_results}
-    assert metrics == {(k, f"perplexity ({m})") for k in ("hamlet", "sqlite") for m in ("gptq 4-bit", "base model")}
+    assert d.eval_results is None  # its texts are no Hub datasets: no made-up dataset ids in model-index
+    assert "| Hamlet" in card.text and "| SQLite documentation" in card.text
+    assert "pip install hfcompress" in card.text
     assert card.text.index("import hfcompress") < card.text.index(".from_pretrained(")
     assert hub.CARD_MARKER in card.text

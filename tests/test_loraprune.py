@@ -210,6 +210,10 @@ def test_loraprune_callback_in_trainer_then_export_reload(tmp_path):
     assert set(config[prune.PRUNING_KEY]["layers"]) == {"1", "2"}
     card = (out / "README.md").read_text()
     assert "loraprune" in card and "| 1 | 2/6 | 1/3 | 80/160 |" in card
+    from huggingface_hub import ModelCard
+
+    meta = ModelCard(card).data
+    assert meta.pipeline_tag == "text-generation" and meta.base_model_relation == "finetune"
     n_small = sum(p.numel() for p in reloaded.parameters())
     assert n_small < sum(p.numel() for p in llama4().parameters())
     # generation works with the per-block head counts (KV cache)

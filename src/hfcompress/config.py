@@ -8,6 +8,7 @@ algorithm's checkpoint reloads through the same layers.
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any, ClassVar
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -41,6 +42,10 @@ def _check_type(name: str, value: Any, types: tuple, allow_none: bool = False) -
     if not isinstance(value, types):
         raise ConfigError(f"quantization_config.{name} must be {'/'.join(t.__name__ for t in types)}, "
                           f"got {type(value).__name__} ({value!r})")
+
+
+#: fields of transformers' GPTQConfig that have another name here
+_TRANSFORMERS_NAMES = {"desc_act": "act_order", "damp_percent": "damp", "model_seqlen": "seq_len"}
 
 
 class HfCompressConfig(QuantizationConfigMixin):
@@ -95,7 +100,9 @@ class HfCompressConfig(QuantizationConfigMixin):
         _check_type("extra", extra, (dict,), allow_none=True)
         self.extra = extra or {}
         if kwargs:
-            raise ConfigError(f"{type(self).__name__} got unknown field(s) {sorted(kwargs)}")
+            renamed = [f"{k} -> {_TRANSFORMERS_NAMES[k]}" for k in sorted(kwargs) if k in _TRANSFORMERS_NAMES]
+            raise ConfigError(f"{type(self).__name__} got unknown field(s) {sorted(kwargs)}"
+                              + (f" (transformers' GPTQConfig names; here: {', '.join(renamed)})" if renamed else ""))
         try:
             self.spec
         except FormatError as e:
@@ -227,7 +234,14 @@ class GPTQConfig(HfCompressConfig):
     def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, act_order: bool = True,
                  static_groups: bool = False, damp: float = 0.01, mse_clip: bool = False, dataset=None,
                  n_samples: int = 128, seq_len: int = 512, true_sequential: bool = True,
-                 modules_to_not_convert: list[str] | None = None, **kwargs):
+                 modules_to_not_convert: list[str] | None = None, tokenizer=None, **kwargs):
+        # tokenizer= as in transformers' GPTQConfig: a tokenizer or its directory / Hub id (used to
+        # tokenize a text dataset; not written to config.json)
+        if not (tokenizer is None or isinstance(tokenizer, (str, os.PathLike)) or callable(tokenizer)):
+            raise ConfigError(f"quantization_config.tokenizer must be a tokenizer or the directory / Hub id of one, "
+                              f"got {type(tokenizer).__name__}")
+        tokenizer = os.fspath(tokenizer) if isinstance(tokenizer, os.PathLike) else tokenizer
+        self.tokenizer = tokenizer
         super().__init__(bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                          modules_to_not_convert=modules_to_not_convert, static_groups=static_groups, damp=damp,
                          mse_clip=mse_clip, dataset=dataset, n_samples=n_samples, seq_len=seq_len,
@@ -261,6 +275,20 @@ class GPTQConfig(HfCompressConfig):
         own, loaded from ``model.name_or_path``)."""
         return calibrate_blocks_(self, model, progress=progress, tokenizer=tokenizer, batches=batches, device=device)
 
+    def calibration_tokenizer(self, tokenizer=None):
+        """``tokenizer`` if given, else ``GPTQConfig(tokenizer=...)`` (a path / Hub id is loaded), else None."""
+        tokenizer = self.tokenizer if tokenizer is None else tokenizer
+        if isinstance(tokenizer, str):
+            from transformers import AutoTokenizer
+
+            try:
+                return AutoTokenizer.from_pretrained(tokenizer)
+            except (OSError, ValueError) as e:
+                first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+                raise ConfigError(f"quantization_config.tokenizer={tokenizer!r} does not load a tokenizer ({first}); "
+                                  "pass a tokenizer object or the directory / Hub id of one") from None
+        return tokenizer
+
 
 def calibrate_blocks_(config, model, progress: bool = False, tokenizer=None, batches=None, device=None):
     """The calibration driver of every block-wise algorithm (GPTQ, SpQR ...): calibration tokens
@@ -271,6 +299,7 @@ def calibrate_blocks_(config, model, progress: bool = False, tokenizer=None, bat
     from .calibration.apply import quantize_blocks_
 
     if batches is None:
+        tokenizer = getattr(config, "calibration_tokenizer", lambda t: t)(tokenizer)
         if tokenizer is None and token_ids(config.dataset) is None:
             tokenizer = _model_tokenizer(model)
         dataset = None if config.dataset == "<in-memory dataset>" else config.dataset
@@ -287,9 +316,9 @@ def _model_tokenizer(model):
                           "hfcompress.quantize_, or load the model from a directory that has one")
     try:
         return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"GPTQ calibration needs a tokenizer and none loads from {path!r} ({e}); pass "
-                          "tokenizer=... or batches=...") from None
+    except (OSError, ValueError, TypeError):
+        raise ConfigError(f"GPTQ calibration needs a tokenizer and {path!r} has none; pass "
+                          "GPTQConfig(tokenizer=...) (a tokenizer, or the directory / Hub id of one)") from None
 
 
 # Formats are imported last: a format folder may define its own config class on top of this

@@ -29,9 +29,10 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 
 def quantize(model_or_dir: Any, config: HfCompressConfig, tokenizer=None, out_dir: str | None = None,
-             device=None, progress: bool = False, batches=None, dtype=None):
+             device=None, progress: bool = False, batches=None, dtype=None, max_shard_size: int | str = "50GB"):
     """Quantize a model in memory (returns it; saved to ``out_dir`` if given) or stream a model
-    directory block by block into ``out_dir`` (returns ``out_dir``; required for directories)."""
+    directory block by block into ``out_dir`` (returns ``out_dir``; required for directories).
+    ``max_shard_size`` (transformers' default) bounds each output safetensors file either way."""
     from .api import quantize_
 
     if not isinstance(config, HfCompressConfig):
@@ -39,7 +40,7 @@ def quantize(model_or_dir: Any, config: HfCompressConfig, tokenizer=None, out_di
     if isinstance(model_or_dir, nn.Module):
         quantize_(model_or_dir, config, progress=progress, tokenizer=tokenizer, batches=batches, device=device)
         if out_dir is not None:
-            model_or_dir.save_pretrained(out_dir)
+            model_or_dir.save_pretrained(out_dir, max_shard_size=max_shard_size)
             if tokenizer is not None:
                 tokenizer.save_pretrained(out_dir)
         return model_or_dir
@@ -51,7 +52,10 @@ def quantize(model_or_dir: Any, config: HfCompressConfig, tokenizer=None, out_di
     if config.data_free:
         raise ValueError(f"hfcompress.quantize(directory, ...) streams calibration algorithms; {config.algorithm} is "
                          "data-free: use from_pretrained(dir, quantization_config=config) instead")
-    return _stream_dir(path, config, tokenizer, out_dir, device, progress, batches, dtype)
+    from transformers.utils.hub import convert_file_size_to_int
+
+    return _stream_dir(path, config, tokenizer, out_dir, device, progress, batches, dtype,
+                       convert_file_size_to_int(max_shard_size))
 
 
 class _Shards:
@@ -111,9 +115,9 @@ def _materialise_(model: nn.Module, root: nn.Module, root_name: str, shards: _Sh
             mod._buffers[attr] = value
 
 
-def _stream_dir(path, config, tokenizer, out_dir, device, progress, batches, dtype):
+def _stream_dir(path, config, tokenizer, out_dir, device, progress, batches, dtype, max_shard_bytes):
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from .calibration import find_blocks, get_calibration_batches
     from .calibration.apply import quantize_blocks_
@@ -135,26 +139,28 @@ def _stream_dir(path, config, tokenizer, out_dir, device, progress, batches, dty
     model.tie_weights()
 
     if batches is None:
+        tokenizer = getattr(config, "calibration_tokenizer", lambda t: t)(tokenizer)
         if tokenizer is None and token_ids(config.dataset) is None:
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            from .config import _model_tokenizer
+
+            tokenizer = _model_tokenizer(model)  # the checkpoint's own; a clear error when it has none
         dataset = getattr(config, "dataset", None)
         batches = get_calibration_batches(tokenizer, dataset, n_samples=config.n_samples, seq_len=config.seq_len)
 
     os.makedirs(out_dir, exist_ok=True)
     tied = _tied_keys(model)
-    weight_map: dict[str, str] = {}
-    n_files = len(blocks) + 1
+    parts = os.path.join(out_dir, ".hfcompress-parts")  # one file per block, merged into shards at the end
+    os.makedirs(parts, exist_ok=True)
 
-    def shard_name(i):
-        return f"model-{i + 1:05d}-of-{n_files:05d}.safetensors"
+    def part_name(i):
+        return os.path.join(parts, f"{i:05d}.safetensors")
 
     def load_block(i, name, block):
         _materialise_(model, block, name, shards, dtype)
 
     def release_block(i, name, block):
         tensors = {f"{name}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
-        save_file(tensors, os.path.join(out_dir, shard_name(i)), metadata={"format": "pt"})
-        weight_map.update({k: shard_name(i) for k in tensors})
+        save_file(tensors, part_name(i), metadata={"format": "pt"})
         block.to("meta")  # free the block
         _return_freed_memory()
 
@@ -162,11 +168,9 @@ def _stream_dir(path, config, tokenizer, out_dir, device, progress, batches, dty
                      release_block=release_block)
     rest = {k: v.detach().contiguous() for k, v in model.state_dict().items()
             if not k.startswith(prefix + ".") and k not in tied}
-    save_file(rest, os.path.join(out_dir, shard_name(len(blocks))), metadata={"format": "pt"})
-    weight_map.update({k: shard_name(len(blocks)) for k in rest})
-    total = sum(os.path.getsize(os.path.join(out_dir, f)) for f in set(weight_map.values()))
-    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+    save_file(rest, part_name(len(blocks)), metadata={"format": "pt"})
+    _write_shards(out_dir, [part_name(i) for i in range(len(blocks) + 1)], max_shard_bytes)
+    shutil.rmtree(parts)
     hf_config.quantization_config = config.to_dict()
     hf_config.dtype = dtype
     hf_config.save_pretrained(out_dir)
@@ -179,6 +183,63 @@ def _stream_dir(path, config, tokenizer, out_dir, device, progress, batches, dty
 
     write_card_(out_dir, out_dir, source=path)
     return out_dir
+
+
+def _read_header(path: str) -> tuple[dict, int]:
+    """``(header, data start)`` of a safetensors file."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)), 8 + n
+
+
+def _write_shards(out_dir: str, parts: list[str], max_shard_bytes: int) -> None:
+    """Concatenate the per-block safetensors ``parts`` (in order) into shards of at most
+    ``max_shard_bytes`` of tensor data (a part larger than that gets a shard of its own), named as
+    ``save_pretrained`` names them: ``model.safetensors`` alone, or ``model-0000i-of-0000n`` plus
+    the index. Byte copies: no tensor is loaded."""
+    headers = [_read_header(p) for p in parts]
+    sizes = [os.path.getsize(p) - start for p, (_, start) in zip(parts, headers)]
+    groups: list[list[int]] = [[]]
+    used = 0
+    for i, size in enumerate(sizes):
+        if groups[-1] and used + size > max_shard_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += size
+    names = (["model.safetensors"] if len(groups) == 1 else
+             [f"model-{g + 1:05d}-of-{len(groups):05d}.safetensors" for g in range(len(groups))])
+    weight_map: dict[str, str] = {}
+    for name, group in zip(names, groups):
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for i in group:
+            for key, meta in headers[i][0].items():
+                if key == "__metadata__":
+                    continue
+                begin, end = meta["data_offsets"]
+                header[key] = {**meta, "data_offsets": [offset + begin, offset + end]}
+                weight_map[key] = name
+            offset += sizes[i]
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        with open(os.path.join(out_dir, name), "wb") as out:
+            out.write(len(blob).to_bytes(8, "little"))
+            out.write(blob)
+            for i in group:
+                with open(parts[i], "rb") as f:
+                    f.seek(headers[i][1])
+                    shutil.copyfileobj(f, out, 16 * 2**20)
+    for stale in os.listdir(out_dir):  # shards of an earlier save into this directory (as save_pretrained does)
+        if stale.startswith("model") and stale.endswith(".safetensors") and stale not in names:
+            os.remove(os.path.join(out_dir, stale))
+    index = os.path.join(out_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        os.remove(index)
+    if len(groups) > 1:
+        with open(index, "w") as f:
+            json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}, f,
+                      indent=2)
 
 
 def _materialise_outside_(model: nn.Module, prefix: str, shards: _Shards, dtype) -> None:

@@ -251,10 +251,17 @@ def _name_or_path(model, fallback=None):
     return getattr(getattr(model, "config", None), "_name_or_path", None) or fallback
 
 
+#: attribute of a PeftModel from :func:`compensate`: the dtype its LoRA weights are saved in
+SAVE_DTYPE_ATTR = "_hfcompress_lora_save_dtype"
+
+
 def compensate(compressed_model: nn.Module, original, config: EoRAConfig | None = None, tokenizer=None,
-               adapter_name: str = "default", progress: bool = False):
+               adapter_name: str = "default", progress: bool = False, save_dtype: torch.dtype | None = torch.float16):
     """Compensate ``compressed_model`` toward ``original`` with EoRA (or plain SVD); returns a
-    ``peft.PeftModel`` wrapping ``compressed_model`` (modified in place: LoRA layers attached)."""
+    ``peft.PeftModel`` wrapping ``compressed_model`` (modified in place: LoRA layers attached).
+    ``save_dtype``: the dtype ``save_pretrained`` stores the LoRA weights in (fp16, as the CLI and
+    ``added_bits_per_weight_fp16`` count; ``None``: PEFT's own fp32). The fp32 parameters in memory
+    are rounded to it, so the model computes exactly what its saved adapter reloads to."""
     from peft import LoraConfig, get_peft_model
 
     config = config or EoRAConfig()
@@ -306,6 +313,9 @@ def compensate(compressed_model: nn.Module, original, config: EoRAConfig | None 
             return eora_compensation(delta, xtx, t.rank, config.eig_rel_floor, basis=last[1])
 
         sequential_compensate_(inner, sorted(targets), batches, solve, adapter_name, progress=progress)
+    if save_dtype is not None:
+        cast_lora_(peft_model, save_dtype, round_only=True)
+        setattr(peft_model, SAVE_DTYPE_ATTR, save_dtype)
     return peft_model
 
 

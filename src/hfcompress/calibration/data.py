@@ -47,12 +47,39 @@ def eval_texts() -> dict[str, str]:
     return {domain: bundled_text(name) for domain, name in EVAL_DOMAINS.items()}
 
 
+#: the named calibration sets of transformers' ``GPTQConfig(dataset=...)``: name -> ``datasets.load_dataset``
+#: arguments (the same files optimum reads). Loaded only when ``datasets`` is installed and the set is in its
+#: cache or the Hub is reachable.
+_C4 = (("allenai/c4",), {"data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}, "split": "train"})
+NAMED_DATASETS = {"wikitext2": (("wikitext", "wikitext-2-raw-v1"), {"split": "train"}), "c4": _C4, "c4-new": _C4}
+
+
+def load_named_dataset(name: str) -> list[str]:
+    """The texts of a named set of transformers' GPTQConfig (``"wikitext2"``, ``"c4"``, ``"c4-new"``)."""
+    args, kwargs = NAMED_DATASETS[name]
+    hint = "or pass a text file, a list of strings or a datasets.Dataset instead"
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"calibration dataset {name!r} is a named set loaded with the `datasets` library, which is "
+                         f"not installed: pip install datasets, {hint}") from None
+    try:
+        ds = datasets.load_dataset(*args, **kwargs)
+    except Exception as e:  # offline and not cached, gated, renamed upstream ...
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise ValueError(f"calibration dataset {name!r} could not be loaded with datasets.load_dataset{args} "
+                         f"({first}); load it once where the Hub is reachable (it is cached then), {hint}") from None
+    return [t for t in ds["text"] if t.strip()]
+
+
 def load_texts(dataset: Any = None) -> list[str]:
     """Normalise a calibration source to a list of strings.
 
     ``None`` -> the bundled calibration text; a path to a text file -> its content; the name of a
-    bundled text (a key of :data:`BUNDLED`); a list/tuple of strings; or
-    any object with a ``"text"`` column (``datasets.Dataset``) or an iterable of strings.
+    bundled text (a key of :data:`BUNDLED`); a named set of transformers'
+    GPTQConfig (``"wikitext2"``, ``"c4"``, ``"c4-new"``: needs ``datasets``, offline only when
+    cached); a list/tuple of strings; or any object with a ``"text"`` column (``datasets.Dataset``)
+    or an iterable of strings.
     """
     if dataset is None:
         return [bundled_text("calibration")]
@@ -63,8 +90,11 @@ def load_texts(dataset: Any = None) -> list[str]:
                 return [f.read()]
         if path in BUNDLED:
             return [bundled_text(path)]
-        raise FileNotFoundError(f"calibration dataset {path!r} is neither a text file nor a bundled text "
-                                f"({sorted(BUNDLED)}); pass a file path, a list of strings or a datasets.Dataset")
+        if path in NAMED_DATASETS:
+            return load_named_dataset(path)
+        raise FileNotFoundError(f"calibration dataset {path!r} is neither a text file, a bundled text "
+                                f"({sorted(BUNDLED)}) nor a named set ({sorted(NAMED_DATASETS)}); pass a file path, "
+                                "a list of strings or a datasets.Dataset")
     column_names = getattr(dataset, "column_names", None)
     if column_names is not None:
         if "text" not in column_names:

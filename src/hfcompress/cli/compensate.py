@@ -10,13 +10,17 @@ def add_parser(sub) -> None:
     p = sub.add_parser("compensate", help="EoRA low-rank compensation of a compressed model, saved as a LoRA adapter")
     p.add_argument("model", help="compressed model directory (hfcompress, bitsandbytes or pruned checkpoint)")
     p.add_argument("--original", required=True, help="the float model directory the compressed one came from")
-    p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--method", default="eora", choices=["eora", "svd"], help="svd: plain SVD baseline, no data")
-    p.add_argument("--dataset", default=None,
-                   help="calibration text file (default: the bundled calibration text)")
-    p.add_argument("--n-samples", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--rank", type=int, default=32, help="LoRA rank per layer (capped at the layer's smaller side)")
+    p.add_argument("--method", default="eora", choices=["eora", "svd"],
+                   help="eora: calibrated on activations; svd: plain SVD baseline, no data")
+    p.add_argument("--dataset", default=None, metavar="TEXT_FILE",
+                   help="eora: calibration text file (default: the bundled calibration text)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR_OR_HUB_ID",
+                   help="eora: tokenizer for the calibration text (default: the one saved with --original, "
+                        "else with the model)")
+    p.add_argument("--n-samples", type=int, default=32, help="eora: calibration windows")
+    p.add_argument("--seq-len", type=int, default=512, help="eora: tokens per calibration window")
+    p.add_argument("--batch-size", type=int, default=4, help="eora: calibration windows per forward")
     p.add_argument("--target-modules", nargs="*", default=None, metavar="PATTERN",
                    help="module-name patterns to compensate (default: every layer that differs from the original)")
     p.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
@@ -28,17 +32,25 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoModelForCausalLM
 
     import hfcompress
-    from hfcompress.adapters.eora import cast_lora_
 
+    from .common import check_dataset_arg, load_model, load_tokenizer, model_source
+
+    model_source(args.original, "--original")
+    check_dataset_arg(args.dataset)
+    tokenizer = None
+    if args.method == "eora":
+        try:
+            tokenizer = load_tokenizer(args.tokenizer, args.original)
+        except FileNotFoundError:
+            tokenizer = load_tokenizer(None, args.model)
     config = hfcompress.EoRAConfig(rank=args.rank, method=args.method, dataset=args.dataset,
                                    n_samples=args.n_samples, seq_len=args.seq_len, batch_size=args.batch_size,
                                    target_modules=args.target_modules)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    peft_model = hfcompress.compensate(model, args.original, config, progress=True)
-    cast_lora_(peft_model, getattr(torch, args.save_dtype))
+    model = load_model(args.model, dtype=torch.float32)
+    peft_model = hfcompress.compensate(model, args.original, config, tokenizer=tokenizer, progress=True,
+                                       save_dtype=getattr(torch, args.save_dtype))
     peft_model.save_pretrained(args.out)
     print(f"saved {args.method} rank-{args.rank} LoRA adapter ({args.save_dtype}) to {args.out}")
     return 0

@@ -4,42 +4,72 @@ Converts the bundled GGUF to a float checkpoint (once, cached), quantizes it wit
 (streaming block by block, calibrated on the bundled Shakespeare), saves it, reloads it with a
 plain ``from_pretrained``, scores perplexity before and after on two texts never used for
 calibration (Hamlet; SQLite documentation), generates a sentence from both models and prints
-a short report.
+a short report: sizes on disk, decode tokens/s of both, and the wall and CPU time of every phase.
+
+The model keeps its own dtype end to end (SmolLM2 is bfloat16): it is scored, quantized, saved
+and reloaded in bf16, so the reloaded 4-bit layers decode on the native CPU int4 matmul.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="GPTQ 4-bit on the real SmolLM2-135M: perplexity before/after, save, reload, generate")
+    p = sub.add_parser("demo", help="GPTQ 4-bit on the real SmolLM2-135M: perplexity before/after, save, reload, "
+                                    "generate, timed")
     p.add_argument("--out", default="smollm2-gptq-4bit", help="where the quantized checkpoint is saved")
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=64, help="64 divides SmolLM2's hidden size 576")
+    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8], help="bits per weight")
+    p.add_argument("--group-size", type=int, default=64, help="input channels per scale (64 divides SmolLM2's 576)")
     p.add_argument("--n-samples", type=int, default=32, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window")
     p.add_argument("--eval-tokens", type=int, default=1024, help="tokens scored per evaluation text")
-    p.add_argument("--prompt", default="The secret to a long and happy life is")
-    p.add_argument("--device", default=None, help="where blocks are calibrated (cpu, cuda)")
-    p.add_argument("--model", default=None, help="another float model directory instead of SmolLM2")
+    p.add_argument("--new-tokens", type=int, default=24, help="tokens generated (and timed) per model")
+    p.add_argument("--prompt", default="The secret to a long and happy life is", help="generation prompt")
+    p.add_argument("--device", default=None, help="where blocks are calibrated (cpu, cuda; default: cpu)")
+    p.add_argument("--model", default=None, help="another float model directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory or Hub id (default: the one saved with the model)")
     p.set_defaults(func=run)
 
 
-def _generate(model, tokenizer, prompt: str, max_new_tokens: int = 24) -> str:
+class _Clock:
+    """Wall and process CPU seconds of each named phase (CPU time counts every thread)."""
+
+    def __init__(self):
+        self.phases: list[tuple[str, float, float]] = []
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t, c = time.perf_counter(), time.process_time()
+        yield
+        self.phases.append((name, time.perf_counter() - t, time.process_time() - c))
+
+    def total(self) -> tuple[float, float]:
+        return time.perf_counter() - self.t0, time.process_time() - self.c0
+
+
+def _generate(model, tokenizer, prompt: str, new_tokens: int) -> tuple[str, float]:
+    """Greedy continuation of ``prompt`` (exactly ``new_tokens`` tokens) and its decode tokens/s
+    (after a 2-token warm-up, so one-time work such as the CPU int4 repack is not counted)."""
     import torch
 
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    kw = dict(do_sample=False, pad_token_id=tokenizer.eos_token_id)
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip().replace("\n", " ")
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)
+        t = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        seconds = time.perf_counter() - t
+    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip().replace("\n", " ")
+    return text, new_tokens / seconds
 
 
 def run(args) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     import hfcompress
     from hfcompress.calibration import bundled_text
@@ -47,62 +77,85 @@ def run(args) -> int:
     from hfcompress.inspect import summarize
     from hfcompress.smollm2 import smollm2_checkpoint
 
-    t = time.perf_counter()
-    if args.model:
-        print(f"[1/5] float checkpoint {args.model}")
-        src = args.model
-    else:
-        print("[1/5] SmolLM2-135M-Instruct: float checkpoint (converted from the bundled GGUF once, then cached)")
-        src = smollm2_checkpoint()
+    from .common import load_tokenizer, model_source
+
+    clock = _Clock()
+    load_start = os.getloadavg()
+    with clock("float checkpoint"):
+        if args.model:
+            print(f"[1/5] float checkpoint {args.model}")
+            src = model_source(args.model, "--model")
+        else:
+            print("[1/5] SmolLM2-135M-Instruct: float checkpoint (converted from the bundled GGUF once, then cached)")
+            src = smollm2_checkpoint()
+        tok = load_tokenizer(args.tokenizer, src)
     name = os.path.basename(os.path.normpath(src)) if args.model else "SmolLM2-135M-Instruct"
-    tok = AutoTokenizer.from_pretrained(src)
     texts = {"Hamlet": bundled_text("eval"), "SQLite docs": bundled_text("eval_technical")}
 
     def scores(model):
         return {k: perplexity(model, tok, v, window=512, stride=256, max_tokens=args.eval_tokens).perplexity
                 for k, v in texts.items()}
 
-    print("[2/5] float model: perplexity and a generation")
-    fmodel = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    before = scores(fmodel)
-    gen_before = _generate(fmodel, tok, args.prompt)
+    print("[2/5] float model in its own dtype: perplexity and a timed generation")
+    with clock("float: load"):
+        fmodel = AutoModelForCausalLM.from_pretrained(src, dtype="auto").eval()
+    dtype = fmodel.dtype
+    with clock("float: perplexity"):
+        before = scores(fmodel)
+    with clock("float: generate"):
+        gen_before, tps_before = _generate(fmodel, tok, args.prompt, args.new_tokens)
     del fmodel
 
     print(f"[3/5] GPTQ {args.bits}-bit g{args.group_size}: calibrating block by block on bundled Shakespeare")
     config = hfcompress.GPTQConfig(bits=args.bits, group_size=args.group_size, n_samples=args.n_samples,
                                    seq_len=args.seq_len)
-    tq = time.perf_counter()
-    hfcompress.quantize(src, config, out_dir=args.out, device=args.device, progress=True, dtype=torch.float32)
-    quant_s = time.perf_counter() - tq
+    with clock("quantize (GPTQ, streamed)"):
+        hfcompress.quantize(src, config, tokenizer=tok, out_dir=args.out, device=args.device, progress=True,
+                            dtype=dtype)
 
-    print(f"[4/5] reload {args.out} with a plain from_pretrained: perplexity and a generation")
-    qmodel = AutoModelForCausalLM.from_pretrained(args.out, dtype=torch.float32).eval()
-    after = scores(qmodel)
-    gen_after = _generate(qmodel, tok, args.prompt)
+    print(f"[4/5] reload {args.out} with a plain from_pretrained ({str(dtype).removeprefix('torch.')}): "
+          "perplexity and a timed generation")
+    with clock("quantized: load"):
+        qmodel = AutoModelForCausalLM.from_pretrained(args.out, dtype="auto").eval()
+    with clock("quantized: perplexity"):
+        after = scores(qmodel)
+    with clock("quantized: generate"):
+        gen_after, tps_after = _generate(qmodel, tok, args.prompt, args.new_tokens)
 
     print("[5/5] report")
     summary = summarize(args.out)
-    float_mb, q_mb = _size_mb(src), _size_mb(args.out)
+    float_b, q_b = _size_bytes(src), _size_bytes(args.out)
+    wall, cpu = clock.total()
+    dt = str(dtype).removeprefix("torch.")
     lines = [
         "",
-        f"{name}, GPTQ {args.bits}-bit, group {args.group_size}, act-order "
-        f"({args.n_samples}x{args.seq_len} calibration tokens), quantized in {quant_s:.0f}s",
-        f"  size on disk: {float_mb:.1f} MB -> {q_mb:.1f} MB (embeddings and norms stay in float)",
-        f"  {_bits_line(summary)}",
+        f"{name} ({dt}), GPTQ {args.bits}-bit, group {args.group_size}, act-order "
+        f"({args.n_samples}x{args.seq_len} calibration tokens)",
+        f"  size on disk: original {_mib(float_b)} ({dt}) -> {_mib(q_b)} = {q_b / 1e6:.1f} MB "
+        f"({q_b / float_b:.1%}; embeddings and norms stay in {dt})",
+        f"  bits per quantized weight (scales, zeros, g_idx included): {summary.quantized_bits_per_weight:.3f}",
         f"  perplexity ({args.eval_tokens} tokens each, window 512, stride 256):",
     ]
     for k in texts:
         lines.append(f"    {k:12s} float {before[k]:8.3f}   gptq {after[k]:8.3f}   ({after[k] / before[k] - 1:+.1%})")
-    lines += [f"  prompt: {args.prompt!r}", f"    float: {gen_before}", f"    gptq : {gen_after}",
-              f"  saved to {args.out} (reload: AutoModelForCausalLM.from_pretrained after `import hfcompress`)",
-              f"  total {time.perf_counter() - t:.0f}s"]
+    lines += [
+        f"  decode, batch 1, {args.new_tokens} greedy tokens: float {tps_before:.1f} tokens/s, "
+        f"gptq {tps_after:.1f} tokens/s ({tps_after / tps_before:.2f}x)",
+        f"  prompt: {args.prompt!r}", f"    float: {gen_before}", f"    gptq : {gen_after}",
+        f"  saved to {args.out} (reload: AutoModelForCausalLM.from_pretrained after `import hfcompress`)",
+        "  time per phase (wall / process CPU, seconds):",
+    ]
+    lines += [f"    {n:28s} {w:7.1f} / {c:7.1f}" for n, w, c in clock.phases]
+    lines += [f"    {'total':28s} {wall:7.1f} / {cpu:7.1f}",
+              f"  {os.cpu_count()} CPUs; load average (1/5/15 min) at start "
+              f"{'/'.join(f'{x:.1f}' for x in load_start)}, at end {'/'.join(f'{x:.1f}' for x in os.getloadavg())}"]
     print("\n".join(lines))
     return 0
 
 
-def _size_mb(d: str) -> float:
-    return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".safetensors")) / 2**20
+def _size_bytes(d: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".safetensors"))
 
 
-def _bits_line(summary) -> str:
-    return f"bits per quantized weight (scales, zeros, g_idx included): {summary.quantized_bits_per_weight:.3f}"
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"

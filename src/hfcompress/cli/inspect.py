@@ -16,6 +16,9 @@ def run(args) -> int:
 
     from hfcompress.inspect import describe_adapter, format_summary, summarize
 
+    if not os.path.isdir(args.path):
+        raise FileNotFoundError(f"{args.path!r}: no such directory; pass a checkpoint or adapter directory "
+                                "(written by save_pretrained or hfcompress quantize)")
     if os.path.isfile(os.path.join(args.path, "adapter_config.json")):
         print(describe_adapter(args.path))
     else:

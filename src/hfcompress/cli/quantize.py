@@ -1,10 +1,10 @@
-"""``hfcompress quantize MODEL_DIR --method rtn|gptq --bits 4 --group-size 128 --out DIR``."""
+"""``hfcompress quantize MODEL --method rtn|gptq --bits 4 --group-size 128 --out DIR``."""
 
 from __future__ import annotations
 
 import argparse
 
-#: method name -> (config class name in hfcompress, extra CLI options it takes)
+#: method name -> config class name in hfcompress
 METHODS = {"rtn": "RTNConfig", "gptq": "GPTQConfig"}
 
 
@@ -18,32 +18,40 @@ def _plugin_methods() -> dict:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model directory and save it")
-    p.add_argument("model", help="float model directory (or Hub id if online)")
-    p.add_argument("--method", default="rtn", choices=sorted(set(METHODS) | set(_plugin_methods())))
-    p.add_argument("--bits", type=int, default=None, help="bits per weight code (default: 4; spqr: 3)")
-    p.add_argument("--group-size", type=int, default=None, help="input columns per group (default: 128; spqr: 16)")
-    p.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
-    p.add_argument("--no-mse-clip", action="store_true", help="RTN: plain min-max instead of the MSE clip search")
+    p.add_argument("model", help="float model directory, or a Hub repo id when online")
+    p.add_argument("--method", default="rtn", choices=sorted(set(METHODS) | set(_plugin_methods())),
+                   help="rtn: data-free; gptq (and plug-ins such as spqr): calibrated")
+    p.add_argument("--bits", type=int, default=None, help="bits per weight code, 2, 3, 4 or 8 (default: 4; spqr: 3)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="input channels per scale; a multiple of 8, or -1 for one group per output channel "
+                        "(default: 128; spqr: 16)")
+    p.add_argument("--sym", action="store_true", help="symmetric grid (no zero points)")
+    p.add_argument("--mse-clip", action=argparse.BooleanOptionalAction, default=None,
+                   help="search each group's clipping range for the least squared error "
+                        "(default: the method's own, as in RTNConfig / GPTQConfig)")
     p.add_argument("--skip", nargs="*", default=None, metavar="MODULE",
                    help="modules to keep in float (default: tied weights and lm_head)")
     g = p.add_argument_group("gptq (calibration; progress bar shows blocks done and ETA)")
     g.add_argument("--no-act-order", action="store_true", help="GPTQ: quantize columns in natural order")
     g.add_argument("--static-groups", action="store_true", help="GPTQ: act-order with natural groups (no g_idx)")
     g.add_argument("--damp", type=float, default=0.01, help="GPTQ: Hessian dampening, fraction of mean diag")
-    g.add_argument("--mse-clip", action="store_true", help="GPTQ: search each group's clipping range")
     g.add_argument("--dataset", default=None, metavar="TEXT_FILE",
-                   help="GPTQ: calibration text file (default: the bundled public-domain text)")
+                   help="GPTQ: calibration text file, or wikitext2 / c4 when the datasets library has them cached "
+                        "(default: the bundled public-domain text)")
+    g.add_argument("--tokenizer", default=None, metavar="DIR_OR_HUB_ID",
+                   help="GPTQ: tokenizer for the calibration text (default: the one saved with the model)")
     g.add_argument("--n-samples", type=int, default=128, help="GPTQ: calibration windows")
     g.add_argument("--seq-len", type=int, default=512, help="GPTQ: tokens per calibration window")
-    g.add_argument("--device", default=None, help="GPTQ: where each block is calibrated (cpu, cuda)")
+    g.add_argument("--device", default=None, help="GPTQ: where each block is calibrated, cpu or cuda (default: cpu)")
     g.add_argument("--stream", action="store_true",
                    help="GPTQ: stream blocks from the safetensors shards (models larger than memory)")
     for name, cls in sorted(_plugin_methods().items()):
         cls.add_cli_arguments(p.add_argument_group(f"{name} (calibration)"))
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype to load and quantize in; auto: the checkpoint's own")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
-                   help="after saving, upload --out to this Hub repository (created if missing)")
+                   help="after saving, upload --out to this Hub repository, created if missing (default: no upload)")
     p.set_defaults(func=run)
 
 
@@ -59,46 +67,62 @@ def make_config(args: argparse.Namespace):
     cls = getattr(hfcompress, METHODS[args.method])
     kwargs = dict(bits=4 if args.bits is None else args.bits, group_size=128 if args.group_size is None else
                   args.group_size, sym=args.sym, modules_to_not_convert=args.skip)
-    if args.method == "rtn":
-        kwargs["mse_clip"] = not args.no_mse_clip
+    if args.mse_clip is not None:
+        kwargs["mse_clip"] = args.mse_clip
     if args.method == "gptq":
         kwargs.update(act_order=not args.no_act_order, static_groups=args.static_groups, damp=args.damp,
-                      mse_clip=args.mse_clip, dataset=args.dataset, n_samples=args.n_samples, seq_len=args.seq_len)
+                      dataset=args.dataset, n_samples=args.n_samples, seq_len=args.seq_len)
+    else:
+        given = [f"--{n.replace('_', '-')}" for n in ("dataset", "tokenizer", "stream", "static_groups", "no_act_order")
+                 if getattr(args, n)]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply to --method gptq (rtn is data-free); drop them or "
+                             "add --method gptq")
     return cls(**kwargs)
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
     import torch
-    from transformers import AutoModelForCausalLM
 
     import hfcompress
 
+    from .common import check_dataset_arg, load_model, load_tokenizer, model_source
+
     config = make_config(args)
+    model_source(args.model)
+    check_dataset_arg(args.dataset)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    if getattr(args, "stream", False):
+    tokenizer = None if config.data_free else load_tokenizer(args.tokenizer, args.model)
+    if args.stream:
         if config.data_free:
             raise ValueError(f"--stream is for calibration methods (--method gptq ...), not {args.method}")
         if args.push_to_hub:
             raise ValueError("--stream does not push; run `hfcompress push` on the output directory")
-        hfcompress.quantize(args.model, config, out_dir=args.out, device=args.device, progress=True,
-                            dtype=None if dtype == "auto" else dtype)
+        if not os.path.isdir(args.model):
+            raise FileNotFoundError(f"--stream reads safetensors shards from a local directory; {args.model!r} is "
+                                    "not one (download it first, e.g. `hf download REPO --local-dir DIR`)")
+        hfcompress.quantize(args.model, config, tokenizer=tokenizer, out_dir=args.out, device=args.device,
+                            progress=True, dtype=None if dtype == "auto" else dtype)
         print(f"saved {config.algorithm} {config.bits}-bit model to {args.out} (streamed block by block)")
         return 0
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
-    hfcompress.quantize_(model, config, progress=True,
-                         **({"device": args.device} if not config.data_free and args.device else {}))
+    model = load_model(args.model, dtype=dtype)
+    calib = {"tokenizer": tokenizer, **({"device": args.device} if args.device else {})}
+    hfcompress.quantize_(model, config, progress=True, **({} if config.data_free else calib))
     repo_id = None
     if args.push_to_hub:
         from huggingface_hub import HfApi
 
         repo_id = HfApi().create_repo(args.push_to_hub, exist_ok=True).repo_id  # the card's usage snippet names it
     model.save_pretrained(args.out, card_data={"repo_id": repo_id} if repo_id else None)
-    try:
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(args.model).save_pretrained(args.out)
-    except (OSError, ValueError):
-        pass  # a model directory without a tokenizer is fine
+    if tokenizer is None:
+        try:
+            tokenizer = load_tokenizer(None, args.model)
+        except FileNotFoundError:
+            pass  # RTN: a model directory without a tokenizer is fine
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.out)
     print(f"saved {config.algorithm} {config.bits}-bit model to {args.out}")
     if repo_id:
         from hfcompress.hub import push_folder

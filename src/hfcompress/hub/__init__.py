@@ -18,12 +18,13 @@ models live in ``hfcompress.integrations.hub``.
 from .atomic import atomic_save
 from .base_model import BaseModel, base_model_info
 from .card_data import CARD_DATA_ATTR, CARD_MARKER, ORIGINAL_CARD, CardError, get_card_data, set_card_data
-from .cards import is_generated_card, render_adapter_card, render_card, write_card_
+from .cards import is_generated_card, render_adapter_card, render_card, update_card_, write_card_
 from .push import fetch_previous_cards_, push_folder
 from .stats import SizeStats, checkpoint_stats, size_stats
 
 __all__ = [
     "BaseModel", "CARD_DATA_ATTR", "CARD_MARKER", "CardError", "ORIGINAL_CARD", "SizeStats", "atomic_save",
     "base_model_info", "checkpoint_stats", "fetch_previous_cards_", "get_card_data", "is_generated_card",
-    "push_folder", "render_adapter_card", "render_card", "set_card_data", "size_stats", "write_card_",
+    "push_folder", "render_adapter_card", "render_card", "set_card_data", "size_stats", "update_card_",
+    "write_card_",
 ]

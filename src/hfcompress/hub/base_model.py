@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SNAPSHOT = re.compile(r"/models--([\w.-]+?)--([\w.-]+)/snapshots/[0-9a-f]+/?$")
 
 @dataclass
 class BaseModel:
@@ -24,6 +25,9 @@ def base_model_info(name_or_path: str | None, repo_id: str | None = None) -> Bas
     the metadata worth carrying (license, language). Never raises: no card, no carried data."""
     if not repo_id and name_or_path and _HUB_ID.match(name_or_path) and not os.path.exists(name_or_path):
         repo_id = name_or_path
+    if not repo_id and name_or_path:  # a snapshot in the Hub cache: .../models--org--name/snapshots/<sha>
+        m = _SNAPSHOT.search(os.path.abspath(name_or_path).replace(os.sep, "/"))
+        repo_id = f"{m.group(1)}/{m.group(2)}" if m else None
     info = BaseModel(name_or_path, repo_id)
     card = None
     try:

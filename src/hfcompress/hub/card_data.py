@@ -27,7 +27,9 @@ def set_card_data(model: nn.Module, **fields: Any) -> nn.Module:
     keys have their own meaning:
 
     * ``evaluations``: list of ``{"metric": "perplexity", "dataset_name": ..., "dataset_type":
-      ..., "value": <compressed>, "base": <uncompressed>, "dataset_split": ..., "dataset_config": ...}``
+      ..., "value": <compressed>, "base": <uncompressed>, "dataset_split": ..., "dataset_config": ...}``;
+      all go to the card's table; those with a ``dataset_type`` (a Hub dataset id, e.g.
+      ``"wikitext"``) also go to ``model-index`` (this model's value only).
     * ``description`` (markdown paragraph), ``calibration`` (what data calibrated the method),
       ``repo_id`` (for the usage snippet), ``title``.
     """

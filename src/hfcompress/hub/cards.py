@@ -20,6 +20,10 @@ _AUTO_CLASS = (("ForCausalLM", "AutoModelForCausalLM"), ("LMHeadModel", "AutoMod
                ("ForTokenClassification", "AutoModelForTokenClassification"),
                ("ForQuestionAnswering", "AutoModelForQuestionAnswering"))
 
+#: the usage snippet's placeholders, until the repo id is known
+_PLACEHOLDERS = ("path/to/this/checkpoint", "path/to/this/adapter")
+#: where the usage snippets (model_cards/*.md) name this repo
+_USAGE_REPO = (r'(model = \w+\.from_pretrained\(")[^"]*("\))', r'(PeftModel\.from_pretrained\(base, ")[^"]*("\))')
 
 
 def _template(name: str) -> str:
@@ -108,14 +112,15 @@ def render_card(model, card_data: dict | None = None, has_original_card: bool = 
     eval_results = []
     model_name = meta.pop("model_name", None) or title
     for ev in evals:
-        common = dict(task_type=ev.get("task_type", "text-generation"), dataset_type=ev.get("dataset_type")
-                      or ev["dataset_name"], dataset_name=ev["dataset_name"], metric_type=ev["metric"],
-                      dataset_split=ev.get("dataset_split"), dataset_config=ev.get("dataset_config"))
-        eval_results.append(EvalResult(metric_value=float(ev["value"]),
-                                       metric_name=f"{ev['metric']} ({method} {bits}-bit)", **common))
-        if ev.get("base") is not None:
-            eval_results.append(EvalResult(metric_value=float(ev["base"]),
-                                           metric_name=f"{ev['metric']} (base model)", **common))
+        # model-index: this model's own results on Hub datasets (dataset_type is a Hub dataset id, never
+        # made up from a name); the base model's figures and other texts are in the body's table
+        if not ev.get("dataset_type"):
+            continue
+        eval_results.append(EvalResult(
+            metric_value=float(ev["value"]), metric_name=f"{ev['metric']} ({method} {bits}-bit)",
+            task_type=ev.get("task_type", "text-generation"), dataset_type=ev["dataset_type"],
+            dataset_name=ev["dataset_name"], metric_type=ev["metric"], dataset_split=ev.get("dataset_split"),
+            dataset_config=ev.get("dataset_config")))
     card_meta = ModelCardData(tags=tags, eval_results=eval_results or None,
                               model_name=model_name if eval_results else None, **meta)
 
@@ -131,7 +136,7 @@ def render_card(model, card_data: dict | None = None, has_original_card: bool = 
         "evaluation_section": _evaluation_section(evals, method, bits),
         "calibration": data.get("calibration") or ("none (data-free)" if method == "rtn" else "not recorded"),
         "auto_class": _auto_class(model),
-        "repo_id": data.get("repo_id") or "path/to/this/checkpoint",
+        "repo_id": data.get("repo_id") or _PLACEHOLDERS[0],
         "group_size": "per output channel" if group == -1 else str(group),
     }
     return ModelCard(_fill("quantized.md", fields))
@@ -194,7 +199,7 @@ def render_adapter_card(peft_model: nn.Module, card_data: dict | None = None, ad
                                                   bits),
         "auto_class": _auto_class(base_model),
         "base_id": base_id,
-        "repo_id": data.get("repo_id") or "path/to/this/adapter",
+        "repo_id": data.get("repo_id") or _PLACEHOLDERS[1],
     }
     return ModelCard(_fill("adapter.md", fields))
 
@@ -254,6 +259,27 @@ def is_generated_card(path: str) -> bool:
             return CARD_MARKER in f.read()
     except OSError:
         return False
+
+
+def update_card_(path: str, repo_id: str | None = None, **metadata) -> None:
+    """Edit a card hfcompress wrote (README.md at ``path``) in place: set YAML ``metadata`` fields
+    (``base_model``, ``license`` ...; a new ``base_model`` gets its ``base_model_relation``) and name
+    ``repo_id`` in the usage snippet. The rest of the card (evaluations ...) is kept."""
+    from huggingface_hub import ModelCard
+
+    if not is_generated_card(path):
+        raise CardError(f"{path} was not written by hfcompress; it is left as it is")
+    card = ModelCard.load(path)
+    for key, value in metadata.items():
+        setattr(card.data, key, value)
+    if metadata.get("base_model") and not getattr(card.data, "base_model_relation", None):
+        card.data.base_model_relation = "adapter" if card.data.library_name == "peft" else "quantized"
+    if repo_id:  # the usage snippet's own repo (a placeholder, or the repo of an earlier push)
+        head, sep, usage = card.text.partition("## Usage")
+        for pattern in _USAGE_REPO:
+            usage = re.sub(pattern, lambda m: f"{m.group(1)}{repo_id}{m.group(2)}", usage)
+        card.text = head + sep + usage
+    card.save(path)
 
 
 def write_card_(directory: str, model, card_data: dict | None = None, adapter: bool = False,

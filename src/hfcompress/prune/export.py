@@ -222,6 +222,21 @@ def export(model: nn.Module, out_dir: str, masks: StructuredMasks | None = None,
     return new
 
 
+def _card_metadata(config, info: dict) -> str:
+    """The card's YAML: a causal LM (``pipeline_tag``), pruned and LoRA-fine-tuned from its base
+    (``base_model_relation: finetune``, the Hub's relation for a trained derivative; ``base_model``
+    and its license when the model was loaded from a Hub id or a card that says)."""
+    from huggingface_hub import ModelCardData
+
+    from ..hub.base_model import base_model_info
+
+    base = base_model_info(getattr(config, "_name_or_path", None) or None)
+    meta = ModelCardData(library_name="transformers", pipeline_tag="text-generation",
+                         tags=["hfcompress", "structured-pruning", info["method"]], base_model=base.repo_id,
+                         base_model_relation="finetune", license=base.license)
+    return meta.to_yaml()
+
+
 def model_card(model: nn.Module, params_before: int | None = None) -> str:
     """A model card saying what was pruned, block by block."""
     config = model.config
@@ -235,8 +250,7 @@ def model_card(model: nn.Module, params_before: int | None = None) -> str:
     ratio = f" ({after / params_before:.1%} of the original)" if params_before else ""
     meta = json.dumps(info, indent=2)
     return f"""---
-library_name: transformers
-tags: [hfcompress, structured-pruning, {info['method']}]
+{_card_metadata(config, info)}
 ---
 # Structurally pruned {info['base_model_type']} model (hfcompress)
 
