@@ -185,7 +185,8 @@ def test_gptq_cli_quantize_stream_eval_and_demo(tmp_path, capsys):
     assert main(["demo", "--model", str(src), "--out", str(tmp_path / "demo"), "--group-size", "32",
                  "--n-samples", "4", "--seq-len", "32", "--eval-tokens", "200", "--prompt", "To be"]) == 0
     report = capsys.readouterr().out
-    assert "Hamlet" in report and "SQLite docs" in report and "gptq :" in report
+    assert all(f"    {d} " in report for d in ("hamlet", "sqlite", "code", "dialogue", "geometric mean"))
+    assert "gptq :" in report and "tokens/s" in report and "total" in report and "load average" in report
     assert (tmp_path / "demo" / "config.json").is_file()
 
 

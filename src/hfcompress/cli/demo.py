@@ -2,8 +2,8 @@
 
 Converts the bundled GGUF to a float checkpoint (once, cached), quantizes it with GPTQ 4-bit
 (streaming block by block, calibrated on the bundled Shakespeare), saves it, reloads it with a
-plain ``from_pretrained``, scores perplexity before and after on two texts never used for
-calibration (Hamlet; SQLite documentation), generates a sentence from both models and prints
+plain ``from_pretrained``, scores perplexity before and after on every evaluation domain (texts
+never used for calibration) and their geometric mean, generates a sentence from both models and prints
 a short report: sizes on disk, decode tokens/s of both, and the wall and CPU time of every phase.
 
 The model keeps its own dtype end to end (SmolLM2 is bfloat16): it is scored, quantized, saved
@@ -72,7 +72,7 @@ def run(args) -> int:
     from transformers import AutoModelForCausalLM
 
     import hfcompress
-    from hfcompress.calibration import bundled_text
+    from hfcompress.calibration import eval_texts
     from hfcompress.evaluate import perplexity
     from hfcompress.inspect import summarize
     from hfcompress.smollm2 import smollm2_checkpoint
@@ -90,7 +90,7 @@ def run(args) -> int:
             src = smollm2_checkpoint()
         tok = load_tokenizer(args.tokenizer, src)
     name = os.path.basename(os.path.normpath(src)) if args.model else "SmolLM2-135M-Instruct"
-    texts = {"Hamlet": bundled_text("eval"), "SQLite docs": bundled_text("eval_technical")}
+    texts = eval_texts()
 
     def scores(model):
         return {k: perplexity(model, tok, v, window=512, stride=256, max_tokens=args.eval_tokens).perplexity
@@ -137,7 +137,9 @@ def run(args) -> int:
         f"  perplexity ({args.eval_tokens} tokens each, window 512, stride 256):",
     ]
     for k in texts:
-        lines.append(f"    {k:12s} float {before[k]:8.3f}   gptq {after[k]:8.3f}   ({after[k] / before[k] - 1:+.1%})")
+        lines.append(f"    {k:14s} float {before[k]:8.3f}   gptq {after[k]:8.3f}   ({after[k] / before[k] - 1:+.1%})")
+    gb, ga = _geomean(before.values()), _geomean(after.values())
+    lines.append(f"    {'geometric mean':14s} float {gb:8.3f}   gptq {ga:8.3f}   ({ga / gb - 1:+.1%})")
     lines += [
         f"  decode, batch 1, {args.new_tokens} greedy tokens: float {tps_before:.1f} tokens/s, "
         f"gptq {tps_after:.1f} tokens/s ({tps_after / tps_before:.2f}x)",
@@ -151,6 +153,13 @@ def run(args) -> int:
               f"{'/'.join(f'{x:.1f}' for x in load_start)}, at end {'/'.join(f'{x:.1f}' for x in os.getloadavg())}"]
     print("\n".join(lines))
     return 0
+
+
+def _geomean(values) -> float:
+    import math
+
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def _size_bytes(d: str) -> int:
