@@ -68,7 +68,8 @@ def _generate(model, tokenizer, prompt: str, new_tokens: int) -> tuple[str, floa
     return text, new_tokens / seconds
 
 
-def run(args) -> int:
+def measure(args) -> dict:
+    """Run the demo; its measurements as a dict (see :func:`report`)."""
     from transformers import AutoModelForCausalLM
 
     import hfcompress
@@ -122,36 +123,59 @@ def run(args) -> int:
     with clock("quantized: generate"):
         gen_after, tps_after = _generate(qmodel, tok, args.prompt, args.new_tokens)
 
-    print("[5/5] report")
     summary = summarize(args.out)
-    float_b, q_b = _size_bytes(src), _size_bytes(args.out)
     wall, cpu = clock.total()
-    dt = str(dtype).removeprefix("torch.")
+    return {
+        "model": name, "dtype": str(dtype).removeprefix("torch."), "bits": args.bits, "group_size": args.group_size,
+        "calibration": f"{args.n_samples}x{args.seq_len}", "eval_tokens": args.eval_tokens, "out": args.out,
+        "original_bytes": _size_bytes(src), "checkpoint_bytes": _size_bytes(args.out),
+        "bits_per_weight": summary.quantized_bits_per_weight,
+        "perplexity_float": before, "perplexity_gptq": after,
+        "tokens_per_s_float": tps_before, "tokens_per_s_gptq": tps_after, "new_tokens": args.new_tokens,
+        "prompt": args.prompt, "generation_float": gen_before, "generation_gptq": gen_after,
+        "phases": [{"phase": n, "wall_s": w, "cpu_s": c} for n, w, c in clock.phases],
+        "total_wall_s": wall, "total_cpu_s": cpu, "cpus": os.cpu_count(),
+        "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
+    }
+
+
+def report(r: dict) -> str:
+    """The printed report of :func:`measure`'s results."""
+    dt, fb, qb = r["dtype"], r["original_bytes"], r["checkpoint_bytes"]
+    before, after = r["perplexity_float"], r["perplexity_gptq"]
     lines = [
         "",
-        f"{name} ({dt}), GPTQ {args.bits}-bit, group {args.group_size}, act-order "
-        f"({args.n_samples}x{args.seq_len} calibration tokens)",
-        f"  size on disk: original {_mib(float_b)} ({dt}) -> {_mib(q_b)} = {q_b / 1e6:.1f} MB "
-        f"({q_b / float_b:.1%}; embeddings and norms stay in {dt})",
-        f"  bits per quantized weight (scales, zeros, g_idx included): {summary.quantized_bits_per_weight:.3f}",
-        f"  perplexity ({args.eval_tokens} tokens each, window 512, stride 256):",
+        f"{r['model']} ({dt}), GPTQ {r['bits']}-bit, group {r['group_size']}, act-order "
+        f"({r['calibration']} calibration tokens)",
+        f"  size on disk: original {_mib(fb)} ({dt}) -> {_mib(qb)} = {qb / 1e6:.1f} MB "
+        f"({qb / fb:.1%}; embeddings and norms stay in {dt})",
+        f"  bits per quantized weight (scales, zeros, g_idx included): {r['bits_per_weight']:.3f}",
+        f"  perplexity ({r['eval_tokens']} tokens each, window 512, stride 256):",
     ]
-    for k in texts:
+    for k in before:
         lines.append(f"    {k:14s} float {before[k]:8.3f}   gptq {after[k]:8.3f}   ({after[k] / before[k] - 1:+.1%})")
     gb, ga = _geomean(before.values()), _geomean(after.values())
     lines.append(f"    {'geometric mean':14s} float {gb:8.3f}   gptq {ga:8.3f}   ({ga / gb - 1:+.1%})")
+    tf, tq = r["tokens_per_s_float"], r["tokens_per_s_gptq"]
     lines += [
-        f"  decode, batch 1, {args.new_tokens} greedy tokens: float {tps_before:.1f} tokens/s, "
-        f"gptq {tps_after:.1f} tokens/s ({tps_after / tps_before:.2f}x)",
-        f"  prompt: {args.prompt!r}", f"    float: {gen_before}", f"    gptq : {gen_after}",
-        f"  saved to {args.out} (reload: AutoModelForCausalLM.from_pretrained after `import hfcompress`)",
+        f"  decode, batch 1, {r['new_tokens']} greedy tokens: float {tf:.1f} tokens/s, gptq {tq:.1f} tokens/s "
+        f"({tq / tf:.2f}x)",
+        f"  prompt: {r['prompt']!r}", f"    float: {r['generation_float']}", f"    gptq : {r['generation_gptq']}",
+        f"  saved to {r['out']} (reload: AutoModelForCausalLM.from_pretrained after `import hfcompress`)",
         "  time per phase (wall / process CPU, seconds):",
     ]
-    lines += [f"    {n:28s} {w:7.1f} / {c:7.1f}" for n, w, c in clock.phases]
-    lines += [f"    {'total':28s} {wall:7.1f} / {cpu:7.1f}",
-              f"  {os.cpu_count()} CPUs; load average (1/5/15 min) at start "
-              f"{'/'.join(f'{x:.1f}' for x in load_start)}, at end {'/'.join(f'{x:.1f}' for x in os.getloadavg())}"]
-    print("\n".join(lines))
+    lines += [f"    {p['phase']:28s} {p['wall_s']:7.1f} / {p['cpu_s']:7.1f}" for p in r["phases"]]
+    lines += [f"    {'total':28s} {r['total_wall_s']:7.1f} / {r['total_cpu_s']:7.1f}",
+              f"  {r['cpus']} CPUs; load average (1/5/15 min) at start "
+              f"{'/'.join(f'{x:.1f}' for x in r['loadavg_start'])}, at end "
+              f"{'/'.join(f'{x:.1f}' for x in r['loadavg_end'])}"]
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    r = measure(args)
+    print("[5/5] report")
+    print(report(r))
     return 0
 
 
