@@ -6,7 +6,7 @@
   ``PeftModel.from_pretrained`` would not find it again).
 * Merging LoRA into a quantized base changes the stored integers; it is refused unless
   asked for with :func:`merge_and_requantize`.
-* ``target_modules="all-linear"`` finds :class:`~hfcompress.nn.QuantLinear` layers too (PEFT's
+* ``target_modules="all-linear"`` finds compressed layers of every format too (PEFT's
   helper knows only ``nn.Linear`` / ``Conv1D`` and subclasses, which is how it finds bitsandbytes
   layers), for LoRA and every other method that accepts the shorthand.
 """
@@ -251,8 +251,9 @@ def _register_peft_methods() -> None:
 
 def _wrap_all_linear() -> None:
     """Wrap PEFT's ``_maybe_include_all_linear_layers`` wherever peft bound it (tuners_utils and the
-    tuners that import it by name): after PEFT's own resolution, every QuantLinear not inside an
-    adapter layer and not the output embedding (PEFT's own rule for ``lm_head``) is added."""
+    tuners that import it by name): after PEFT's own resolution, every compressed layer (any
+    registered format) not inside an adapter layer and not the output embedding (PEFT's own rule
+    for ``lm_head``) is added."""
     import sys
 
     from peft.tuners import tuners_utils
@@ -271,7 +272,7 @@ def _wrap_all_linear() -> None:
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         inside_adapter = {f"{prefix}.{suffix}" for prefix, m in model.named_modules() if isinstance(m, BaseTunerLayer)
                           for suffix, _ in m.named_modules() if suffix}
-        quant = {n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m is not output}
+        quant = {n for n, m in model.named_modules() if is_compressed(m) and m is not output}
         peft_config.target_modules = set(peft_config.target_modules) | (quant - inside_adapter)
         return peft_config
 
