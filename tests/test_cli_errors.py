@@ -88,5 +88,5 @@ def test_cli_help_every_option_has_help_with_default():
             if isinstance(action, argparse._StoreTrueAction) or action.required:
                 continue  # a flag is off unless given; a required option has no default
             assert "default" in shown, f"{where}: its help does not say its default ({shown!r})"
-            if action.default is not None:
-                assert "%(default)" in shown or str(action.default) in shown, f"{where}: {shown!r}"
+            if action.default is not None and "default" not in action.help:  # the formatter adds the value
+                assert "%(default)" in shown, f"{where}: {shown!r}"
