@@ -27,11 +27,11 @@ PINNED = {
 
 def _config(case: str):
     if case == "rtn-w4-g32":
-        return hfcompress.RTNConfig(bits=4, group_size=32)
+        return hfcompress.RTNConfig(bits=4, group_size=32, mse_clip=True)  # pinned before min-max became the default
     if case == "rtn-w3-sym-perchannel":
         return hfcompress.RTNConfig(bits=3, group_size=-1, sym=True, mse_clip=False)
     if case == "rtn-w8-g-1":
-        return hfcompress.RTNConfig(bits=8, group_size=-1)
+        return hfcompress.RTNConfig(bits=8, group_size=-1, mse_clip=True)  # (as above)
     if case == "gptq-w4-g32-actorder":
         return hfcompress.GPTQConfig(bits=4, group_size=32, act_order=True)
     if case == "gptq-w2-g16-static":

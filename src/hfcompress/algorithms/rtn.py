@@ -1,4 +1,4 @@
-"""RTN: data-free round-to-nearest onto per-group integer grids (optionally MSE-clipped)."""
+"""RTN: data-free round-to-nearest onto per-group integer grids (min-max; optionally MSE-clipped)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from ..formats.int_group import IntGroupSpec
 from .grid import fit_grid, quantize_to_codes
 
 
-def rtn(weight: torch.Tensor, spec: IntGroupSpec, mse_clip: bool = True):
+def rtn(weight: torch.Tensor, spec: IntGroupSpec, mse_clip: bool = False):
     """Quantize ``weight [N, K]``. Returns ``codes [N, K]`` (uint8), ``scale [N, G]`` (fp32,
     fp16-representable), ``zero [N, G]`` (uint8, None if symmetric), ``g_idx`` (None)."""
     if spec.act_order:
