@@ -95,7 +95,7 @@ def _logits(model, ids=HELD_OUT):
 @pytest.fixture(scope="module")
 def llama_rtn3():
     orig = llama_gqa(seed=0)
-    q = hfcompress.quantize_(copy.deepcopy(orig), hfcompress.RTNConfig(bits=3, group_size=32))
+    q = hfcompress.quantize_(copy.deepcopy(orig), hfcompress.RTNConfig(bits=3, group_size=32, mse_clip=True))
     return orig, q
 
 
