@@ -9,10 +9,11 @@ Three steps, two interpreters (GPTQModel is not a dependency of hfcompress):
 ``prepare`` writes the calibration windows (the bundled Shakespeare, 32 x 512 tokens) and the
 evaluation token ids (held-out Hamlet, SQLite docs: the texts every benchmark here scores).
 ``gptqmodel`` quantizes SmolLM2 with GPTQModel 7.6.0 on 8 of the windows (4-bit, group 128, its
-defaults otherwise,
-bf16: fp16 matmuls on this CPU made it 10x slower), saves the checkpoint GPTQModel writes, loads it back with ``GPTQModel.load(dir,
-device="cpu")`` (its own CPU path and kernel choice) and scores it with hfcompress's sliding-window
-perplexity (``src/hfcompress/evaluate.py``, loaded by path: it needs only torch).
+defaults otherwise, bf16: fp16 matmuls on this CPU made it 10x slower), saves the checkpoint
+GPTQModel writes, loads it back with ``GPTQModel.load(dir, device="cpu")`` (its own CPU path and
+kernel choice; when that kernel refuses the checkpoint, the error is recorded and its torch kernel
+``BACKEND.GPTQ_TORCH`` is used) and scores it with hfcompress's sliding-window perplexity
+(``src/hfcompress/evaluate.py``, loaded by path: it needs only torch).
 ``ours`` converts that checkpoint with ``FromGPTQConfig`` (fp32 model: the exact dequantized
 weights), checks every layer's weight against GPTQModel's formula, scores the same ids, and
 exports an hfcompress RTN 4-bit g64 SmolLM2 to compressed-tensors, reads it back with
@@ -70,6 +71,7 @@ def _perplexity_fn():
 
     spec = importlib.util.spec_from_file_location("hfc_evaluate", ROOT / "src" / "hfcompress" / "evaluate.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module.perplexity
 
@@ -91,18 +93,29 @@ def gptqmodel() -> None:
     # 8 of the windows: the comparison is two runtimes on one checkpoint, not calibration quality
     # (32 took GPTQModel ~1 h on the shared 2-core machine)
     calib = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in ids["calibration"][:8]]
-    t0 = time.perf_counter()
-    model = GPTQModel.load(src, QuantizeConfig(bits=4, group_size=128), device="cpu", dtype=torch.bfloat16)
-    model.quantize(calib, batch_size=8)
-    model.save(str(GPTQ_DIR))
-    quantize_s = time.perf_counter() - t0
-    del model
+    quantize_s = None
+    if not (GPTQ_DIR / "model.safetensors").exists():  # a run that stopped after saving is not redone
+        t0 = time.perf_counter()
+        model = GPTQModel.load(src, QuantizeConfig(bits=4, group_size=128), device="cpu", dtype=torch.bfloat16)
+        model.quantize(calib, batch_size=8)
+        model.save(str(GPTQ_DIR))
+        quantize_s = round(time.perf_counter() - t0, 1)
+        del model
     perplexity = _perplexity_fn()
-    loaded = GPTQModel.load(str(GPTQ_DIR), device="cpu")  # its own CPU path: kernel and dtype it picks
-    kernels = sorted({type(m).__name__ for m in loaded.model.modules() if isinstance(m, BaseQuantLinear)})
+    from gptqmodel.utils.backend import BACKEND
+
+    default_error = None
     with torch.inference_mode():
+        try:  # its own CPU path: the kernel and dtype it picks
+            loaded = GPTQModel.load(str(GPTQ_DIR), device="cpu")
+            loaded.model(ids["hamlet"][:16][None])
+        except Exception as e:  # noqa: BLE001 - recorded: its default CPU kernel cannot run this checkpoint
+            default_error = f"{type(e).__name__}: {e}"[:300]
+            loaded = GPTQModel.load(str(GPTQ_DIR), device="cpu", backend=BACKEND.GPTQ_TORCH)
+        kernels = sorted({type(m).__name__ for m in loaded.model.modules() if isinstance(m, BaseQuantLinear)})
         ppl = {d: round(perplexity(loaded.model, ids=ids[d], **EVAL).perplexity, 4) for d in DOMAINS}
-    _merge({"gptqmodel": {"version": gm_pkg.__version__, "quantize_s": round(quantize_s, 1), "kernels": kernels,
+    _merge({"gptqmodel": {"version": gm_pkg.__version__, "quantize_s": quantize_s, "kernels": kernels,
+                          "default_backend_error": default_error,
                           "dtype": str(next(loaded.model.parameters()).dtype), "perplexity": ppl,
                           "checkpoint": str(GPTQ_DIR.relative_to(ROOT)),
                           "quantization_config": json.loads((GPTQ_DIR / "config.json").read_text())
