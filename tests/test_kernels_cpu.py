@@ -1,7 +1,8 @@
 """The CPU fast path (hfcompress.kernels.cpu): native int4 (also for 2/3-bit codes) / int8 weight-only matmuls.
 
 They compute in bf16, so the tolerance against the fp32 reference is stated as an SQNR
-(CPU_MIN_SQNR_DB); in mode "auto" fp32 activations keep the exact reference."""
+(CPU_MIN_SQNR_DB); by default fp32 activations take it too; ``set_cpu_fast_path("off")`` is the
+bit-exact reference."""
 
 from __future__ import annotations
 
@@ -88,12 +89,61 @@ def test_kernels_cpu_declines_uncovered_formats(case, fast_always):
     torch.testing.assert_close(layer(x), int_group_mm_ref(*_args(layer, x)), rtol=0, atol=0)  # reference ran
 
 
-def test_kernels_cpu_auto_mode_keeps_fp32_exact_and_routes_bf16():
+def test_kernels_cpu_default_routes_fp32_and_bf16_through_fast_path():
+    """No 50x cliff: by default fp32 activations take the fast path too (bf16 compute, fp32 in/out)."""
     layer = _layer(4, 32, False, False, 64, 96)
     x = torch.randn(3, 96)
-    assert torch.equal(layer(x), int_group_mm_ref(*_args(layer, x)))  # fp32: the reference itself
+    y = layer(x)
+    assert y.dtype == torch.float32
+    assert torch.equal(y, int_group_mm_cpu(*_args(layer, x)))  # fp32: the fast path
+    assert not torch.equal(y, int_group_mm_ref(*_args(layer, x)))
+    assert sqnr_db(int_group_mm_ref(*_args(layer, x)), y) >= CPU_MIN_SQNR_DB
     xb = x.bfloat16()
     assert torch.equal(layer(xb), int_group_mm_cpu(*_args(layer, xb)))  # bf16: the fast path
+
+
+def test_kernels_cpu_off_mode_is_the_bit_exact_reference():
+    layer = _layer(4, 32, False, False, 64, 96)
+    x = torch.randn(3, 96)
+    previous = set_cpu_fast_path("off")
+    try:
+        assert torch.equal(layer(x), int_group_mm_ref(*_args(layer, x)))
+    finally:
+        set_cpu_fast_path(previous)
+
+
+def test_kernels_cpu_env_var_selects_reference(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import torch, hfcompress.ops.backends as b; print(b.cpu_fast_path_mode())")
+    env = dict(__import__("os").environ, HFCOMPRESS_CPU_FAST_PATH="off")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "off"
+    env["HFCOMPRESS_CPU_FAST_PATH"] = "fastest"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "HFCOMPRESS_CPU_FAST_PATH" in bad.stderr
+
+
+def test_kernels_cpu_declined_layer_warns_once_naming_it():
+    """A layer the fast path cannot serve says so once (its name and why), not per call."""
+    import warnings
+
+    from hfcompress.ops import label_layers
+
+    layer = _layer(4, 32, False, False, 64, 200)  # K not a multiple of 32
+    model = torch.nn.Sequential()
+    model.add_module("proj", layer)
+    label_layers(model)
+    x = torch.randn(3, 200)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            y = model(x)
+    msgs = [str(w.message) for w in caught if "fast path" in str(w.message)]
+    assert len(msgs) == 1, msgs
+    assert "proj" in msgs[0] and "200" in msgs[0]
+    assert torch.equal(y, int_group_mm_ref(*_args(layer, x)))  # the reference served it
 
 
 def test_kernels_cpu_forward_uses_dequantized_weight(fast_always):
