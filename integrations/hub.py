@@ -18,12 +18,17 @@ repo is kept as ORIGINAL_README.md.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import os
 import tempfile
 
-from hfcompress import hub
+from hfcompress import hub, integrity
 from hfcompress.config import HfCompressConfig
+
+#: identity of the save in progress in this context: every shard transformers writes meanwhile
+#: carries it (and its tensors' digests) in its safetensors metadata
+_SAVE_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("hfcompress_save_id", default=None)
 
 _ORIGINAL: dict[str, object] = {}
 _HUB_KWARGS = ("repo_id", "commit_message", "commit_description", "create_pr", "private", "token", "revision")
@@ -54,8 +59,20 @@ def _save(self, save_directory, *args, card_data=None, push_to_hub=False, adapte
     hub_kwargs = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
     card_data = dict(card_data or {})
 
+    qconfig = getattr(getattr(self, "config", None), "quantization_config", None)
+    save_id = integrity.new_save_id() if isinstance(qconfig, HfCompressConfig) else None
+
     def write(tmp):
-        original(self, tmp, *args, **kwargs)
+        if save_id is None:
+            original(self, tmp, *args, **kwargs)
+        else:  # config.json and every shard record the same identity
+            previous, qconfig.save_id = qconfig.save_id, save_id
+            token = _SAVE_ID.set(save_id)
+            try:
+                original(self, tmp, *args, **kwargs)
+            finally:
+                _SAVE_ID.reset(token)
+                qconfig.save_id = previous
         if adapter:  # PEFT's generic card; ours replaces it (a user's card in the old directory is kept)
             generated = os.path.join(tmp, "README.md")
             if os.path.isfile(generated):
@@ -143,9 +160,24 @@ def _install(cls, test, adapter: bool) -> None:
         setattr(cls, name, wrap(current, test, adapter))
 
 
+def _wrap_safe_save_file(original):
+    @functools.wraps(original)
+    def safe_save_file(tensors, filename, metadata=None):
+        save_id = _SAVE_ID.get()
+        if save_id is not None:
+            metadata = {**(metadata or {}), **integrity.identity_metadata(tensors, save_id)}
+        return original(tensors, filename, metadata=metadata)
+
+    safe_save_file.__hfcompress_original__ = original
+    return safe_save_file
+
+
 def register() -> None:
     from peft import PeftModel
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel, modeling_utils
+
+    if getattr(modeling_utils.safe_save_file, "__hfcompress_original__", None) is None:
+        modeling_utils.safe_save_file = _wrap_safe_save_file(modeling_utils.safe_save_file)
 
     _install(PreTrainedModel, is_compressed, adapter=False)
     _install(PeftModel, _is_adapter_on_compressed, adapter=True)

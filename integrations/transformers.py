@@ -9,6 +9,12 @@ tensors; every stored tensor is validated against the format before the model is
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+import weakref
+from typing import Callable
+
 import torch
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer
@@ -16,6 +22,7 @@ from transformers.quantizers import register_quantization_config, register_quant
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
+from hfcompress import integrity
 from hfcompress.api import AFTER_QUANTIZE_HOOKS, dequantize_, quantize_weight
 from hfcompress.config import QUANT_METHOD, HfCompressConfig
 from hfcompress.convert import from_gptq
@@ -27,6 +34,7 @@ from hfcompress.modules import (
     resolve_modules_to_not_convert,
     set_submodule,
 )
+from hfcompress.ops import label_layers
 
 
 def _has_disk(device_map) -> bool:
@@ -53,7 +61,8 @@ class HfCompressQuantizer(HfQuantizer):
             return model
         keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
         config.modules_to_not_convert = sorted(
-            set(resolve_modules_to_not_convert(model, config.modules_to_not_convert)) | set(keep_fp32))
+            set(resolve_modules_to_not_convert(model, config.modules_to_not_convert, strict=not self.pre_quantized))
+            | set(keep_fp32))
         if not self.pre_quantized:
             config.check_can_quantize()
         if not (self.pre_quantized or config.data_free):
@@ -68,7 +77,11 @@ class HfCompressQuantizer(HfQuantizer):
                 raise FormatError(f"{name}: {e}") from None
             set_submodule(model, name, q)  # records source_conv1d
         if self.pre_quantized and kwargs.get("checkpoint_files"):
-            validate_checkpoint_headers(model, kwargs["checkpoint_files"])
+            files = kwargs["checkpoint_files"]
+            # disk offload reads the checkpoint files again after loading: they are not pinned then
+            if all(str(p).endswith(".safetensors") for p in files) and not _has_disk(kwargs.get("device_map")):
+                self._release_files = weakref.finalize(self, _pin_files_(files))
+            validate_checkpoint_headers(model, files, save_id=getattr(config, "save_id", None))
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
@@ -82,6 +95,9 @@ class HfCompressQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         config = self.quantization_config
+        release = getattr(self, "_release_files", None)
+        if release is not None:
+            release()  # the pinned checkpoint files are loaded
         if getattr(config, "pending", None) is not None:
             from_gptq.convert_placeholders_(model, config, self._import_dtype)
         if self.pre_quantized:
@@ -91,6 +107,7 @@ class HfCompressQuantizer(HfQuantizer):
                                      where=name)
         elif not config.data_free:
             config.calibrate_(model, **kwargs)
+        label_layers(model)  # the CPU fast path names a layer it cannot serve
         return model
 
     def is_serializable(self):
@@ -151,15 +168,38 @@ def _headers(checkpoint_files) -> dict[str, dict]:
     return entries
 
 
-def validate_checkpoint_headers(model, checkpoint_files) -> None:
+def validate_checkpoint_headers(model, checkpoint_files, save_id: str | None = None) -> None:
     """Check every stored tensor's shape and dtype in the safetensors headers against the format
-    before anything is loaded (transformers would otherwise cast a wrong float dtype silently).
+    before anything is loaded (transformers would otherwise cast a wrong float dtype silently),
+    and every shard's save identity against config.json's (``save_id``).
     Layers whose tensor shapes depend on the checkpoint (e.g. a number of outliers) are sized
     from the headers here, on meta."""
-    entries = {k: (meta, meta["path"]) for k, meta in _headers(checkpoint_files).items()}
+    pickles = [str(p) for p in checkpoint_files if not str(p).endswith(".safetensors")]
+    if pickles:  # refused before transformers unpickles anything
+        raise FormatError(f"{pickles[0]}: hfcompress checkpoints are read from safetensors only (a pickle file can "
+                          "run code when loaded); re-save the model with save_pretrained after `import hfcompress`")
+    entries: dict[str, tuple[dict, str]] = {}
+    for path in checkpoint_files:
+        try:
+            header, metadata, _ = integrity.read_header(str(path))
+        except integrity.CheckpointError as e:  # name the file the user has, not its pinned link
+            raise integrity.CheckpointError(str(e).replace(str(path), _shown(path))) from None
+        integrity.check_identity(_shown(path), metadata, save_id)
+        for key, meta in header.items():
+            entries[key] = (meta, _shown(path))
+    if integrity.verify_on_load():
+        problems = [p.replace(str(path), _shown(path)) for path in checkpoint_files
+                    for p in integrity.verify_file(str(path), save_id)[2]]
+        if problems:
+            raise integrity.CheckpointError("verification at load failed:\n" + "\n".join(problems))
+    stored_under: dict[str, list[str]] = {}  # module prefix -> names stored under it
+    for key in entries:
+        prefix, _, rest = key.rpartition(".")
+        stored_under.setdefault(prefix, []).append(rest)
     for name, module in model.named_modules():
         if not is_compressed(module):
             continue
+        check_stored_tensors(name, module, stored_under.get(name, []), entries)
         tensors = {}
         for tname in expected_tensors(module.spec, module.out_features, module.in_features):
             found = entries.get(f"{name}.{tname}")
@@ -176,6 +216,92 @@ def validate_checkpoint_headers(model, checkpoint_files) -> None:
             module.resize_stored_(sizes)
 
 
+def _deciding_fields(spec, tname: str, out_features: int, in_features: int) -> list[str]:
+    """The boolean spec fields (config.json fields of the same name) whose other value would make
+    ``tname`` appear in, or disappear from, the layer's stored tensors (e.g. ``sym``, ``act_order``)."""
+    import dataclasses
+
+    present = tname in expected_tensors(spec, out_features, in_features)
+    found = []
+    for f in dataclasses.fields(spec) if dataclasses.is_dataclass(spec) else ():
+        value = getattr(spec, f.name)
+        if not isinstance(value, bool):
+            continue
+        try:
+            other = dataclasses.replace(spec, **{f.name: not value})
+        except (ValueError, TypeError):
+            continue
+        if (tname in expected_tensors(other, out_features, in_features)) != present:
+            found.append(f"quantization_config.{f.name}={value!r}")
+    return found
+
+
+def check_stored_tensors(name: str, module, stored: list[str], entries: dict) -> None:
+    """Every tensor stored under a compressed layer must be one its spec expects, and every
+    expected one present: a config.json edited against its tensors (``sym``, ``act_order``) is an
+    error naming the tensor and the config field, not a silently different model."""
+    out_f, in_f = module.out_features, module.in_features
+    expected = set(expected_tensors(module.spec, out_f, in_f))
+    allowed = expected | {"bias"}
+    fmt = getattr(module, "format", "compressed")
+    for tname in sorted(stored):
+        if tname in allowed:
+            continue
+        path = entries[f"{name}.{tname}"][1]
+        fields = _deciding_fields(module.spec, tname, out_f, in_f)
+        if fields:
+            raise FormatError(f"{name}.{tname} is stored in {path}, but {' and '.join(fields)} says the layer has no "
+                              f"such tensor; config.json does not describe this checkpoint (edited?). Restore the "
+                              "value the checkpoint was saved with")
+        raise FormatError(f"{name}.{tname} is stored in {path} under a compressed layer, but it is not a tensor of "
+                          f"the {fmt} format (expected {sorted(allowed)} for {module.spec})")
+    for tname in sorted(expected - set(stored)):
+        fields = _deciding_fields(module.spec, tname, out_f, in_f)
+        if fields:
+            raise FormatError(f"{name}.{tname} is missing from the checkpoint, but {' and '.join(fields)} requires "
+                              "it; config.json does not describe this checkpoint (edited?). Restore the value the "
+                              "checkpoint was saved with")
+
+
+_PINNED: dict[str, str] = {}  # pinned path -> the path it was opened from (for error messages)
+
+
+def _shown(path) -> str:
+    return _PINNED.get(str(path), str(path))
+
+
+def _pin_files_(checkpoint_files: list) -> Callable[[], None]:
+    """Open every checkpoint file now and point ``checkpoint_files`` (in place; transformers reads
+    the same list) at links to the open files, so the headers checked here and the tensors
+    transformers loads come from the same files even if a save replaces the directory meanwhile.
+    Returns the clean-up. Without /proc (not Linux) nothing is pinned."""
+    if not os.path.isdir("/proc/self/fd"):
+        return lambda: None
+    links = tempfile.mkdtemp(prefix="hfcompress-load-")
+    handles = []
+    for i, path in enumerate(checkpoint_files):
+        try:
+            f = open(path, "rb")
+        except OSError:
+            continue  # transformers reports it
+        handles.append(f)
+        link = os.path.join(links, str(i), os.path.basename(str(path)))
+        os.makedirs(os.path.dirname(link))
+        os.symlink(f"/proc/self/fd/{f.fileno()}", link)
+        _PINNED[link] = str(path)
+        checkpoint_files[i] = link
+
+    def release():
+        for link in list(_PINNED):
+            if link.startswith(links + os.sep):
+                del _PINNED[link]
+        for f in handles:
+            f.close()
+        shutil.rmtree(links, ignore_errors=True)
+
+    return release
+
+
 def attach(model, config: HfCompressConfig) -> None:
     """Make an in-memory quantized model look like one loaded with ``quantization_config``."""
     model.hf_quantizer = HfCompressQuantizer(config, pre_quantized=True)
@@ -183,6 +309,7 @@ def attach(model, config: HfCompressConfig) -> None:
         model.config.quantization_config = config
         model.config._is_quantized = True
     model.quantization_method = QUANT_METHOD
+    label_layers(model)
 
 
 def _merge_quantization_configs(original):

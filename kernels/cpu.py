@@ -14,18 +14,35 @@ Both ops are fast on CPU only in bf16 (fp32 is a scalar fallback, 100x slower), 
 computes with bf16 activations and bf16 scales and returns the input dtype: outputs differ
 from the fp32 reference at bf16 precision (measured SQNR in tests/test_kernels_cpu.py).
 Everything else (ragged groups, grouped 8-bit, K not a multiple of 32) returns ``None``: the
-caller runs the reference. The rearranged weights live in a cache keyed by the packed tensor
+caller runs the reference, and the first call on such a layer warns once, naming the layer
+(:func:`label_`) and why. The rearranged weights live in a cache keyed by the packed tensor
 (dropped with it, rebuilt if it is modified in place); ``state_dict`` never sees them.
 """
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
 
 _SUBGROUPS = (256, 128, 64, 32)
-_CACHE: dict[int, tuple] = {}  # id(qweight) -> (weakref(qweight), versions, prepared or None)
+_CACHE: dict[int, tuple] = {}  # id(qweight) -> (weakref(qweight), versions, prepared or reason it declined)
+_NAMES: dict[int, tuple] = {}  # id(qweight) -> (weakref(qweight), module name)
+_WARNED_UNAVAILABLE = False
+
+
+def label_(qweight: torch.Tensor, name: str) -> None:
+    """Remember the module name of a packed weight (for the one warning when it is declined)."""
+    key = id(qweight)
+    _NAMES[key] = (weakref.ref(qweight, lambda _, key=key: _NAMES.pop(key, None)), name)
+
+
+def _name_of(qweight) -> str:
+    hit = _NAMES.get(id(qweight))
+    if hit is not None and hit[0]() is qweight:
+        return hit[1]
+    return f"a layer with packed weight {tuple(qweight.shape)}"
 
 
 def available() -> bool:
@@ -68,11 +85,12 @@ def _prepare_int4(qweight, scale, qzero, g_idx, group_size, sym, k, bits=4):
     if g_idx is not None:
         perm = torch.argsort(g_idx.long(), stable=True)
         if not torch.equal(g_idx.long()[perm], torch.arange(k) // gs):
-            return None  # groups that do not sort into equal contiguous runs
+            return "its act-order groups (g_idx) do not sort into equal contiguous groups"
         codes = codes[:, perm]
     sub = next((s for s in _SUBGROUPS if gs % s == 0 and k % s == 0), None)
     if sub is None:
-        return None
+        return (f"in_features={k} with group_size={group_size} does not split into sub-groups of 32..256 "
+                "channels (the native int4 matmul needs K and the group size to be multiples of 32)")
     group_of_sub = torch.arange(0, k, sub) // gs  # [K/sub]
     s = scale.to(torch.float32)[:, group_of_sub]  # [N, K/sub]
     if sym:
@@ -106,20 +124,34 @@ def _prepared(qweight, scale, qzero, g_idx, bits, group_size, sym, k):
         return hit[2]
     if bits in (2, 3, 4):
         prep = _prepare_int4(qweight, scale, qzero, g_idx, group_size, sym, k, bits)
-    elif bits == 8 and scale.shape[1] == 1 and k % 16 == 0:  # the int8 op reads out of bounds otherwise
+    elif bits == 8 and scale.shape[1] != 1:
+        prep = f"8-bit with group_size={group_size}: the native int8 matmul has one scale per output channel"
+    elif bits == 8 and k % 16:  # the int8 op reads out of bounds otherwise
+        prep = f"8-bit with in_features={k}: the native int8 matmul needs a multiple of 16"
+    elif bits == 8:
         prep = _prepare_int8(qweight, scale, qzero, sym, k)
     else:
-        prep = None
+        prep = f"{bits}-bit codes have no native CPU matmul"
+    if isinstance(prep, str):
+        warnings.warn(f"hfcompress CPU fast path cannot serve {_name_of(qweight)}: {prep}; it runs the reference "
+                      "(dequantize, then matmul, every call: much slower)", stacklevel=4)
     _CACHE[key] = (weakref.ref(qweight, lambda _, key=key: _CACHE.pop(key, None)), versions, prep)
     return prep
 
 
 def int_group_mm_cpu(x, qweight, scale, qzero, g_idx, bias, bits, group_size, sym, in_features):
     """``int_group_mm`` on CPU tensors via native int4/int8 matmuls, or ``None`` when not covered."""
-    if bits not in (2, 3, 4, 8) or not x.dtype.is_floating_point or x.dtype == torch.float64 or not available():
+    global _WARNED_UNAVAILABLE
+    if not x.dtype.is_floating_point or x.dtype == torch.float64:
+        return None
+    if not available():
+        if not _WARNED_UNAVAILABLE:
+            _WARNED_UNAVAILABLE = True
+            warnings.warn(f"hfcompress CPU fast path: torch {torch.__version__} has no native int4 matmul "
+                          "(aten._weight_int4pack_mm_for_cpu); every quantized layer runs the reference", stacklevel=3)
         return None
     prep = _prepared(qweight, scale, qzero, g_idx, bits, group_size, sym, in_features)
-    if prep is None:
+    if isinstance(prep, str):
         return None
     x2 = x.reshape(-1, in_features)
     if prep[0] == "int4":

@@ -96,6 +96,9 @@ class HfCompressConfig(QuantizationConfigMixin):
                 value = kwargs.pop(name)
                 _check_type(name, value, types, allow_none)
                 setattr(self, name, value)
+        save_id = kwargs.pop("save_id", None)  # identity of the save that wrote config.json (hfcompress.integrity)
+        _check_type("save_id", save_id, (str,), allow_none=True)
+        self.save_id = save_id
         extra = kwargs.pop("extra", None)
         _check_type("extra", extra, (dict,), allow_none=True)
         self.extra = extra or {}
@@ -125,6 +128,8 @@ class HfCompressConfig(QuantizationConfigMixin):
             d[name] = self._jsonable(name, getattr(self, name))
         if self.extra:
             d["extra"] = copy.deepcopy(self.extra)
+        if getattr(self, "save_id", None):
+            d["save_id"] = self.save_id
         return d
 
     def _jsonable(self, name: str, value):
@@ -175,7 +180,10 @@ class HfCompressConfig(QuantizationConfigMixin):
         return (config, kwargs) if return_unused_kwargs else config
 
     def __eq__(self, other):
-        return isinstance(other, HfCompressConfig) and self.to_dict() == other.to_dict()
+        drop = {"save_id"}  # which save wrote it, not what it describes
+        return isinstance(other, HfCompressConfig) and (
+            {k: v for k, v in self.to_dict().items() if k not in drop}
+            == {k: v for k, v in other.to_dict().items() if k not in drop})
 
 
 @register_algorithm

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 from dataclasses import dataclass, field
 
 _DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
@@ -14,13 +13,11 @@ _DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32
 
 
 def read_safetensors_header(path: str) -> dict:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > 100_000_000:
-            raise ValueError(f"{path}: safetensors header of {n} bytes is not plausible; the file is corrupt")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header
+    """``{tensor name: {dtype, shape, data_offsets}}``; a damaged file raises
+    :class:`hfcompress.integrity.CheckpointError` naming it and the problem."""
+    from .integrity import read_header
+
+    return read_header(path)[0]
 
 
 @dataclass

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # one module per subcommand, in the order shown by --help
-COMMANDS = ("quantize", "inspect", "push", "compensate", "eval", "demo", "convert", "export")
+COMMANDS = ("quantize", "inspect", "verify", "push", "compensate", "eval", "demo", "convert", "export")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

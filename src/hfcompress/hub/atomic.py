@@ -1,9 +1,15 @@
-"""Atomic checkpoint saves: write into a sibling temporary directory, then swap it in."""
+"""Atomic checkpoint saves: write into a sibling temporary directory, then swap it in.
+
+The temporary directory ``.<name>.<random>.tmp`` is locked (``flock``) by its writer for as long
+as it is written; a save killed midway leaves it unlocked (the kernel drops the lock of a dead
+process), and the next save to the same directory removes every unlocked one.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import os
 import re
 import shutil
@@ -57,6 +63,46 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
+def _try_lock(path: str) -> int | None:
+    """An exclusive non-blocking ``flock`` on a directory: its fd, or ``None`` if someone holds it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def clean_stale_(directory: str | os.PathLike) -> list[str]:
+    """Remove the temporary directories that killed saves to ``directory`` left beside it (those
+    no live writer holds locked). Returns the removed paths."""
+    parent, name = os.path.split(os.path.abspath(os.fspath(directory)))
+    removed = []
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return removed
+    for entry in entries:
+        if not (entry.startswith(f".{name}.") and entry.endswith(".tmp")):
+            continue
+        path = os.path.join(parent, entry)
+        if not os.path.isdir(path) or os.path.islink(path):
+            continue
+        fd = _try_lock(path)
+        if fd is None:
+            continue  # a save in progress
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        finally:
+            os.close(fd)
+    return removed
+
+
 def atomic_save(directory: str | os.PathLike, write: Callable[[str], None],
                 finish: Callable[[str], None] | None = None) -> str:
     """Run ``write(tmp_dir)`` in a fresh sibling directory, then put it in place of ``directory``.
@@ -72,7 +118,18 @@ def atomic_save(directory: str | os.PathLike, write: Callable[[str], None],
         raise NotADirectoryError(f"save directory {directory} is a file; pass a directory path")
     parent, name = os.path.split(directory)
     os.makedirs(parent, exist_ok=True)
+    clean_stale_(directory)
     tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+    lock = _try_lock(tmp)  # held until the swap: a concurrent save's clean-up leaves this one alone
+    try:
+        return _write_and_swap(directory, tmp, write, finish)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _write_and_swap(directory: str, tmp: str, write, finish) -> str:
+    parent, name = os.path.split(directory)
     try:
         write(tmp)
         if os.path.isdir(directory):

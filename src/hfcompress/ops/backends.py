@@ -4,9 +4,11 @@ nothing is probed or imported until the first call on a device):
 - ``cuda``: the Triton kernels of ``hfcompress.kernels`` (triton is imported on the first CUDA
   call; without triton the reference runs).
 - ``cpu``: PyTorch's native int4 / int8 weight-only matmuls (``hfcompress.kernels.cpu``), which
-  compute in bf16. Mode ``"auto"`` (default) uses them for bf16/fp16 activations only, so fp32
-  models keep the exact fp32 reference; ``"always"`` also runs fp32 activations through them
-  (bf16 precision, much faster decode); ``"off"`` keeps the reference. Set with
+  compute in bf16. Mode ``"auto"`` (default) uses them for fp32, bf16 and fp16 activations
+  (fp32 in and out, bf16 inside: a quantized model loaded in fp32 is not 50x slower than the
+  same model in bf16); a layer they cannot serve runs the reference and says so once, by name
+  (:func:`label_layers`). ``"off"`` keeps the bit-exact reference (dequantize, then matmul in
+  the activation dtype). ``"always"`` is an older name of ``"auto"``. Set with
   :func:`set_cpu_fast_path` or the environment variable ``HFCOMPRESS_CPU_FAST_PATH``.
 """
 
@@ -18,7 +20,7 @@ import torch
 
 from .int_group_mm import register_backend
 
-CPU_MODES = ("auto", "always", "off")
+CPU_MODES = ("auto", "off", "always")  # "always": older name of "auto"
 _cpu_mode = "auto"
 
 
@@ -33,8 +35,8 @@ def _cuda_impl(x, qweight, scale, qzero, g_idx, bias, bits, group_size, sym, in_
 
 
 def _cpu_impl(x, qweight, scale, qzero, g_idx, bias, bits, group_size, sym, in_features):
-    if _cpu_mode == "off" or (_cpu_mode == "auto" and x.dtype not in (torch.bfloat16, torch.float16)):
-        return None
+    if _cpu_mode == "off" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None  # float64 asks for more precision than bf16 compute gives: the reference
     from hfcompress.kernels.cpu import int_group_mm_cpu
 
     return int_group_mm_cpu(x, qweight, scale, qzero, g_idx, bias, bits, group_size, sym, in_features)
@@ -45,8 +47,24 @@ def set_cpu_fast_path(mode: str) -> str:
     global _cpu_mode
     if mode not in CPU_MODES:
         raise ValueError(f"set_cpu_fast_path: mode={mode!r}; choose one of {CPU_MODES}")
-    previous, _cpu_mode = _cpu_mode, mode
+    previous, _cpu_mode = _cpu_mode, "auto" if mode == "always" else mode
     return previous
+
+
+def cpu_fast_path_mode() -> str:
+    """The current CPU mode (``"auto"`` or ``"off"``)."""
+    return _cpu_mode
+
+
+def label_layers(model) -> None:
+    """Record the module name of every compressed layer of ``model`` so that the CPU fast path
+    names a layer it cannot serve (one warning per layer)."""
+    from hfcompress.kernels.cpu import label_
+
+    for name, module in model.named_modules():
+        qweight = getattr(module, "_buffers", {}).get("weight")
+        if qweight is not None and not qweight.is_floating_point() and hasattr(module, "spec"):
+            label_(qweight, name)
 
 
 def register_defaults() -> None:
