@@ -36,3 +36,17 @@ def local_hub():
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def exact_cpu_reference(monkeypatch):
+    """Opt-in for tests that compare a quantized model bit for bit (or at fp32 tolerance) with a
+    float model built from its dequantized weights: quantized layers on CPU run the exact fp32
+    reference (dequantize, then matmul) instead of the default bf16 fast path, in this process and
+    in subprocesses it starts (HFCOMPRESS_CPU_FAST_PATH=off)."""
+    from hfcompress.ops import set_cpu_fast_path
+
+    monkeypatch.setenv("HFCOMPRESS_CPU_FAST_PATH", "off")
+    previous = set_cpu_fast_path("off")
+    yield
+    set_cpu_fast_path(previous)

@@ -249,6 +249,7 @@ def test_l4q_training_memory_close_to_lora():
     assert l4q_bytes <= 1.3 * lora_bytes, (l4q_bytes, lora_bytes)
 
 
+@pytest.mark.usefixtures("exact_cpu_reference")  # L4Q fake-quantizes in fp32: bit-exact only against the reference
 @pytest.mark.parametrize("init_scales", ["minmax", "mse"], ids=["l4q-init-minmax", "l4q-init-mse"])
 def test_l4q_init_is_rtn(init_scales):
     """B = 0 at init: the L4Q model computes exactly the RTN-quantized model."""
@@ -322,6 +323,7 @@ def test_l4q_train_export_reload_bitexact(arch, bits, sym, dtype, tmp_path):
         assert torch.equal(merged(input_ids=ids).logits, trained)
 
 
+@pytest.mark.usefixtures("exact_cpu_reference")  # the reloaded QuantLinears must equal the fp32 fake-quant forward bit for bit
 def test_l4q_export_fresh_process_reload(tmp_path):
     ids = inputs()
     pm, _ = _train(get_peft_model(llama_gqa(), L4QConfig(r=4, bits=3, group_size=32)), ids, steps=3)
@@ -447,6 +449,7 @@ def test_l4q_disable_and_unload_give_the_float_model():
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+@pytest.mark.usefixtures("exact_cpu_reference")  # step 0 must equal the quantized model bit for bit (fp32 fake-quant)
 def test_l4q_on_quantized_base_starts_from_its_grid(tmp_path):
     """L4Q on an hfcompress-quantized model (here RTN; GPTQ without act-order alike) starts from the
     stored grid: at step 0 it computes exactly the quantized model; then trains and exports."""

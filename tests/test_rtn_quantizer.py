@@ -111,6 +111,7 @@ def test_rtn_tied_embeddings_stay_tied(tmp_path):
     assert torch.equal(logits(r, ids), logits(q, ids))
 
 
+@pytest.mark.usefixtures("exact_cpu_reference")  # dequantized float model vs quantized at atol 1e-5
 def test_rtn_model_dequantize(llama_dir):
     ids = inputs()
     q = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=RTNConfig(group_size=32))
@@ -123,6 +124,7 @@ def test_rtn_model_dequantize(llama_dir):
     assert getattr(d.config, "quantization_config", None) is None
 
 
+@pytest.mark.usefixtures("exact_cpu_reference")  # dequantized float model vs quantized at atol 1e-5
 @pytest.mark.parametrize("way", ["on-load", "reloaded", "quantize_", "gptq"])
 def test_dequantize_gpt2_restores_conv1d(way, tmp_path):
     """GPT-2 stores its projections as Conv1D ([in, out]); a dequantized checkpoint must reload into

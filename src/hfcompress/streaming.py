@@ -40,9 +40,14 @@ def quantize(model_or_dir: Any, config: HfCompressConfig, tokenizer=None, out_di
     if isinstance(model_or_dir, nn.Module):
         quantize_(model_or_dir, config, progress=progress, tokenizer=tokenizer, batches=batches, device=device)
         if out_dir is not None:
-            model_or_dir.save_pretrained(out_dir, max_shard_size=max_shard_size)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(out_dir)
+            from .hub import atomic_save
+
+            def write(tmp):  # model and tokenizer land together
+                model_or_dir.save_pretrained(tmp, max_shard_size=max_shard_size)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
+
+            atomic_save(out_dir, write)
         return model_or_dir
     path = os.fspath(model_or_dir)
     if not os.path.isdir(path):
@@ -54,8 +59,12 @@ def quantize(model_or_dir: Any, config: HfCompressConfig, tokenizer=None, out_di
                          "data-free: use from_pretrained(dir, quantization_config=config) instead")
     from transformers.utils.hub import convert_file_size_to_int
 
-    return _stream_dir(path, config, tokenizer, out_dir, device, progress, batches, dtype,
-                       convert_file_size_to_int(max_shard_size))
+    from .hub import atomic_save
+
+    # written into a sibling folder, swapped in when complete: out_dir is whole old or whole new
+    atomic_save(out_dir, lambda tmp: _stream_dir(path, config, tokenizer, tmp, device, progress, batches, dtype,
+                                                 convert_file_size_to_int(max_shard_size)))
+    return out_dir
 
 
 class _Shards:

@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, dtype=torch.float32)
     peft_model = hfcompress.compensate(model, args.original, config, tokenizer=tokenizer, progress=True,
                                        save_dtype=getattr(torch, args.save_dtype))
-    peft_model.save_pretrained(args.out)
+    from hfcompress.hub import atomic_save
+
+    atomic_save(args.out, peft_model.save_pretrained)  # whole old or whole new adapter, whatever the base
     print(f"saved {args.method} rank-{args.rank} LoRA adapter ({args.save_dtype}) to {args.out}")
     return 0

@@ -115,14 +115,19 @@ def run(args: argparse.Namespace) -> int:
         from huggingface_hub import HfApi
 
         repo_id = HfApi().create_repo(args.push_to_hub, exist_ok=True).repo_id  # the card's usage snippet names it
-    model.save_pretrained(args.out, card_data={"repo_id": repo_id} if repo_id else None)
     if tokenizer is None:
         try:
             tokenizer = load_tokenizer(None, args.model)
         except FileNotFoundError:
             pass  # RTN: a model directory without a tokenizer is fine
-    if tokenizer is not None:
-        tokenizer.save_pretrained(args.out)
+    from hfcompress.hub import atomic_save
+
+    def write(tmp):  # model and tokenizer land together: args.out is whole old or whole new
+        model.save_pretrained(tmp, card_data={"repo_id": repo_id} if repo_id else None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    atomic_save(args.out, write)
     print(f"saved {config.algorithm} {config.bits}-bit model to {args.out}")
     if repo_id:
         from hfcompress.hub import push_folder

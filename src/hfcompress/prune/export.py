@@ -213,12 +213,23 @@ def export(model: nn.Module, out_dir: str, masks: StructuredMasks | None = None,
     """Merge LoRA, remove the masked heads/channels, and save a smaller checkpoint (safetensors,
     config.json, model card) to ``out_dir``. Returns the pruned in-memory model. ``model`` itself
     is not modified."""
+    from ..hub import atomic_save
+
     new = prune_model(model, masks)
-    new.save_pretrained(out_dir, **save_kwargs)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-    with open(os.path.join(out_dir, "README.md"), "w") as f:
-        f.write(model_card(new, getattr(new, "_hfcompress_params_before", None)))
+
+    def write(tmp):  # everything lands in a sibling folder first: out_dir is whole old or whole new
+        new.save_pretrained(tmp, **save_kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        generated = os.path.join(tmp, "README.md")  # a generic card of the saver; ours replaces it
+        if os.path.isfile(generated):
+            os.remove(generated)
+
+    def finish(tmp):  # after the carry-over, which kept a hand-written README.md as ORIGINAL_README.md
+        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+            f.write(model_card(new, getattr(new, "_hfcompress_params_before", None)))
+
+    atomic_save(out_dir, write, finish)
     return new
 
 
@@ -239,6 +250,8 @@ def _card_metadata(config, info: dict) -> str:
 
 def model_card(model: nn.Module, params_before: int | None = None) -> str:
     """A model card saying what was pruned, block by block."""
+    from ..hub import CARD_MARKER
+
     config = model.config
     info = getattr(config, PRUNING_KEY)
     after = _n_params(model)
@@ -252,6 +265,7 @@ def model_card(model: nn.Module, params_before: int | None = None) -> str:
     return f"""---
 {_card_metadata(config, info)}
 ---
+{CARD_MARKER}
 # Structurally pruned {info['base_model_type']} model (hfcompress)
 
 Pruned with hfcompress ({info['method']}): whole attention head groups (a key/value head with the

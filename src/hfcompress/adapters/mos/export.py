@@ -44,7 +44,11 @@ def to_lora(peft_model, out_dir: str, adapter_name: str | None = None) -> LoraCo
     lora = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
                       fan_in_fan_out=all(conv1d), bias="none", task_type=cfg.task_type,
                       base_model_name_or_path=cfg.base_model_name_or_path, modules_to_save=cfg.modules_to_save)
-    os.makedirs(out_dir, exist_ok=True)
-    lora.save_pretrained(out_dir)
-    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    from ...hub import atomic_save
+
+    def write(tmp):  # out_dir is replaced whole (an older adapter there is never half-overwritten)
+        lora.save_pretrained(tmp)
+        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+    atomic_save(out_dir, write)
     return lora
