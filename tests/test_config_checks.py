@@ -63,3 +63,55 @@ def test_config_gptq_dataset_type_checked_at_construction():
         hfcompress.GPTQConfig(dataset=3.5)
     for ok in (None, "calibration", ["some text"], torch.tensor([[1, 2, 3]]), [[1, 2, 3]]):
         hfcompress.GPTQConfig(dataset=ok)
+
+
+# -- item 1: config.json that disagrees with the stored tensors --------------------------------------
+def _edit_config(path, **fields):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"].update(fields)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("saved")
+    hfcompress.quantize_(tm.llama_gqa(0), hfcompress.RTNConfig(bits=4, group_size=32)).save_pretrained(root / "asym")
+    hfcompress.quantize_(tm.llama_gqa(0), hfcompress.RTNConfig(bits=4, group_size=32, sym=True)).save_pretrained(
+        root / "sym")
+    gptq = hfcompress.GPTQConfig(bits=4, group_size=32, act_order=True, n_samples=2, seq_len=16)
+    hfcompress.quantize_(tm.llama_gqa(0), gptq, batches=[tm.inputs(batch=2, seq=16)]).save_pretrained(root / "act")
+    return root
+
+
+@pytest.mark.parametrize("ckpt,edit,tensor,field", [
+    ("asym", {"sym": True}, "weight_zero", "sym"),
+    ("sym", {"sym": False}, "weight_zero", "sym"),
+    ("act", {"act_order": False}, "weight_g_idx", "act_order"),
+    ("asym", {"act_order": True}, "weight_g_idx", "act_order"),
+], ids=["sym-edited-true", "sym-edited-false", "act_order-edited-false", "act_order-edited-true"])
+def test_config_disagreeing_with_stored_tensors_refused(saved, tmp_path, ckpt, edit, tensor, field):
+    import shutil
+
+    d = tmp_path / ckpt
+    shutil.copytree(saved / ckpt, d)
+    _edit_config(d, **edit)
+    with pytest.raises(ValueError) as e:
+        AutoModelForCausalLM.from_pretrained(d)
+    msg = str(e.value)
+    assert f".{tensor}" in msg and f"quantization_config.{field}" in msg, msg
+
+
+def test_config_unknown_tensor_under_compressed_layer_refused(saved, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "extra"
+    shutil.copytree(saved / "asym", d)
+    f = str(d / "model.safetensors")
+    tensors = load_file(f)
+    tensors["model.layers.0.mlp.up_proj.weight_outliers"] = torch.zeros(3)
+    save_file(tensors, f, metadata={"format": "pt"})  # written by hand: no save identity either
+    _edit_config(d, save_id=None)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj\.weight_outliers"):
+        AutoModelForCausalLM.from_pretrained(d)
