@@ -72,6 +72,10 @@ class HfCompressConfig(QuantizationConfigMixin):
         fmt = get_format(format)
         format_version = fmt.version if format_version is None else format_version
         _check_type("format_version", format_version, (int,))
+        if format_version < 1:
+            raise ConfigError(f"quantization_config.format_version={format_version} is not a version hfcompress ever "
+                              f"wrote (versions start at 1; this hfcompress writes {fmt.version}); the config.json "
+                              "was edited or written by something else")
         if format_version > fmt.version:
             raise ConfigError(f"quantization_config.format_version={format_version} is newer than this hfcompress "
                               f"understands ({fmt.version}); upgrade hfcompress to load this checkpoint")
@@ -256,6 +260,7 @@ class GPTQConfig(HfCompressConfig):
                          modules_to_not_convert=modules_to_not_convert, static_groups=static_groups, damp=damp,
                          mse_clip=mse_clip, dataset=dataset, n_samples=n_samples, seq_len=seq_len,
                          true_sequential=true_sequential, **kwargs)
+        _check_dataset(self.dataset)
         if not 0 <= self.damp < 1:
             raise ConfigError(f"quantization_config.damp={self.damp!r} must be in [0, 1) (fraction of mean diag H; "
                               "0.01 is usual)")
@@ -315,6 +320,21 @@ def calibrate_blocks_(config, model, progress: bool = False, tokenizer=None, bat
         dataset = None if config.dataset == "<in-memory dataset>" else config.dataset
         batches = get_calibration_batches(tokenizer, dataset, n_samples=config.n_samples, seq_len=config.seq_len)
     return quantize_blocks_(model, config, batches, device=device, progress=progress)
+
+
+def _check_dataset(dataset) -> None:
+    """Refuse at construction a calibration source that ``calibration.data`` cannot read."""
+    import os
+    from collections.abc import Iterable
+
+    import torch
+
+    if (dataset is None or isinstance(dataset, (str, os.PathLike, torch.Tensor)) or hasattr(dataset, "column_names")
+            or (isinstance(dataset, Iterable) and not isinstance(dataset, (bytes, dict)))):
+        return
+    raise ConfigError(f"quantization_config.dataset must be None (the bundled text), a path or bundled text name, a "
+                      "list of strings, token ids (an integer tensor or a list of lists of ints) or a "
+                      f"datasets.Dataset with a 'text' column; got {type(dataset).__name__} ({dataset!r})")
 
 
 def _model_tokenizer(model):

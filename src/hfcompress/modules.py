@@ -50,11 +50,38 @@ def _output_embedding_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if m is out]
 
 
-def resolve_modules_to_not_convert(model: nn.Module, requested: list[str] | None) -> list[str]:
-    """``None`` -> the defaults; a list -> that list plus tied weights (never quantize a tied copy)."""
+def resolve_modules_to_not_convert(model: nn.Module, requested: list[str] | None, strict: bool = True) -> list[str]:
+    """``None`` -> the defaults; a list -> that list plus tied weights (never quantize a tied copy).
+
+    A requested name or pattern that matches no module of ``model`` (a typo would quantize the layer
+    the user wanted kept) raises a ConfigError naming the closest module names; with
+    ``strict=False`` (reloading a checkpoint) it warns instead."""
     if requested is None:
         return default_modules_to_not_convert(model)
+    check_modules_exist(model, requested, strict)
     return sorted(set(requested) | set(tied_modules(model)))
+
+
+def check_modules_exist(model: nn.Module, patterns: list[str], strict: bool = True) -> None:
+    import difflib
+    import warnings
+
+    from .config import ConfigError
+
+    names = [n for n, _ in model.named_modules() if n]
+    unmatched = [p for p in patterns if not any(matches(n, [p]) for n in names)]
+    if not unmatched:
+        return
+    candidates = sorted({".".join(n.split(".")[i:]) for n in names for i in range(len(n.split(".")))})
+    parts = []
+    for p in unmatched:
+        close = difflib.get_close_matches(p, candidates, n=3, cutoff=0.6)
+        parts.append(f"{p!r} matches no module" + (f" (closest: {', '.join(close)})" if close else ""))
+    msg = (f"quantization_config.modules_to_not_convert: {'; '.join(parts)}; those layers would be quantized. "
+           "Use module names from model.named_modules() (a dotted suffix such as 'mlp.down_proj' or a regex works)")
+    if strict:
+        raise ConfigError(msg)
+    warnings.warn(msg, stacklevel=3)
 
 
 def matches(name: str, patterns: list[str]) -> bool:
