@@ -204,7 +204,7 @@ def test_fault_injection_mos_to_lora(tmp_path):
 
     torch.manual_seed(0)
     p0 = get_peft_model(tm.llama_gqa(0), MoSConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    p1 = get_peft_model(tm.llama_gqa(1), MoSConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    p1 = get_peft_model(tm.llama_gqa(1), MoSConfig(r=8, target_modules=["q_proj", "v_proj"]))  # another config too
     for p in (p0, p1):  # non-zero B so the two adapters differ
         for n, w in p.named_parameters():
             if w.requires_grad:

@@ -182,6 +182,14 @@ def check_identity(path: str, metadata: dict, save_id: str | None) -> None:
     shard_id = metadata.get(SAVE_ID_KEY)
     if save_id is None and shard_id is None:
         return  # a checkpoint from before save identities (or not from hfcompress): nothing to compare
+    if save_id is None or shard_id is None:  # one side edited or written by another tool: nothing proves a mix
+        import warnings
+
+        warnings.warn(f"{path}: {'the shard' if shard_id is None else 'config.json'} records no save identity "
+                      f"while {'config.json' if shard_id is None else 'the shard'} does; a file was written or edited "
+                      "by another tool, so hfcompress cannot tell whether shards of two saves are mixed "
+                      "(`hfcompress verify` checks the digests that were recorded)", stacklevel=3)
+        return
     if shard_id != save_id:
         raise CheckpointError(
             f"{path} belongs to another save (save_id {shard_id}) than config.json ({save_id}); the checkpoint was "
@@ -195,10 +203,12 @@ def verify_file(path: str, save_id: str | None = None, check_save_id: bool = Tru
     ``(tensors, bytes hashed, problems)``."""
     try:
         header, metadata, start = read_header(path)
-        if check_save_id:
-            check_identity(path, metadata, save_id)
     except CheckpointError as e:
         return 0, 0, [str(e)]
+    shard_id = metadata.get(SAVE_ID_KEY)
+    if check_save_id and shard_id != save_id:  # verify is strict: one side without an identity is a problem too
+        return len(header), 0, [f"{path} belongs to another save (save_id {shard_id}) than config.json ({save_id}); "
+                                "files of two saves are mixed, or one was written or edited by another tool"]
     recorded = metadata.get(DIGESTS_KEY)
     if recorded is None:
         return len(header), 0, [f"{path}: no digests recorded ({DIGESTS_KEY} missing from its metadata); it was not "
