@@ -40,11 +40,22 @@ def _config(case: str):
 
 
 def checkpoint_digest(path: str) -> str:
+    """The digest of the checkpoint without the identity of the save that wrote it (a random id and
+    tensor digests in the safetensors metadata and config.json, hfcompress.integrity): the file is
+    re-serialized by safetensors with the remaining metadata, which gives the bytes a save wrote
+    before save identities existed."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
     h = hashlib.sha256()
-    with open(os.path.join(path, "model.safetensors"), "rb") as f:
-        h.update(f.read())
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        metadata = {k: v for k, v in (f.metadata() or {}).items() if not k.startswith("hfcompress.")}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    h.update(save(tensors, metadata=metadata))
     with open(os.path.join(path, "config.json")) as f:
-        h.update(json.dumps(json.load(f)["quantization_config"], sort_keys=True).encode())
+        qconfig = json.load(f)["quantization_config"]
+    qconfig.pop("save_id", None)
+    h.update(json.dumps(qconfig, sort_keys=True).encode())
     return h.hexdigest()
 
 
