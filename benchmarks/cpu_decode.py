@@ -3,7 +3,7 @@ tokens/s at batch 1, greedy, the same prompt for every variant, measured side by
 
 Variants: fp32, bf16, ours int8 (RTN 8-bit per-channel symmetric min-max -> native int8 matmul),
 ours int4 (RTN 4-bit group 64 asymmetric, MSE clipping -> native int4 matmul), both on a bf16
-model (the CPU fast path computes in bf16), ours int4 on the fp32 model with the fast path
+model (the CPU fast path computes in bf16), ours int4 on the fp32 model
 on the default CPU path (since #20 the native int4 matmul serves fp32 models too; ``always`` is an
 older name of that default) and on the bit-exact reference (``off``), ours int3 (RTN 3-bit group 64 -> the same int4 matmul) against the same
 int3 model on the reference path (``off``: dequantize, then matmul, every call),

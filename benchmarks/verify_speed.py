@@ -117,7 +117,7 @@ def main() -> None:
         verify_rows = [r for r in rows if r["what"].startswith("hfcompress verify")]
         best = min(r["seconds"] for r in verify_rows)
         result = dict(bytes=size, tensor_bytes=total, cores=cores, cpu=platform.processor() or platform.machine(),
-                      hash="sha256 (hashlib/OpenSSL)", torch=torch.__version__, load_average=os.getloadavg()[0],
+                      hash="sha256 (hashlib/OpenSSL)", torch=torch.__version__, load_average=round(os.getloadavg()[0], 1),
                       rows=rows, target=dict(what=f"verify a 1 GiB checkpoint in <= {TARGET_S} s", measured=best,
                                              cpu_seconds=min(r["cpu_seconds"] for r in verify_rows),
                                              met=best <= TARGET_S))
