@@ -29,13 +29,20 @@ def run(args: argparse.Namespace) -> int:
     if not isinstance(q, hfcompress.FromGPTQConfig):
         raise ValueError(f"{args.model} is not a GPTQ checkpoint (its quantization_config is "
                          f"{getattr(q, 'quant_method', None)!r}, expected 'gptq')")
-    model.save_pretrained(args.out)
     try:
         from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(args.model).save_pretrained(args.out)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
     except (OSError, ValueError):
-        pass  # a checkpoint without a tokenizer is fine
+        tokenizer = None  # a checkpoint without a tokenizer is fine
+    from hfcompress.hub import atomic_save
+
+    def write(tmp):  # model and tokenizer land together: args.out is whole old or whole new
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    atomic_save(args.out, write)
     print(f"converted {args.model} (GPTQ {q.bits}-bit, group {q.group_size}, "
           f"{'sym' if q.sym else 'asym'}, act-order {q.act_order}) to {args.out}")
     return 0
