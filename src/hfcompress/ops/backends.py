@@ -34,9 +34,15 @@ def _cuda_impl(x, qweight, scale, qzero, g_idx, bias, bits, group_size, sym, in_
     return int_group_mm_triton(x, qweight, scale, qzero, g_idx, bias, bits, group_size, sym, in_features)
 
 
+def cpu_fast_path_serves(dtype: torch.dtype) -> bool:
+    """Whether the CPU fast paths (of every format) take activations of ``dtype`` in the current mode."""
+    # float64 asks for more precision than bf16 compute gives: the reference
+    return _cpu_mode != "off" and dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _cpu_impl(x, qweight, scale, qzero, g_idx, bias, bits, group_size, sym, in_features):
-    if _cpu_mode == "off" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return None  # float64 asks for more precision than bf16 compute gives: the reference
+    if not cpu_fast_path_serves(x.dtype):
+        return None
     from hfcompress.kernels.cpu import int_group_mm_cpu
 
     return int_group_mm_cpu(x, qweight, scale, qzero, g_idx, bias, bits, group_size, sym, in_features)

@@ -73,11 +73,10 @@ BACKENDS = DeviceBackends(spqr_mm, spqr_mm_ref)
 
 
 def _cpu_impl(*args):
-    from ...ops.backends import _cpu_mode
+    from ...ops.backends import cpu_fast_path_serves
     from .cpu import spqr_mm_cpu
 
-    x = args[0]
-    if _cpu_mode == "off" or (_cpu_mode == "auto" and x.dtype not in (torch.bfloat16, torch.float16)):
+    if not cpu_fast_path_serves(args[0].dtype):  # fp32 models included (no 50x cliff), "off": the reference
         return None
     return spqr_mm_cpu(*args)
 
