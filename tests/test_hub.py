@@ -402,6 +402,8 @@ def test_hub_example_card_validates():
     assert d.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and d.base_model_relation == "quantized"
     assert d.library_name == "transformers" and d.license == "apache-2.0"
     assert {"hfcompress", "gptq", "4-bit"} <= set(d.tags)
+    assert d.eval_results is None  # its texts are no Hub datasets: no made-up dataset ids in model-index
     assert "| Hamlet" in card.text and "| SQLite documentation" in card.text
+    assert "pip install hfcompress" in card.text and "original (bfloat16 linear layers)" in card.text
     assert card.text.index("import hfcompress") < card.text.index(".from_pretrained(")
     assert hub.CARD_MARKER in card.text
