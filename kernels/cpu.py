@@ -26,6 +26,8 @@ import weakref
 
 import torch
 
+from .cache_key import tensor_versions as _versions
+
 _SUBGROUPS = (256, 128, 64, 32)
 _CACHE: dict[int, tuple] = {}  # id(qweight) -> (weakref(qweight), versions, prepared or reason it declined)
 _NAMES: dict[int, tuple] = {}  # id(qweight) -> (weakref(qweight), module name)
@@ -62,19 +64,6 @@ def _unpack(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
         nxt = torch.clamp(word + 1, max=words.shape[1] - 1)
         val = torch.where(spill, val | (words[:, nxt] << (32 - offset)), val)
     return (val & ((1 << bits) - 1)).to(torch.int32)
-
-
-def _versions(*tensors):
-    out = []
-    for t in tensors:
-        if t is None:
-            out.append(None)
-            continue
-        try:
-            out.append((id(t), t._version))
-        except RuntimeError:  # inference tensors carry no version counter
-            out.append((id(t), None))
-    return tuple(out)
 
 
 def _prepare_int4(qweight, scale, qzero, g_idx, group_size, sym, k, bits=4):

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cache_key import tensor_versions as _versions
+
 K_ALIGN = 256  # codes per row are padded to a multiple of this
 MAX_SUBGROUP = 256
 _CACHE: dict[int, tuple] = {}  # id(qweight) -> (weakref(qweight), versions, GpuLayout)
@@ -217,19 +219,6 @@ def dequantize_layout(lay: GpuLayout) -> torch.Tensor:
         out[:, lay.perm] = w
         w = out
     return w
-
-
-def _versions(*tensors):
-    out = []
-    for t in tensors:
-        if t is None:
-            out.append(None)
-            continue
-        try:
-            out.append((id(t), t._version))
-        except RuntimeError:  # inference tensors carry no version counter
-            out.append((id(t), None))
-    return tuple(out)
 
 
 def gpu_layout(qweight, scale, qzero, g_idx, bits, group_size, sym, in_features) -> GpuLayout:

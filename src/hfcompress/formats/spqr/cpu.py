@@ -22,6 +22,7 @@ import torch
 
 from ..int_group.pack import unpack_codes
 from .reference import first_level_scales
+from hfcompress.kernels.cache_key import tensor_versions as _versions
 
 _CACHE: dict[int, tuple] = {}
 
@@ -29,16 +30,6 @@ _CACHE: dict[int, tuple] = {}
 def available() -> bool:
     ops = torch.ops.aten
     return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
-
-
-def _versions(*tensors):
-    out = []
-    for t in tensors:
-        try:
-            out.append(None if t is None else (id(t), t._version))
-        except RuntimeError:  # inference tensors carry no version counter
-            out.append((id(t), None))
-    return tuple(out)
 
 
 def _prepare(qweight, qzero, scale_code, scale_scale, scale_zero, perm, ptr, col, val, bits, group_size, stat_bits,
