@@ -29,6 +29,7 @@ from hfcompress.convert import from_gptq
 from hfcompress.formats import FormatError, is_compressed, make_layer, validate_tensors
 from hfcompress.formats.registry import bind_sizes, expected_tensors
 from hfcompress.modules import (
+    check_module_table,
     linear_modules,
     linear_shape,
     resolve_modules_to_not_convert,
@@ -63,6 +64,7 @@ class HfCompressQuantizer(HfQuantizer):
         config.modules_to_not_convert = sorted(
             set(resolve_modules_to_not_convert(model, config.modules_to_not_convert, strict=not self.pre_quantized))
             | set(keep_fp32))
+        check_module_table(model, config)  # the per-module format table names converted layers only
         if not self.pre_quantized:
             config.check_can_quantize()
         if not (self.pre_quantized or config.data_free):

@@ -10,7 +10,8 @@ from tqdm.auto import tqdm
 
 from .config import HfCompressConfig
 from .formats import CompressedLinear, get_format, is_compressed
-from .modules import linear_modules, linear_weight, resolve_modules_to_not_convert, set_submodule
+from .modules import (check_module_table, linear_modules, linear_weight, resolve_modules_to_not_convert,
+                      set_submodule)
 
 #: called as ``hook(model, config)`` after a model is quantized in memory; the transformers
 #: integration registers one that attaches its quantizer so save_pretrained works.
@@ -23,7 +24,7 @@ def quantize_weight(weight: torch.Tensor, bias: torch.Tensor | None, config: HfC
     (``spec``: this module's spec, default ``config.spec``)."""
     spec = config.spec if spec is None else spec
     spec.check_layer(weight.shape[1])
-    out = config.quantize_weight(weight)
+    out = config.quantize_weight(weight, spec)
     return get_format(spec).layer_cls.from_codes(*out, spec, bias=bias, compute_dtype=weight.dtype)
 
 
@@ -42,6 +43,7 @@ def quantize_(model: nn.Module, config: HfCompressConfig, progress: bool = False
         raise ValueError("model is already quantized by hfcompress; quantize the float model instead")
     config.check_can_quantize()
     config.modules_to_not_convert = resolve_modules_to_not_convert(model, config.modules_to_not_convert)
+    check_module_table(model, config)
     if config.data_free:
         targets = list(linear_modules(model, config.modules_to_not_convert))
         for name, module in tqdm(targets, desc=f"{config.algorithm} quantize", disable=not progress):

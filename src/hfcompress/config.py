@@ -106,6 +106,7 @@ class HfCompressConfig(QuantizationConfigMixin):
         extra = kwargs.pop("extra", None)
         _check_type("extra", extra, (dict,), allow_none=True)
         self.extra = extra or {}
+        module_formats = kwargs.pop("module_formats", None)  # the per-module table (formats/table.py)
         if kwargs:
             renamed = [f"{k} -> {_TRANSFORMERS_NAMES[k]}" for k in sorted(kwargs) if k in _TRANSFORMERS_NAMES]
             raise ConfigError(f"{type(self).__name__} got unknown field(s) {sorted(kwargs)}"
@@ -114,6 +115,7 @@ class HfCompressConfig(QuantizationConfigMixin):
             self.spec
         except FormatError as e:
             raise ConfigError(f"quantization_config: {e}") from None
+        self.module_formats = module_formats
 
     @property
     def spec(self):
@@ -121,8 +123,20 @@ class HfCompressConfig(QuantizationConfigMixin):
         return get_format(self.format).spec_from_fields(vars(self))
 
     def spec_for(self, module_name: str):
-        """The spec of one module (one spec for all today; a per-module table plugs in here)."""
-        return self.spec
+        """The spec of one module: its ``module_formats`` entry, else the config's own spec."""
+        return self._module_specs.get(module_name) or self.spec
+
+    @property
+    def module_formats(self) -> dict[str, dict]:
+        """The per-module table as config.json stores it (empty: one spec for every module)."""
+        return table_to_dict(self._module_specs)
+
+    @module_formats.setter
+    def module_formats(self, table: dict | None) -> None:
+        try:
+            self._module_specs = resolve_table(table, self.format, vars(self))
+        except FormatError as e:
+            raise ConfigError(f"quantization_config: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         d = {"quant_method": QUANT_METHOD, "format": self.format, "format_version": self.format_version,
@@ -132,6 +146,8 @@ class HfCompressConfig(QuantizationConfigMixin):
             d[name] = self._jsonable(name, getattr(self, name))
         if self.extra:
             d["extra"] = copy.deepcopy(self.extra)
+        if self._module_specs:
+            d["module_formats"] = self.module_formats
         if getattr(self, "save_id", None):
             d["save_id"] = self.save_id
         return d
@@ -142,9 +158,10 @@ class HfCompressConfig(QuantizationConfigMixin):
     def check_can_quantize(self) -> None:
         """Raise before any work if this config cannot *produce* a checkpoint (it may still load one)."""
 
-    def quantize_weight(self, weight):
+    def quantize_weight(self, weight, spec=None):
         """Data-free algorithms: ``weight [N, K]`` -> the algorithm's output that the format's
-        ``layer_cls.from_codes`` takes (int_group: ``(codes, scale, zero, g_idx)``)."""
+        ``layer_cls.from_codes`` takes (int_group: ``(codes, scale, zero, g_idx)``) on ``spec``
+        (default: the config's own)."""
         raise NotImplementedError(f"{self.algorithm} needs calibration data; it has no per-weight path")
 
     def quantize_group(self, modules: dict, H, where: str) -> dict:
@@ -215,10 +232,10 @@ class RTNConfig(HfCompressConfig):
             raise ConfigError("quantization_config.act_order=True: RTN has no activation statistics to order "
                               "columns by; use act_order=False (or GPTQConfig)")
 
-    def quantize_weight(self, weight):
+    def quantize_weight(self, weight, spec=None):
         from .algorithms.rtn import rtn
 
-        return rtn(weight, self.spec, mse_clip=self.mse_clip)
+        return rtn(weight, self.spec if spec is None else spec, mse_clip=self.mse_clip)
 
 
 @register_algorithm
@@ -354,4 +371,5 @@ def _model_tokenizer(model):
 # Formats are imported last: a format folder may define its own config class on top of this
 # module (e.g. formats/spqr/config.py), so everything above must exist when it is imported.
 from .formats import FormatError, formats, get_format  # noqa: E402
+from .formats.table import resolve_table, table_to_dict  # noqa: E402
 from .formats.int_group import IntGroupSpec  # noqa: E402

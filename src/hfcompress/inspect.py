@@ -26,6 +26,7 @@ class LayerSummary:
     in_features: int
     out_features: int
     stored_bits: int = 0
+    setting: str = ""  # format and fields of the layer's spec (shown for a per-module table)
 
     @property
     def bits_per_weight(self) -> float:
@@ -67,33 +68,54 @@ def summarize(path: str) -> CheckpointSummary:
         bits = _DTYPE_BITS.get(meta["dtype"], 32)
         summary.total_params_bits += math.prod(meta["shape"]) * bits
     if qcfg and qcfg.get("quant_method") == "hfcompress":
-        from .config import HfCompressConfig
-        from .formats import get_format
-
-        fmt = get_format(qcfg.get("format", HfCompressConfig.format_name))
-        spec = fmt.spec_from_fields(qcfg)
+        specs = _module_specs(qcfg)
         shapes = _linear_shapes(path)
         # a layer is compressed when its format's first stored tensor (int_group: ``weight``) is
         # in the checkpoint with a non-float dtype; its size is every tensor the spec lists
         for prefix, (in_f, out_f) in shapes.items():
+            spec = specs(prefix)
             expected = spec.tensors(out_f, in_f)
             first = next(iter(expected))
             meta = tensors.get(f"{prefix}.{first}")
             if meta is None or meta["dtype"].startswith(("F", "BF")):
                 continue  # kept in float
-            lay = LayerSummary(prefix, in_f, out_f)
+            lay = LayerSummary(prefix, in_f, out_f, setting=_setting(spec))
             for tname in expected:
                 t = tensors.get(f"{prefix}.{tname}")
                 if t is not None:
                     lay.stored_bits += math.prod(t["shape"]) * _DTYPE_BITS[t["dtype"]]
             summary.layers.append(lay)
         known = set(shapes)
+        stored_names = {t for prefix in shapes for t in specs(prefix).all_tensor_names()}
         for name in tensors:
             prefix, _, tname = name.rpartition(".")
-            if tname != "weight" and tname in spec.all_tensor_names() and prefix not in known:
+            if tname != "weight" and tname in stored_names and prefix not in known:
                 raise ValueError(f"{path}: {name} belongs to no linear layer of the model in config.json")
     summary.layers.sort(key=lambda lay: lay.name)
     return summary
+
+
+def _module_specs(qcfg: dict):
+    """``module name -> spec`` of a config.json quantization_config (its per-module table, else
+    its one spec)."""
+    from .config import HfCompressConfig
+    from .formats import get_format
+    from .formats.table import resolve_table
+
+    fmt = get_format(qcfg.get("format", HfCompressConfig.format_name))
+    spec = fmt.spec_from_fields(qcfg)
+    table = resolve_table(qcfg.get("module_formats"), fmt.name, qcfg)
+    return lambda name: table.get(name, spec)
+
+
+def _setting(spec) -> str:
+    from .formats import get_format
+
+    fmt = get_format(spec)
+    fields = {k: getattr(spec, k) for k in fmt.spec_fields}
+    bits, group = fields.pop("bits", None), fields.pop("group_size", None)
+    head = f"{fmt.name} {bits}b" + (f" g{group}" if group is not None else "")
+    return " ".join([head] + [k for k, v in fields.items() if v is True])
 
 
 def _linear_shapes(path: str) -> dict[str, tuple[int, int]]:
@@ -126,11 +148,23 @@ def format_summary(s: CheckpointSummary, per_layer: bool = True) -> str:
     lines.append(f"quantized layers: {len(s.layers)}  bits per weight ({overhead} included): "
                  f"{s.quantized_bits_per_weight:.3f}")
     lines.append(f"kept in float: {q.get('modules_to_not_convert')}")
+    table = bool(q.get("module_formats"))
+    if table:
+        lines.append(f"per-module format table: {len(q['module_formats'])} entries; settings: "
+                     + ", ".join(f"{k} x{n}" for k, n in _setting_counts(s.layers)))
     if per_layer and s.layers:
-        lines.append(f"{'layer':<48} {'in':>6} {'out':>6} {'bits/w':>7}")
+        lines.append(f"{'layer':<48} {'in':>6} {'out':>6} {'bits/w':>7}" + ("  setting" if table else ""))
         for lay in s.layers:
-            lines.append(f"{lay.name:<48} {lay.in_features:>6} {lay.out_features:>6} {lay.bits_per_weight:>7.3f}")
+            lines.append(f"{lay.name:<48} {lay.in_features:>6} {lay.out_features:>6} {lay.bits_per_weight:>7.3f}"
+                         + (f"  {lay.setting}" if table else ""))
     return "\n".join(lines)
+
+
+def _setting_counts(layers) -> list[tuple[str, int]]:
+    counts: dict[str, int] = {}
+    for lay in layers:
+        counts[lay.setting] = counts.get(lay.setting, 0) + 1
+    return sorted(counts.items())
 
 
 def _spec_fields(q: dict) -> tuple[dict, str]:

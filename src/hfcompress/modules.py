@@ -84,6 +84,22 @@ def check_modules_exist(model: nn.Module, patterns: list[str], strict: bool = Tr
     warnings.warn(msg, stacklevel=3)
 
 
+def check_module_table(model: nn.Module, config, strict: bool = True) -> None:
+    """The names of ``config``'s per-module format table must be linear layers it converts
+    (a ConfigError naming the module; on reload, ``strict=False``, too: a table naming no layer
+    does not describe the checkpoint)."""
+    from .config import ConfigError
+    from .formats.table import check_table_modules
+
+    specs = getattr(config, "_module_specs", None)
+    if not specs:
+        return
+    converted = {n for n, _ in linear_modules(model, config.modules_to_not_convert or [])}
+    problems = check_table_modules(specs, converted, config.modules_to_not_convert or [], strict=False)
+    if problems:
+        raise ConfigError("quantization_config." + "; quantization_config.".join(problems))
+
+
 def matches(name: str, patterns: list[str]) -> bool:
     """A pattern matches a module name from its start up to a module boundary, as a regex with
     the same boundary, or as a dotted suffix ("lm_head", "layers.0", "mlp.down_proj", "layers.*.q_proj")."""

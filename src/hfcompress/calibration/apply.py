@@ -31,9 +31,10 @@ def gptq_group(modules: dict[str, nn.Module], H: torch.Tensor, config, where: st
     one per layer."""
     weights = {name: linear_weight(m) for name, m in modules.items()}  # name -> [N_i, K]
     k = next(iter(weights.values())).shape[1]
+    spec = config.spec_for(next(iter(weights)))  # quantize_blocks_ groups layers of one spec
     try:
-        config.spec.check_layer(k, where=where)
-        codes, scale, zero, g_idx = gptq(torch.cat(list(weights.values())), H, config.spec, damp=config.damp,
+        spec.check_layer(k, where=where)
+        codes, scale, zero, g_idx = gptq(torch.cat(list(weights.values())), H, spec, damp=config.damp,
                                          static_groups=config.static_groups, mse_clip=config.mse_clip)
     except (ValueError, RuntimeError) as e:  # torch.linalg errors are RuntimeErrors
         raise type(e)(f"{where}: {e}") from None
@@ -43,7 +44,7 @@ def gptq_group(modules: dict[str, nn.Module], H: torch.Tensor, config, where: st
         row += w.shape[0]
         out[name] = QuantLinear.from_codes(codes[rows], scale[rows], None if zero is None else zero[rows],
                                            None if g_idx is None else g_idx.clone(),
-                                           config.spec, bias=modules[name].bias, compute_dtype=w.dtype)
+                                           spec, bias=modules[name].bias, compute_dtype=w.dtype)
     return out
 
 
@@ -72,11 +73,13 @@ def quantize_blocks_(model: nn.Module, config, batches: list[torch.Tensor], devi
             stats = step.collect_input_stats(group)
             for names in _same_input_width(step, group):
                 H = stats[names[0]].hessian()  # [K, K] shared: these layers read the same tensor
-                qs = config.quantize_group({n: step.module(n) for n in names}, H,
-                                           where=f"{step.name}.{'/'.join(names)}")
-                for rel, q in qs.items():
-                    _load_dequantized_(step.module(rel), q)
-                    pending[rel] = q
+                for same in _same_spec(config, step.name, names):  # per-module format table
+                    qs = config.quantize_group({f"{step.name}.{n}": step.module(n) for n in same}, H,
+                                               where=f"{step.name}.{'/'.join(same)}")
+                    for full, q in qs.items():
+                        rel = full[len(step.name) + 1:]
+                        _load_dequantized_(step.module(rel), q)
+                        pending[rel] = q
             step.mark_final(group)  # later passes over this block may replay what only these feed
             del stats
     if quantize_outside:
@@ -91,6 +94,14 @@ def _load_dequantized_(module: nn.Module, q: CompressedLinear) -> None:
     """Give a float nn.Linear / Conv1D the weight ``q`` computes with."""
     w = q.dequantize(module.weight.dtype).to(module.weight.device)  # [N, K]
     module.weight.data.copy_(w.t() if is_conv1d(module) else w)
+
+
+def _same_spec(config, prefix: str, names: list[str]) -> list[list[str]]:
+    """``names`` split into runs quantized together: layers of one spec (``config.spec_for``)."""
+    runs: dict = {}
+    for n in names:
+        runs.setdefault(config.spec_for(f"{prefix}.{n}"), []).append(n)
+    return list(runs.values())
 
 
 def _same_input_width(step, group: list[str]) -> list[list[str]]:

@@ -228,9 +228,35 @@ def _method_table(q: dict, stats: SizeStats) -> str:
             ("quantized linear layers", stats.quantized_layers),
             ("kept in float", ", ".join(q.get("modules_to_not_convert") or []) or "none")]
     extra = {k: v for k, v in q.items() if k not in ("quant_method", "format", "format_version", "algorithm", "bits",
-                                                     "group_size", "sym", "act_order", "modules_to_not_convert")}
+                                                     "group_size", "sym", "act_order", "modules_to_not_convert",
+                                                     "module_formats")}
     rows += [(k, v) for k, v in sorted(extra.items())]
-    return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+    return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]) + _allocation_table(q)
+
+
+def _allocation_table(q: dict) -> str:
+    """The per-module format table (mixed precision) as a small summary plus the full list."""
+    table = q.get("module_formats") or {}
+    if not table:
+        return ""
+
+    def setting(e: dict) -> str:
+        rest = ", ".join(f"{k}={v}" for k, v in sorted(e.items()) if k not in ("format", "bits", "group_size"))
+        return f"{e.get('format')} {e.get('bits')}-bit, group {e.get('group_size')}" + (f" ({rest})" if rest else "")
+
+    counts: dict[str, int] = {}
+    for e in table.values():
+        counts[setting(e)] = counts.get(setting(e), 0) + 1
+    kept = q.get("modules_to_not_convert") or []
+    lines = ["", "", "Per-layer allocation (`module_formats` in config.json):", "",
+             "| setting | layers |", "|---|---|"]
+    lines += [f"| {k} | {n} |" for k, n in sorted(counts.items())]
+    lines += [f"| {q.get('format')} {q.get('bits')}-bit, group {q.get('group_size')} | every other quantized layer |"]
+    lines += [f"| kept in float | {len(kept)} |"] if kept else []
+    lines += ["", "<details><summary>every layer</summary>", "", "| layer | format | bits | group |", "|---|---|---|---|"]
+    lines += [f"| {name} | {e.get('format')} | {e.get('bits')} | {e.get('group_size')} |" for name, e in table.items()]
+    lines += ["", "</details>"]
+    return "\n".join(lines)
 
 
 def _size_section(stats: SizeStats) -> str:
