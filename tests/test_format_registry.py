@@ -105,7 +105,7 @@ def test_a_format_is_registered_by_one_line(name):
 def test_lookup_by_name_and_by_spec_and_unknown_names_the_known():
     spec = IntGroupSpec(bits=3, group_size=32)
     assert get_format("int_group") is get_format(spec)
-    with pytest.raises(FormatError, match=r"format='nope' is unknown; known formats: \['int_group'"):
+    with pytest.raises(FormatError, match=r"format='nope' is unknown; known formats: \[.*'int_group'"):
         get_format("nope")
     with pytest.raises(hfcompress.ConfigError, match="quantization_config.format='nope' is unknown"):
         hfcompress.RTNConfig(format="nope")

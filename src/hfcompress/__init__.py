@@ -10,6 +10,7 @@ from .adapters.eora import EoRAConfig, compensate, merge_compensation
 from .adapters.l4q import L4QConfig
 from .api import dequantize_, quantize_, requantize_
 from .config import ConfigError, GPTQConfig, HfCompressConfig, RTNConfig
+from .evopress import EvoPressConfig
 from .convert import FromGPTQConfig, export_compressed_tensors
 from .formats import FormatError, IntGroupSpec
 from .nn import QuantLinear
@@ -41,6 +42,7 @@ __all__ = [
     "CompacterConfig",
     "ConfigError",
     "EoRAConfig",
+    "EvoPressConfig",
     "FormatError",
     "FromGPTQConfig",
     "GPTQConfig",

