@@ -26,6 +26,7 @@ from .registry import (
 # The registered formats (one line each).
 from . import int_group  # noqa: E402
 from . import spqr  # noqa: E402
+from . import bitstack  # noqa: E402
 
 from .int_group import (  # noqa: E402  (names kept importable from hfcompress.formats)
     FORMAT_NAME,
