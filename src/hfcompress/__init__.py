@@ -13,6 +13,7 @@ from .config import ConfigError, GPTQConfig, HfCompressConfig, RTNConfig
 from .evopress import EvoPressConfig
 from .convert import FromGPTQConfig, export_compressed_tensors
 from .formats import FormatError, IntGroupSpec
+from .kv import GEARCache
 from .nn import QuantLinear
 from .streaming import quantize
 
@@ -45,6 +46,7 @@ __all__ = [
     "EvoPressConfig",
     "FormatError",
     "FromGPTQConfig",
+    "GEARCache",
     "GPTQConfig",
     "HfCompressConfig",
     "IntGroupSpec",
