@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache, Qwen2Config
 
 import hfcompress
-from hfcompress.kv.gear import GEARSpec, compress, decompress, pack, unpack
+from hfcompress.kv.gear import GEARSpec, compress, decompress, matrix_shape, pack, roundtrip as gear_roundtrip, unpack
 from tiny_models import inputs, llama_gqa, sqnr_db
 
 
@@ -23,7 +23,7 @@ def kv_like(seed=0, B=2, H=3, C=4, n=32, d=16):
 
 def roundtrip(x, per_channel=True, **kw):
     spec = GEARSpec(**{"bits": 4, "group_size": 16, "rank": 2, "outlier_ratio": 0.01, "chunk_size": x.shape[-2], **kw})
-    return decompress(compress(x, spec, per_channel), spec, per_channel, x.shape, x.dtype)
+    return gear_roundtrip(x, spec, per_channel)
 
 
 # ---- the algorithm ------------------------------------------------------------------------------
@@ -61,12 +61,13 @@ def test_outliers_are_kept_exactly():
     x = kv_like(seed=5)
     spec = GEARSpec(bits=2, group_size=16, rank=0, outlier_ratio=0.02, chunk_size=32)
     state = compress(x, spec, per_channel=True)
-    y = decompress(state, spec, True, x.shape, x.dtype)
+    kt = x.transpose(-1, -2)                          # keys are handled as K^T [.., d, n]
+    y = decompress(state, spec, kt.shape)
     idx = state["outlier_index"].long()
     assert idx.shape[-1] == spec.n_outliers(32, 16) == 11
-    assert torch.equal(y.flatten(-2).gather(-1, idx), x.flatten(-2).gather(-1, idx))
+    assert torch.equal(y.flatten(-2).gather(-1, idx), kt.flatten(-2).gather(-1, idx))
     # the injected spikes are among the kept entries
-    spikes = (x - x.mean(-2, keepdim=True)).abs().flatten(-2).topk(3, -1).indices
+    spikes = (kt - kt.mean(-1, keepdim=True)).abs().flatten(-2).topk(3, -1).indices
     assert all(bool(torch.isin(spikes[b, h, c], idx[b, h, c]).all())
                for b in range(2) for h in range(3) for c in range(4))
 
@@ -77,7 +78,7 @@ def test_keys_per_channel_values_per_token():
     x = kv_like(C=2, n=32, d=16)
     spec = GEARSpec(bits=4, group_size=8, rank=0, outlier_ratio=0.0, chunk_size=32)
     k, v = compress(x, spec, True), compress(x, spec, False)
-    assert k["scale"].shape == (2, 3, 2, 16, 4)   # [B, H, C, d, n/g]
+    assert k["scale"].shape == (2, 3, 2, 16, 4)   # [B, H, C, d, n/g] (K^T)
     assert v["scale"].shape == (2, 3, 2, 32, 2)   # [B, H, C, n, d/g]
     # an offset channel costs keys nothing (per-channel range), values pay for it (per-token range)
     assert sqnr_db(x, roundtrip(x, True, rank=0, outlier_ratio=0.0)) > sqnr_db(x, roundtrip(x, False, rank=0, outlier_ratio=0.0))
@@ -90,8 +91,8 @@ def test_compression_is_deterministic_and_independent_of_batching():
     b = compress(x, spec, True, seed=11)
     assert all(torch.equal(a[k], b[k]) for k in a)
     one = compress(x[:, :, 1:2], spec, True, seed=11)       # chunk 1 alone
-    torch.testing.assert_close(decompress(one, spec, True, x[:, :, 1:2].shape, x.dtype),
-                               decompress(a, spec, True, x.shape, x.dtype)[:, :, 1:2], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(decompress(one, spec, matrix_shape(x[:, :, 1:2].shape, True)),
+                               decompress(a, spec, matrix_shape(x.shape, True))[:, :, 1:2], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kw, match", [

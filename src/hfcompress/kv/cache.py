@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .gear import GEARSpec, compress, decompress
+from .gear import GEARSpec, compress, decompress, matrix_shape
 
 
 def _cat(a: dict | None, b: dict) -> dict:
@@ -44,36 +44,48 @@ class GEARLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         self.dtype = key_states.dtype
-        self.keys = key_states[..., :0, :]
-        self.values = value_states[..., :0, :]
+        self.keys = key_states.new_empty(*key_states.shape[:-2], 0, key_states.shape[-1])
+        self.values = value_states.new_empty(*value_states.shape[:-2], 0, value_states.shape[-1])
         self.is_initialized = True
 
     # -- the cache proper ------------------------------------------------------------------------
-    def _shape(self, n_chunks: int | None = None):
-        B, H, _, d = self.keys.shape
-        return B, H, self.n_chunks if n_chunks is None else n_chunks, self.spec.chunk_size, d
+    def _decompress_into(self, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
+        """Write the decompressed chunks into k_out / v_out [B, H, n_chunks * chunk_size, d] (views
+        of the tensors handed to attention: one copy, with the cast, per tensor)."""
+        B, H, P, d = k_out.shape
+        if P == 0:
+            return
+        shape = (B, H, self.n_chunks, self.spec.chunk_size, d)
+        k = decompress(self.compressed["k"], self.spec, matrix_shape(shape, True))    # K^T [B,H,C,d,n]
+        k_out.view(shape).copy_(k.transpose(-1, -2))
+        v = decompress(self.compressed["v"], self.spec, matrix_shape(shape, False))   # V   [B,H,C,n,d]
+        v_out.view(shape).copy_(v)
 
     def decompressed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All compressed tokens as float [B, H, n_chunks * chunk_size, d] keys and values."""
-        B, H, C, n, d = self._shape()
-        if C == 0:
-            return self.keys[..., :0, :], self.values[..., :0, :]
-        k = decompress(self.compressed["k"], self.spec, True, (B, H, C, n, d), self.dtype)
-        v = decompress(self.compressed["v"], self.spec, False, (B, H, C, n, d), self.dtype)
-        return k.reshape(B, H, C * n, d), v.reshape(B, H, C * n, d)
+        """All compressed tokens as [B, H, n_chunks * chunk_size, d] keys and values (cache dtype)."""
+        B, H, _, d = self.keys.shape
+        P = self.n_chunks * self.spec.chunk_size
+        k = self.keys.new_empty(B, H, P, d)
+        v = self.values.new_empty(B, H, P, d)
+        self._decompress_into(k, v)
+        return k, v
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        past_k, past_v = self.decompressed()
-        buf_k = torch.cat([self.keys, key_states.to(self.dtype)], dim=-2)
-        buf_v = torch.cat([self.values, value_states.to(self.dtype)], dim=-2)
-        out_k, out_v = torch.cat([past_k, buf_k], dim=-2), torch.cat([past_v, buf_v], dim=-2)
-
+        B, H, m, d = self.keys.shape
         n = self.spec.chunk_size
-        c_new = buf_k.shape[-2] // n
+        P, t = self.n_chunks * n, key_states.shape[-2]
+        # [decompressed chunks | float buffer | new tokens], the tensors attention reads
+        out_k = self.keys.new_empty(B, H, P + m + t, d)
+        out_v = self.values.new_empty(B, H, P + m + t, d)
+        self._decompress_into(out_k[..., :P, :], out_v[..., :P, :])
+        out_k[..., P:P + m, :], out_k[..., P + m:, :] = self.keys, key_states
+        out_v[..., P:P + m, :], out_v[..., P + m:, :] = self.values, value_states
+        buf_k, buf_v = out_k[..., P:, :], out_v[..., P:, :]
+
+        c_new = (m + t) // n
         if c_new:
-            B, H, _, d = buf_k.shape
             chunk_k = buf_k[..., : c_new * n, :].reshape(B, H, c_new, n, d)
             chunk_v = buf_v[..., : c_new * n, :].reshape(B, H, c_new, n, d)
             seed = self.seed * 1_000_003 + self.layer_idx
@@ -82,7 +94,7 @@ class GEARLayer(CacheLayerMixin):
                 kv: _cat(self.compressed[kv], new[kv]) for kv in ("k", "v")}
             self.n_chunks += c_new
             buf_k, buf_v = buf_k[..., c_new * n:, :], buf_v[..., c_new * n:, :]
-        # clone: a slice would keep the whole concatenated tensor alive (and uncounted)
+        # clone: a view would keep the whole returned tensor alive (and uncounted)
         self.keys, self.values = buf_k.clone(), buf_v.clone()
         return out_k, out_v
 

@@ -15,6 +15,10 @@ layer, batched over B (batch) x H (key/value heads) x C (chunks): X [B, H, C, n,
 The cache (kv/cache.py) keeps chunks of equal size n, so decompressing the whole cache is a
 handful of batched ops, whatever its length.
 
+One formulation serves both: a chunk is handled as a matrix M [rows, cols] quantized along its
+rows in groups of columns. Values: M = V [n, d] (per token). Keys: M = K^T [d, n] (per channel),
+which is also the layout their statistics and codes are stored in.
+
 One deliberate reading of Filter_s: the paper keeps the s/2 largest and s/2 smallest entries of
 each vector; here the k = ceil(s * n * d) entries of each (batch, head, chunk) matrix farthest
 from the mean of their quantization vector (channel for K, token for V) are kept. Both tails are
@@ -79,7 +83,7 @@ class GEARSpec:
 # uniform b-bit quantization in groups along the last axis, codes packed into bytes
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """codes [..., m] (uint8, < 2**bits) -> [..., m * bits / 8] uint8, little end first."""
+    """codes [..., m] (uint8, < 2**bits) -> [..., m * bits / 8] uint8, low bits first."""
     per = 8 // bits
     c = codes.reshape(*codes.shape[:-1], -1, per).to(torch.uint8)        # [..., m/per, per]
     shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.uint8)
@@ -88,13 +92,14 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """[..., m * bits / 8] uint8 -> codes [..., m] uint8."""
+    if bits == 8:
+        return packed
     shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
-    mask = (1 << bits) - 1
-    return ((packed.unsqueeze(-1) >> shifts) & mask).flatten(-2)
+    return ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).flatten(-2)
 
 
 def quantize_groups(x: torch.Tensor, bits: int, group: int):
-    """x [..., m] (m a multiple of group) -> codes [..., m] uint8, scale [..., m/group], low [..., m/group].
+    """x [..., m] (m a multiple of group) -> codes [..., m] uint8, scale [..., m/g], low [..., m/g].
     Asymmetric min-max: x ~= codes * scale + low."""
     g = x.reshape(*x.shape[:-1], -1, group).float()                       # [..., m/g, g]
     low, high = g.amin(-1), g.amax(-1)
@@ -103,100 +108,110 @@ def quantize_groups(x: torch.Tensor, bits: int, group: int):
     return codes.reshape(x.shape).to(torch.uint8), scale, low
 
 
-def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, dtype) -> torch.Tensor:
-    """codes [..., m], scale/low [..., m/g] -> [..., m] in dtype."""
-    g = codes.reshape(*scale.shape, -1).to(dtype)                          # [..., m/g, g]
-    return (g * scale.unsqueeze(-1).to(dtype) + low.unsqueeze(-1).to(dtype)).reshape(codes.shape)
+def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """codes [..., m], scale/low [..., m/g] -> float32 [..., m]."""
+    g = codes.reshape(*scale.shape, -1).float()                            # [..., m/g, g]
+    return torch.addcmul(low.float().unsqueeze(-1), g, scale.float().unsqueeze(-1)).reshape(codes.shape)
 
 
 # ---------------------------------------------------------------------------------------------
-# the three pieces
+# the three pieces, on matrices M [..., rows, cols] (rows = quantization vectors)
 
-def select_outliers(x: torch.Tensor, per_channel: bool, k: int):
-    """x [B, H, C, n, d] -> (index [B, H, C, k] into the flattened n*d matrix, value [B, H, C, k]).
-    The k entries farthest from the mean of their quantization vector (channel if per_channel,
-    else token)."""
-    center = x.mean(dim=-2 if per_channel else -1, keepdim=True)          # [B,H,C,1,d] or [B,H,C,n,1]
-    score = (x - center).abs().flatten(-2)                                # [B, H, C, n*d]
+def select_outliers(m: torch.Tensor, k: int):
+    """m [..., rows, cols] -> (index [..., k] into the flattened rows*cols matrix, value [..., k]):
+    the k entries farthest from the mean of their row (their quantization vector)."""
+    score = (m - m.mean(-1, keepdim=True)).abs().flatten(-2)              # [..., rows*cols]
     index = score.topk(k, dim=-1, sorted=False).indices
-    return index, x.flatten(-2).gather(-1, index)
+    return index, m.flatten(-2).gather(-1, index)
 
 
-def start_matrix(d: int, rank: int, seed: int) -> torch.Tensor:
-    """The seeded Gaussian start [d, rank] of the power iteration (on CPU; one for every head and
+def start_matrix(cols: int, rank: int, seed: int) -> torch.Tensor:
+    """The seeded Gaussian start [cols, rank] of the power iteration (on CPU; one for every head and
     chunk, so a chunk compresses the same whether it arrived in a long prompt or token by token)."""
-    return torch.randn(d, rank, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(cols, rank, generator=torch.Generator().manual_seed(seed))
 
 
 def power_iteration(r: torch.Tensor, q: torch.Tensor, iters: int):
-    """Rank-k approximation r [..., n, d] ~= a [..., n, k] @ b [..., k, d] by subspace (power)
-    iteration from the start q [d, k], as in PowerSGD and the GEAR paper."""
+    """Rank-k approximation r [..., rows, cols] ~= a [..., rows, k] @ b [..., k, cols] by subspace
+    (power) iteration from the start q [cols, k], as in PowerSGD and the GEAR paper."""
     r = r.float()
-    q = q.to(device=r.device, dtype=torch.float32).expand(*r.shape[:-2], *q.shape)     # [..., d, k]
+    q = q.to(device=r.device, dtype=torch.float32).expand(*r.shape[:-2], *q.shape)  # [..., cols, k]
     for _ in range(iters):
-        p = torch.linalg.qr(r @ q).Q                                      # [..., n, k] orthonormal
-        q = r.transpose(-1, -2) @ p                                        # [..., d, k]
-    return p, q.transpose(-1, -2)                                         # a [..., n, k], b [..., k, d]
+        p = torch.linalg.qr(r @ q).Q                                      # [..., rows, k] orthonormal
+        q = r.transpose(-1, -2) @ p                                        # [..., cols, k]
+    return p, q.transpose(-1, -2)                                         # a [..., rows, k], b [..., k, cols]
+
+
+def as_matrix(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """Chunks [B, H, C, n, d] -> the matrices GEAR works on: K^T [B, H, C, d, n] for keys (per
+    channel), V [B, H, C, n, d] for values (per token)."""
+    return x.transpose(-1, -2) if per_channel else x
 
 
 def compress(x: torch.Tensor, spec: GEARSpec, per_channel: bool, seed: int = 0):
-    """GEAR-compress chunks x [B, H, C, n, d]. Keys: per_channel=True (groups of group_size tokens of
-    one channel); values: per_channel=False (groups of group_size channels of one token).
-    Returns a dict of tensors (the only state the cache keeps)."""
-    B, H, C, n, d = x.shape
+    """GEAR-compress chunks x [B, H, C, n, d]: keys with per_channel=True (groups of group_size
+    tokens of one channel), values with per_channel=False (groups of group_size channels of one
+    token). Returns a dict of tensors, the only state the cache keeps (M = as_matrix(x)):
+    codes [B, H, C, rows*cols*bits/8] uint8, scale / low [B, H, C, rows, cols/g],
+    lowrank_a [B, H, C, rows, r] / lowrank_b [B, H, C, r, cols], outlier_index / outlier_value [B, H, C, k]."""
     dtype = x.dtype
+    m = as_matrix(x, per_channel).float()                                 # [B, H, C, rows, cols]
+    rows, cols = m.shape[-2:]
+    g = spec.key_group(cols) if per_channel else spec.value_group(cols)
+    if cols % g:
+        raise ValueError(f"GEAR group_size={spec.group_size} must divide head_dim={cols} for values "
+                         "(quantized per token in groups of channels)")
     out: dict[str, torch.Tensor] = {}
-    xf = x.float()
 
-    # 1. S = Filter_s(X): outliers kept exactly; their places take the vector's mean, so they no
+    # 1. S = Filter_s(M): outliers kept exactly; their places take their row's mean, so they no
     #    longer stretch the quantization range
-    k = spec.n_outliers(n, d)
+    k = spec.n_outliers(rows, cols)
     if k:
-        index, value = select_outliers(xf, per_channel, k)
-        center = xf.mean(dim=-2 if per_channel else -1, keepdim=True).expand_as(xf).flatten(-2)
-        xf = xf.flatten(-2).scatter(-1, index, center.gather(-1, index)).reshape(B, H, C, n, d)
-        out["outlier_index"] = index.to(torch.int16 if n * d <= 2 ** 15 else torch.int32)
+        index, value = select_outliers(m, k)
+        center = m.mean(-1, keepdim=True).expand_as(m).flatten(-2)
+        m = m.flatten(-2).scatter(-1, index, center.gather(-1, index)).reshape(m.shape)
+        out["outlier_index"] = index.to(torch.int16 if rows * cols <= 2 ** 15 else torch.int32)
         out["outlier_value"] = value.to(dtype)
 
-    # 2. D = Quant_b(X - S): K per channel (groups along tokens), V per token (groups along channels)
-    if per_channel:
-        g = spec.key_group(n)
-        codes, scale, low = quantize_groups(xf.transpose(-1, -2), spec.bits, g)   # [B,H,C,d,n], [B,H,C,d,n/g]
-        codes = codes.transpose(-1, -2)                                   # back to [B, H, C, n, d]
-    else:
-        g = spec.value_group(d)
-        if d % g:
-            raise ValueError(f"GEAR group_size={spec.group_size} must divide head_dim={d} for values "
-                             "(quantized per token in groups of channels)")
-        codes, scale, low = quantize_groups(xf, spec.bits, g)            # [B,H,C,n,d], [B,H,C,n,d/g]
-    out["codes"] = pack(codes.flatten(-2), spec.bits)                      # [B, H, C, n*d*bits/8]
+    # 2. D = Quant_b(M - S), along rows in groups of g columns
+    codes, scale, low = quantize_groups(m, spec.bits, g)                 # [.., rows, cols], [.., rows, cols/g]
+    out["codes"] = pack(codes.flatten(-2), spec.bits)                      # [B, H, C, rows*cols*bits/8]
     out["scale"], out["low"] = scale.to(dtype), low.to(dtype)
 
-    # 3. L = A @ B ~= (X - S) - D: the quantization residual, rank r per head, by power iteration.
-    #    The residual is taken against what decompression will produce (scale/low in dtype).
-    r = spec.effective_rank(n, d)
+    # 3. L = A @ B ~= (M - S) - D: the quantization residual, rank r per head and chunk, by power
+    #    iteration; taken against what decompression produces (statistics rounded to dtype)
+    r = spec.effective_rank(rows, cols)
     if r:
-        deq = _dequantize_stored(out, spec, per_channel, (B, H, C, n, d), torch.float32)
-        residual = xf - deq                                               # [B, H, C, n, d]
-        a, b = power_iteration(residual, start_matrix(d, r, seed), spec.power_iters)
-        out["lowrank_a"], out["lowrank_b"] = a.to(dtype), b.to(dtype)     # [B,H,C,n,r], [B,H,C,r,d]
+        residual = m - dequantize(out, spec, m.shape)                     # [B, H, C, rows, cols]
+        a, b = power_iteration(residual, start_matrix(cols, r, seed), spec.power_iters)
+        out["lowrank_a"], out["lowrank_b"] = a.to(dtype), b.to(dtype)     # [.., rows, r], [.., r, cols]
     return out
 
 
-def _dequantize_stored(state: dict, spec: GEARSpec, per_channel: bool, shape, dtype) -> torch.Tensor:
+def dequantize(state: dict, spec: GEARSpec, shape) -> torch.Tensor:
+    """D: the quantized part alone, float32 [B, H, C, rows, cols]."""
+    codes = unpack(state["codes"], spec.bits).reshape(shape)
+    return dequantize_groups(codes, state["scale"], state["low"])
+
+
+def decompress(state: dict, spec: GEARSpec, shape) -> torch.Tensor:
+    """M^ = D + A @ B with the outliers S put back exactly: float32 [B, H, C, rows, cols] (shape).
+    float32 because bf16 elementwise math is several times slower on CPUs; callers cast once."""
+    m = dequantize(state, spec, shape)                                    # D
+    if "lowrank_a" in state:                                              # + L = A @ B
+        m = m + torch.einsum("bhcrk,bhckl->bhcrl", state["lowrank_a"].float(), state["lowrank_b"].float())
+    if "outlier_index" in state:                                          # S, exactly
+        m = m.flatten(-2).scatter_(-1, state["outlier_index"].long(), state["outlier_value"].float())
+    return m.reshape(shape)
+
+
+def matrix_shape(shape, per_channel: bool):
+    """[B, H, C, n, d] -> the shape of as_matrix for keys (per_channel) or values."""
     B, H, C, n, d = shape
-    codes = unpack(state["codes"], spec.bits).reshape(B, H, C, n, d)
-    if per_channel:
-        return dequantize_groups(codes.transpose(-1, -2), state["scale"], state["low"], dtype).transpose(-1, -2)
-    return dequantize_groups(codes, state["scale"], state["low"], dtype)
+    return (B, H, C, d, n) if per_channel else (B, H, C, n, d)
 
 
-def decompress(state: dict, spec: GEARSpec, per_channel: bool, shape, dtype) -> torch.Tensor:
-    """X^ = D + A @ B, then the outliers S put back exactly: [B, H, C, n, d] in dtype.
-    Computed in float32 (much faster than bf16 elementwise math on CPUs), cast once at the end."""
-    x = _dequantize_stored(state, spec, per_channel, shape, torch.float32)  # D   [B, H, C, n, d]
-    if "lowrank_a" in state:                                                # + L = A @ B
-        x = x + torch.einsum("bhcnr,bhcrd->bhcnd", state["lowrank_a"].float(), state["lowrank_b"].float())
-    if "outlier_index" in state:                                            # S, exactly
-        x = x.flatten(-2).scatter_(-1, state["outlier_index"].long(), state["outlier_value"].float())
-    return x.reshape(shape).to(dtype)
+def roundtrip(x: torch.Tensor, spec: GEARSpec, per_channel: bool, seed: int = 0) -> torch.Tensor:
+    """compress then decompress, back in x's layout and dtype (for tests and studies)."""
+    m = decompress(compress(x, spec, per_channel, seed), spec, matrix_shape(x.shape, per_channel))
+    return as_matrix(m, per_channel).to(x.dtype)
