@@ -56,10 +56,9 @@ class GEARLayer(CacheLayerMixin):
         if P == 0:
             return
         shape = (B, H, self.n_chunks, self.spec.chunk_size, d)
-        k = decompress(self.compressed["k"], self.spec, matrix_shape(shape, True))    # K^T [B,H,C,d,n]
-        k_out.view(shape).copy_(k.transpose(-1, -2))
-        v = decompress(self.compressed["v"], self.spec, matrix_shape(shape, False))   # V   [B,H,C,n,d]
-        v_out.view(shape).copy_(v)
+        # keys are stored as K^T [B, H, C, d, n]: written through a transposed view
+        decompress(self.compressed["k"], self.spec, matrix_shape(shape, True), out=k_out.view(shape).transpose(-1, -2))
+        decompress(self.compressed["v"], self.spec, matrix_shape(shape, False), out=v_out.view(shape))
 
     def decompressed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All compressed tokens as [B, H, n_chunks * chunk_size, d] keys and values (cache dtype)."""

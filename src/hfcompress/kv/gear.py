@@ -94,8 +94,8 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """[..., m * bits / 8] uint8 -> codes [..., m] uint8."""
     if bits == 8:
         return packed
-    shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
-    return ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).flatten(-2)
+    mask = (1 << bits) - 1   # python-int shifts: a broadcast uint8 shift tensor is ~100x slower on CPU
+    return torch.stack([(packed >> s) & mask for s in range(0, 8, bits)], dim=-1).flatten(-2)
 
 
 def quantize_groups(x: torch.Tensor, bits: int, group: int):
@@ -111,7 +111,7 @@ def quantize_groups(x: torch.Tensor, bits: int, group: int):
 def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
     """codes [..., m], scale/low [..., m/g] -> float32 [..., m]."""
     g = codes.reshape(*scale.shape, -1).float()                            # [..., m/g, g]
-    return torch.addcmul(low.float().unsqueeze(-1), g, scale.float().unsqueeze(-1)).reshape(codes.shape)
+    return (g * scale.float().unsqueeze(-1) + low.float().unsqueeze(-1)).reshape(codes.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,15 +194,28 @@ def dequantize(state: dict, spec: GEARSpec, shape) -> torch.Tensor:
     return dequantize_groups(codes, state["scale"], state["low"])
 
 
-def decompress(state: dict, spec: GEARSpec, shape) -> torch.Tensor:
-    """M^ = D + A @ B with the outliers S put back exactly: float32 [B, H, C, rows, cols] (shape).
-    float32 because bf16 elementwise math is several times slower on CPUs; callers cast once."""
-    m = dequantize(state, spec, shape)                                    # D
+def decompress(state: dict, spec: GEARSpec, shape, out: torch.Tensor | None = None) -> torch.Tensor:
+    """M^ = D + A @ B with the outliers S put back exactly, [B, H, C, rows, cols] (shape), written
+    into ``out`` (any dtype, any strides: e.g. a transposed view of the tensor attention reads) or
+    a new float32 tensor. The math runs in float32 (bf16 elementwise math is several times slower
+    on CPUs) and is cast once, by the last addition, into ``out``."""
+    B, H, C, rows, cols = shape
+    scale, low = state["scale"].float().unsqueeze(-1), state["low"].float().unsqueeze(-1)  # [.., rows, cols/g, 1]
+    g = cols // scale.shape[-2]
+    m = unpack(state["codes"], spec.bits).view(B, H, C, rows, cols // g, g) * scale        # D - low, float32
     if "lowrank_a" in state:                                              # + L = A @ B
-        m = m + torch.einsum("bhcrk,bhckl->bhcrl", state["lowrank_a"].float(), state["lowrank_b"].float())
-    if "outlier_index" in state:                                          # S, exactly
-        m = m.flatten(-2).scatter_(-1, state["outlier_index"].long(), state["outlier_value"].float())
-    return m.reshape(shape)
+        a, b = state["lowrank_a"], state["lowrank_b"]                      # [.., rows, k], [.., k, cols]
+        m.view(-1, rows, cols).add_(torch.bmm(a.reshape(-1, rows, a.shape[-1]).float(),
+                                              b.reshape(-1, b.shape[-2], cols).float()))
+    if "outlier_index" in state:                                          # S, exactly (less the low added next)
+        index = state["outlier_index"].long()                             # [B, H, C, k] into rows*cols
+        group = index // cols * (cols // g) + index % cols // g           # its (row, group) in [rows * cols/g]
+        low_at = state["low"].float().flatten(-2).gather(-1, group)
+        m.view(B, H, C, rows * cols).scatter_(-1, index, state["outlier_value"].float() - low_at)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32, device=m.device)
+    torch.add(m, low, out=out.view(B, H, C, rows, cols // g, g))          # + low, cast into out
+    return out
 
 
 def matrix_shape(shape, per_channel: bool):
