@@ -140,10 +140,13 @@ def part_ppl(args, model, tokenizer, rows, save):
                 nbytes = cache.nbytes() if hasattr(cache, "nbytes") else kept_bytes(cache)
                 walked = kept_bytes(cache)
                 n_cached = cache.get_seq_length()
+                # the float tokens not compressed yet (GEAR's buffer, QuantizedCache's residual)
+                float_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers
+                                  if CACHES[name][0] != "full")
         geo = math.exp(sum(math.log(v) for v in per.values()) / len(per))
         row = rows.setdefault(name, {})
         row.update({"cache": CACHES[name][0], "kwargs": CACHES[name][1], "ppl": per, "ppl_geomean": geo,
-                    "scored_per_domain": scored, "bytes": nbytes, "bytes_walked": walked,
+                    "scored_per_domain": scored, "bytes": nbytes, "bytes_walked": walked, "float_buffer_bytes": float_bytes,
                     "cached_tokens": n_cached, "ppl_seconds": round(time.time() - t0, 1)})
         print(f"{name:24s} geo {geo:8.3f} " + " ".join(f"{d} {v:.3f}" for d, v in per.items())
               + f"  bytes {nbytes}  ({time.time() - t0:.0f} s)", flush=True)
