@@ -54,6 +54,11 @@ ENTRIES = {
     "gptq-w3-g64": ("hfcompress", {"method": "gptq", "bits": 3, "group_size": 64}),
     "gptq-w3-g128": ("hfcompress", {"method": "gptq", "bits": 3, "group_size": 128}),
     "spqr-w3-g16": ("hfcompress", {"method": "spqr", "bits": 3, "group_size": 16, "outlier_threshold": 2.0}),
+    # SpQR variants the configuration was chosen from (all <= 3.6 bits/weight by design)
+    "spqr-w3-g16-sg32-t0.7": ("hfcompress", {"method": "spqr", "bits": 3, "group_size": 16, "stat_group_size": 32,
+                                             "outlier_threshold": 0.7}),
+    "spqr-w3-g16-sg32-t0.7-damp0.1": ("hfcompress", {"method": "spqr", "bits": 3, "group_size": 16,
+                                                     "stat_group_size": 32, "outlier_threshold": 0.7, "damp": 0.1}),
     "gptqmodel-w4-g64": ("gptqmodel", {"bits": 4, "group_size": 64}),
     "gptqmodel-w3-g64": ("gptqmodel", {"bits": 3, "group_size": 64}),
     "hqq-w4-g64": ("hqq", {"bits": 4, "group_size": 64}),
@@ -190,8 +195,7 @@ def run_entry(name: str) -> dict:
         import hfcompress
 
         if opts["method"] == "spqr":  # streamed like GPTQ, same calibration
-            cfg = hfcompress.SpQRConfig(bits=opts["bits"], group_size=opts["group_size"],
-                                        outlier_threshold=opts["outlier_threshold"], **CALIB)
+            cfg = hfcompress.SpQRConfig(**{k: v for k, v in opts.items() if k != "method"}, **CALIB)
             hfcompress.quantize(src, cfg, out_dir=work, batches=batches, dtype=torch.float32)
         elif opts["method"] == "gptq":
             cfg = hfcompress.GPTQConfig(bits=opts["bits"], group_size=opts["group_size"],

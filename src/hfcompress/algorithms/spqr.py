@@ -4,7 +4,10 @@ GPTQ's column pass (Frantar et al., 2022) with three changes:
 
 1. small groups (``group_size`` 16 input columns) whose first-level scales are themselves
    quantized to ``stat_bits`` in groups of ``stat_group_size`` output rows (second level, fp16
-   scale and zero per stat group); first-level zeros are ``bits``-bit integers;
+   scale and zero per stat group); first-level zeros are ``bits``-bit integers. Each row's
+   grid is chosen on what is stored: among the scales its quantized statistics can express and
+   every integer zero, the pair with the least Hessian-weighted error (min-max only seeds the
+   second level);
 2. outliers: a weight is an outlier when quantizing it costs more than ``tau`` times the mean
    Hessian-weighted error: (a) before a group's grid is fitted, by the leave-one-out criterion
    (how much the group's error ``sum((w - q(w))^2 / d^2)`` drops when the grid is fitted
@@ -105,6 +108,37 @@ def quantize_stats(scale: torch.Tensor, stat_bits: int, stat_group_size: int):
     return codes.reshape(-1)[:n], s.to(STAT_DTYPE), z.to(STAT_DTYPE), used.reshape(-1)[:n]
 
 
+def fit_stored_grid(w: torch.Tensor, d: torch.Tensor, scale_code: torch.Tensor, stat_scale: torch.Tensor,
+                    stat_zero: torch.Tensor, bits: int, stat_bits: int, stat_group_size: int):
+    """The grid each row of a group actually stores, chosen on that storage: the scale codes the
+    row's second-level statistics allow (``fp16((c - sz) * ss)``; all of them up to 16, else the
+    rounded min-max code +- 4) times every integer zero ``z``: the pair with the least
+    Hessian-weighted error ``sum_j ((w_j - q(w_j)) / d_j)^2``. (Min-max fits the float scale and
+    zero before the scale is rounded to ``stat_bits``: the rounded scale no longer matches the
+    zero, and 3-bit scales are coarse.) ``w [N, g]``, ``d [g]``, ``scale_code [N]`` (min-max's),
+    ``stat_scale / stat_zero [S]`` -> scale codes, zeros, scales ``[N]``."""
+    n = w.shape[0]
+    maxq, maxc = (1 << bits) - 1, (1 << stat_bits) - 1
+    which = torch.arange(n, device=w.device) // stat_group_size                          # [N] stat group of a row
+    ss, sz = stat_scale.to(torch.float32)[which], stat_zero.to(torch.float32)[which]     # [N]
+    if maxc < 16:
+        codes = torch.arange(maxc + 1, device=w.device, dtype=torch.float32).expand(n, -1)   # [N, C]
+    else:
+        codes = (scale_code[:, None] + torch.arange(-4, 5, device=w.device)).clamp(0, maxc).to(torch.float32)
+    cand = ((codes - sz[:, None]) * ss[:, None]).to(STAT_DTYPE).to(torch.float32)        # [N, C] candidate scales
+    zs = torch.arange(maxq + 1, device=w.device, dtype=torch.float32)[:, None]           # [Z, 1]
+    err = []
+    for c in range(cand.shape[1]):                                                       # [N, Z] per candidate
+        s = cand[:, c, None, None]                                                       # [N, 1, 1]
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        q = torch.clamp(torch.round(w[:, None, :] / safe) + zs, 0, maxq)                 # [N, Z, g]
+        e = (((q - zs) * s - w[:, None, :]) / d).square().sum(-1)                        # [N, Z]
+        err.append(torch.where(s[:, :, 0] > 0, e, torch.full_like(e, float("inf"))))
+    best = torch.stack(err, 1).reshape(n, -1).argmin(1)                                  # [N] over C x Z
+    c, z = best // (maxq + 1), best % (maxq + 1)
+    return codes.gather(1, c[:, None])[:, 0], z.to(torch.float32), cand.gather(1, c[:, None])[:, 0]
+
+
 @torch.no_grad()
 def spqr(weight: torch.Tensor, hessian: Hessian, bits: int = 3, group_size: int = 16, stat_bits: int = 3,
          stat_group_size: int = 16, outlier_threshold: float = float("inf"), block_size: int = 128) -> SpQRResult:
@@ -146,8 +180,9 @@ def spqr(weight: torch.Tensor, hessian: Hessian, bits: int = 3, group_size: int 
                         keep = (~likely).to(gw.dtype)
                         mean = (gw * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1)
                         gw = torch.where(likely, mean, gw)
-                    s1, z1 = minmax_grid(gw, bits)                # [N] first level (float)
-                    sc, ss, sz, scale = quantize_stats(s1, stat_bits, stat_group_size)
+                    s1, _ = minmax_grid(gw, bits)                 # [N] first level (float)
+                    sc, ss, sz, _ = quantize_stats(s1, stat_bits, stat_group_size)  # second level [S]
+                    sc, z1, scale = fit_stored_grid(gw, d[col:col + g], sc, ss, sz, bits, stat_bits, stat_group_size)
                     zeros[:, grp], scale_codes[:, grp] = z1, sc
                     stat_scale[grp], stat_zero[grp] = ss, sz
                     zero = z1
