@@ -102,7 +102,12 @@ def quantize_stats(scale: torch.Tensor, stat_bits: int, stat_group_size: int):
     maxq = (1 << stat_bits) - 1
     lo, hi = x.min(dim=1).values, x.max(dim=1).values
     s = ((hi - lo) / maxq).clamp(min=torch.finfo(STAT_DTYPE).tiny).to(STAT_DTYPE).to(torch.float32)  # [S]
-    z = (-lo / s).to(STAT_DTYPE).to(torch.float32)                                                      # [S]
+    z = -lo / s                                                                                         # [S]
+    # z on the fp16 grid of the largest |c - z|: every ``c - z`` is then exact in fp16 too, so
+    # fp16 arithmetic (transformers' SpQR kernels) rebuilds the same scales as fp32 does
+    span = torch.maximum(z.abs(), (maxq - z).abs()).clamp(min=1)
+    ulp = torch.exp2(torch.floor(torch.log2(span)) - 10)
+    z = (torch.round(z / ulp) * ulp).to(STAT_DTYPE).to(torch.float32)
     codes = torch.clamp(torch.round(x / s[:, None] + z[:, None]), 0, maxq)                              # [S, sg]
     used = ((codes - z[:, None]) * s[:, None]).to(STAT_DTYPE).to(torch.float32)                         # [S, sg]
     return codes.reshape(-1)[:n], s.to(STAT_DTYPE), z.to(STAT_DTYPE), used.reshape(-1)[:n]

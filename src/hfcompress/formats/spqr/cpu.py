@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from dataclasses import dataclass
 
 import torch
 
 from ..int_group.pack import unpack_codes
-from .reference import first_level_scales
+from .reference import first_level_scales, outlier_rows
 from hfcompress.kernels.cache_key import tensor_versions as _versions
 
 _CACHE: dict[int, tuple] = {}
@@ -30,6 +31,19 @@ _CACHE: dict[int, tuple] = {}
 def available() -> bool:
     ops = torch.ops.aten
     return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    packed: torch.Tensor                 # int4pack of the codes [N+pad, K] (stored column order)
+    scale_zeros: tuple                   # per int4 call: [K/sub, N+pad, 2] bf16 (s, (8 - z) * s)
+    masks: torch.Tensor | None           # [calls, 1, K] bf16: the input columns each call sees (16-wide groups)
+    sub: int                             # the int4 op's group size
+    perm: torch.Tensor | None            # [K] long: stored column j reads input column perm[j]
+    rows: torch.Tensor                   # [nnz] long: output row of each outlier
+    cols: torch.Tensor                   # [nnz] long: stored column of each outlier
+    vals: torch.Tensor                   # [nnz] fp32 deltas
+    n: int
 
 
 def _prepare(qweight, qzero, scale_code, scale_scale, scale_zero, perm, ptr, col, val, bits, group_size, stat_bits,
@@ -51,18 +65,16 @@ def _prepare(qweight, qzero, scale_code, scale_scale, scale_zero, perm, ptr, col
         return torch.stack([s_p.t(), c_p.t()], dim=-1).to(torch.bfloat16).contiguous()
 
     if gs == 16:
-        halves = [scale_zeros(s[:, h::2], z[:, h::2]) for h in (0, 1)]       # group a / group b of each run of 32
+        halves = tuple(scale_zeros(s[:, h::2], z[:, h::2]) for h in (0, 1))   # group a / group b of each run of 32
         cols = torch.arange(k)
-        masks = [((cols // 16) % 2 == h).to(torch.bfloat16) for h in (0, 1)]  # [K] which half a column is in
+        masks = torch.stack([((cols // 16) % 2 == h) for h in (0, 1)])[:, None, :].to(torch.bfloat16)  # [2, 1, K]
         sub = 32
     else:
         sub = next(x for x in (256, 128, 64, 32) if gs % x == 0 and k % x == 0)
         group_of_sub = torch.arange(0, k, sub) // gs
-        halves, masks = [scale_zeros(s[:, group_of_sub], z[:, group_of_sub])], [None]
-    sparse = None
-    if val.numel():
-        sparse = outlier_matrix(ptr, col, val, n, k)
-    return packed, halves, masks, sub, None if perm is None else perm.long(), sparse, n
+        halves, masks = (scale_zeros(s[:, group_of_sub], z[:, group_of_sub]),), None
+    return _Prepared(packed, halves, masks, sub, None if perm is None else perm.long(),
+                     outlier_rows(ptr), col.long(), val.to(torch.float32), n)
 
 
 def outlier_matrix(ptr, col, val, n: int, k: int) -> torch.Tensor:
@@ -95,20 +107,22 @@ def spqr_mm_cpu(x, qweight, qzero, scale_code, scale_scale, scale_zero, perm, ou
                      bits, group_size, stat_bits, stat_group_size, in_features)
     if prep is None:
         return None
-    packed, halves, masks, sub, perm_l, sparse, n = prep
     x2 = x.reshape(-1, in_features)
-    if perm_l is not None:
-        x2 = x2[:, perm_l]                                             # stored column order
+    if prep.perm is not None:
+        x2 = x2.index_select(1, prep.perm)                             # stored column order
     xb = x2.to(torch.bfloat16)
-    y = None
-    for sz, mask in zip(halves, masks):
-        xm = (xb * mask if mask is not None else xb).contiguous()
-        part = torch.ops.aten._weight_int4pack_mm_for_cpu(xm, packed, sub, sz).to(torch.float32)
-        y = part if y is None else y + part
+    mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+    if prep.masks is None:
+        y = mm(xb.contiguous(), prep.packed, prep.sub, prep.scale_zeros[0]).to(torch.float32)
+    else:                                                              # 16-wide groups: two calls, halves masked
+        xab = xb * prep.masks                                          # [2, M, K]
+        y = mm(xab[0], prep.packed, prep.sub, prep.scale_zeros[0]).to(torch.float32)
+        y += mm(xab[1], prep.packed, prep.sub, prep.scale_zeros[1])
+    n = prep.n
     if y.shape[-1] != n:
         y = y[:, :n]
-    if sparse is not None:
-        y = y + torch.sparse.mm(sparse, x2.to(torch.float32).t()).t()  # [M, N] outliers in fp32
+    if prep.vals.numel():                                              # outliers in fp32: y[:, r] += v * x[:, c]
+        y.index_add_(1, prep.rows, x2.index_select(1, prep.cols).to(torch.float32) * prep.vals)
     y = y.to(x.dtype)
     if bias is not None:
         y = y + bias.to(x.dtype)
