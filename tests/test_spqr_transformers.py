@@ -153,3 +153,14 @@ def test_refusals_name_the_layer(tmp_path):
         import_transformers_spqr(tmp_path / "hf", tmp_path / "back")
     with pytest.raises(ConversionError, match="quant_method='spqr'|this export takes an hfcompress spqr"):
         export_transformers_spqr(tmp_path / "hf", tmp_path / "again")
+
+
+def test_cli_export_and_convert_back(tmp_path):
+    from hfcompress.cli.main import main
+
+    _tiny_spqr(tmp_path)
+    assert main(["export", str(tmp_path / "ours"), "--to", "transformers-spqr", "--out", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]["quant_method"] == "spqr"
+    assert main(["convert", str(tmp_path / "hf"), "--from", "transformers-spqr", "--out", str(tmp_path / "back")]) == 0
+    mine, back = load_file(tmp_path / "ours" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert all(torch.equal(mine[k], back[k]) for k in mine) and set(mine) == set(back)

@@ -8,8 +8,9 @@ import argparse
 def add_parser(sub) -> None:
     p = sub.add_parser("convert", help="convert a checkpoint of another tool into an hfcompress checkpoint (exact)")
     p.add_argument("model", help="GPTQ checkpoint directory or Hub id (AutoGPTQ / GPTQModel layout)")
-    p.add_argument("--from", dest="source_format", required=True, choices=["gptq"],
-                   help="the format of MODEL (gptq: quant_method 'gptq', checkpoint_format gptq or gptq_v2)")
+    p.add_argument("--from", dest="source_format", required=True, choices=["gptq", "transformers-spqr"],
+                   help="the format of MODEL (gptq: quant_method 'gptq', checkpoint_format gptq or gptq_v2; "
+                        "transformers-spqr: a local transformers SpQR checkpoint, quant_method 'spqr')")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="float dtype of the layers that stay float (default: the checkpoint's)")
     p.add_argument("--out", required=True, help="output directory")
@@ -23,6 +24,12 @@ def run(args: argparse.Namespace) -> int:
     import hfcompress
 
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    if args.source_format == "transformers-spqr":
+        from hfcompress.convert.spqr_transformers import import_transformers_spqr
+
+        out = import_transformers_spqr(args.model, args.out, dtype=None if dtype == "auto" else dtype)
+        print(f"converted {args.model} (transformers SpQR) to {out}")
+        return 0
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype,
                                                  quantization_config=hfcompress.FromGPTQConfig())
     q = model.config.quantization_config
