@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import hfcompress
-from hfcompress.algorithms.spqr import leave_one_out_reduction, prepare_hessian, quantize_stats, spqr
+from hfcompress.algorithms.spqr import (fit_stored_grid, leave_one_out_reduction, minmax_grid, prepare_hessian,
+                                       quantize_stats, spqr)
 from hfcompress.formats import FormatError
 from hfcompress.formats.spqr import SpQRLinear, SpQRSpec, spqr_mm_ref
 from hfcompress.formats.spqr.cpu import spqr_mm_cpu
@@ -75,6 +76,27 @@ def test_second_level_statistics_are_stat_bit_codes_with_fp16_scale_and_zero():
     which = torch.arange(70) // 16
     assert torch.equal(used, ((codes - sz.float()[which]) * ss.float()[which]).half().float())
     assert float((used - s).abs().max()) <= float(ss.float().max()) * 0.51 + 1e-4  # half a stat step
+    d = torch.arange(8)[:, None] - sz.float()  # every code - zero is an fp16 number: fp16 math rebuilds `used`
+    assert torch.equal(d.half().float(), d)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_stored_grid_is_never_worse_than_min_max_on_the_same_statistics(seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(64, 16, generator=g) * torch.rand(64, 1, generator=g)   # rows of different ranges
+    d = torch.rand(16, generator=g) + 0.5                                    # Hessian weights 1 / d^2
+    s1, z1 = minmax_grid(w, 3)
+    sc, ss, sz, scale = quantize_stats(s1, 3, 16)
+
+    def err(scale, zero):
+        q = torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, 7)
+        return (((q - zero[:, None]) * scale[:, None] - w) / d).square().sum(1)
+
+    c, z, s = fit_stored_grid(w, d, sc, ss, sz, 3, 3, 16)
+    which = torch.arange(64) // 16
+    assert torch.equal(s, ((c - sz.float()[which]) * ss.float()[which]).half().float())  # a storable scale
+    assert bool((err(s, z) <= err(scale, z1) + 1e-7).all())                             # row by row
+    assert float(err(s, z).sum()) < 0.97 * float(err(scale, z1).sum())                  # and better in total
 
 
 def test_reference_follows_the_documented_formula():
