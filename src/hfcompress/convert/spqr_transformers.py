@@ -226,6 +226,9 @@ def export_transformers_spqr(checkpoint, out_dir: str | os.PathLike) -> str:
     if q.get("quant_method") != "hfcompress" or q.get("format") != "spqr":
         raise ConversionError(f"{src}/config.json: quantization_config is {q.get('quant_method')!r} / "
                               f"{q.get('format')!r}; this export takes an hfcompress spqr checkpoint")
+    if q.get("module_formats"):
+        raise ConversionError(f"{src}/config.json: quantization_config.module_formats gives some layers their own "
+                              "format; transformers' SpQR format has one setting for the whole model")
     spec = SpQRSpec(bits=q["bits"], group_size=q["group_size"], stat_bits=q["stat_bits"],
                     stat_group_size=q["stat_group_size"], act_order=q["act_order"])
     linears = _linear_shapes(config)
