@@ -242,6 +242,7 @@ def main():
         result["spqr_outlier_fraction"] = round(sum(m.n_outliers for m in layers) /
                                                 sum(m.in_features * m.out_features for m in layers), 5)
         result["spqr_source"] = args.spqr_dir or "data-free (identity Hessian), tau=2.0"
+    result["load_average_1_5_15_min"] = [round(v, 2) for v in __import__("os").getloadavg()]  # shared machine
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k.startswith("target")}))
 
