@@ -83,11 +83,12 @@ def step_eval(args) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    import hfcompress  # noqa: F401
+    import hfcompress
     from evopress import _perplexities
     from hfcompress.calibration import eval_texts, tokenize_text
     from hfcompress.formats.bitstack import load_under_budget
 
+    hfcompress.ops.set_cpu_fast_path("off")  # exact fp32, as benchmarks/evopress.py's entries
     tok = AutoTokenizer.from_pretrained(CKPT)
     evals = {d: tokenize_text(tok, [t]) for d, t in eval_texts().items()}
     full = load_under_budget(CKPT, 10**12, dtype=torch.float32)

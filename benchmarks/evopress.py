@@ -217,12 +217,22 @@ def step_eval(args) -> None:
     from hfcompress.calibration import eval_texts, tokenize_text
     from hfcompress.smollm2 import smollm2_checkpoint
 
-    import hfcompress  # noqa: F401
+    import hfcompress
 
+    hfcompress.ops.set_cpu_fast_path("off")  # every entry computes in exact fp32 (the reference path)
     src = smollm2_checkpoint()
     tok = AutoTokenizer.from_pretrained(src)
     evals = {d: tokenize_text(tok, [t]) for d, t in eval_texts().items()}
-    for name in args.entries:
+    start = time.perf_counter()
+    names = args.entries
+    if names == ["all"]:  # every cached entry not measured yet, float first
+        done = (json.load(open(RESULTS)).get("entries", {}) if os.path.isfile(RESULTS) else {})
+        names = [n for n in ["fp32", *DB_UNIFORM, *GPTQ_BASELINES, "evopress-3.0", "evopress-3.5"]
+                 if n not in done and (n == "fp32" or os.path.isdir(os.path.join(CACHE, n)))]
+    for name in names:
+        if time.perf_counter() - start > args.seconds:
+            print(f"{name}: not started (time budget of this run spent; run again)")
+            continue
         path = src if name == "fp32" else os.path.join(CACHE, name)
         t0 = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -295,7 +305,8 @@ def main() -> None:
     s.add_argument("--seconds", type=float, default=400, help="start no new generation after this many seconds")
     s.add_argument("--restart", action="store_true")
     e = sub.add_parser("eval")
-    e.add_argument("--entries", nargs="+", required=True)
+    e.add_argument("--entries", nargs="+", required=True, help="entry names, or 'all': every cached one not measured")
+    e.add_argument("--seconds", type=float, default=420, help="start no new entry after this many seconds")
     sub.add_parser("table")
     args = p.parse_args()
     if args.step == "table":
