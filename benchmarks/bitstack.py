@@ -4,11 +4,12 @@ benchmarks/quality.py and their geometric mean; GPTQ 4-bit g128 from benchmarks/
 cache as the reference at 4 bits.
 
     python benchmarks/bitstack.py build                        # decomposition (rank 16, 3 blocks) -> cache
-    python benchmarks/bitstack.py eval --bits 2.0 2.5 3.0      # load under each budget, perplexities
+    python benchmarks/bitstack.py eval --bits 2.0 2.5 3.0      # (build if missing) load under each budget
     python benchmarks/bitstack.py table
 
 Decomposed in bf16 (SmolLM2's checkpoint dtype), calibration as quality.py (bundled Shakespeare,
-32 x 256 tokens) for the activation scales; perplexity in fp32 with quality.py's settings. A
+32 x 256 tokens) for the activation scales; perplexity with quality.py's settings (bf16 compute by
+default, as benchmarks/evopress.py's entries). A
 budget of ``b`` bits per weight is: every tensor outside the linear layers + ``b`` x their weights
 / 8 bytes (the bitstack layers' block planes, factors, scales and gains all counted in ``b``).
 """
@@ -88,19 +89,29 @@ def step_eval(args) -> None:
     from hfcompress.calibration import eval_texts, tokenize_text
     from hfcompress.formats.bitstack import load_under_budget
 
-    hfcompress.ops.set_cpu_fast_path("off")  # exact fp32, as benchmarks/evopress.py's entries
-    tok = AutoTokenizer.from_pretrained(CKPT)
-    evals = {d: tokenize_text(tok, [t]) for d, t in eval_texts().items()}
-    full = load_under_budget(CKPT, 10**12, dtype=torch.float32)
+    hfcompress.ops.set_cpu_fast_path("off")  # the reference path, as benchmarks/evopress.py's entries
+    if not os.path.isdir(CKPT):
+        step_build(args)
+    start = time.perf_counter()
+    dtype = getattr(torch, args.dtype)
+    full = load_under_budget(CKPT, 10**12, dtype=dtype)
     n, fixed, _ = _linear_info(full)
     del full
+    tok = AutoTokenizer.from_pretrained(CKPT)
+    evals = {d: tokenize_text(tok, [t]) for d, t in eval_texts().items()}
+    done = json.load(open(RESULTS)).get("budgets", {}) if os.path.isfile(RESULTS) else {}
     for bits in args.bits:
+        if f"{bits:.2f}" in done and not args.force:
+            continue
+        if time.perf_counter() - start > args.seconds:
+            print(f"{bits}: not started (time budget of this run spent; run again)")
+            continue
         budget = int(fixed + bits * n / 8)
         t0 = time.perf_counter()
-        model = load_under_budget(CKPT, budget, dtype=torch.float32)
+        model = load_under_budget(CKPT, budget, dtype=dtype)
         load_s = time.perf_counter() - t0
         _, _, stored = _linear_info(model)
-        row = {"budget_bits_per_weight": bits, "budget_bytes": budget, "bits_per_weight": round(8 * stored / n, 4),
+        row = {"eval_dtype": args.dtype, "budget_bits_per_weight": bits, "budget_bytes": budget, "bits_per_weight": round(8 * stored / n, 4),
                "blocks": sum(m.n_blocks for m in model.modules() if hasattr(m, "n_blocks")), "load_s": round(load_s, 2)}
         row.update({f"ppl_{k}": v for k, v in _perplexities(model, evals).items()})
         row["eval_s"] = round(time.perf_counter() - t0, 1)
@@ -144,6 +155,9 @@ def main() -> None:
     sub.add_parser("build")
     e = sub.add_parser("eval")
     e.add_argument("--bits", type=float, nargs="+", required=True)
+    e.add_argument("--seconds", type=float, default=300, help="start no new budget after this many seconds")
+    e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    e.add_argument("--force", action="store_true", help="measure budgets already in the results again")
     sub.add_parser("table")
     args = p.parse_args()
     if args.step == "table":
