@@ -121,6 +121,60 @@ def step_eval(args) -> None:
         del model
 
 
+def _vm_rss_kb() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def step_rss_one(args) -> None:
+    """In a fresh process: RSS just before loading, peak RSS after (what loading added)."""
+    import gc
+    import resource
+
+    import torch
+
+    import hfcompress  # noqa: F401
+    from hfcompress.formats.bitstack import load_under_budget
+
+    n, fixed = args.linear_weights, args.fixed_bytes
+    budget = int(fixed + args.bits[0] * n / 8)
+    gc.collect()
+    before_kb = _vm_rss_kb()
+    peak_before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model = load_under_budget(CKPT, budget, dtype=torch.bfloat16)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"budget_bytes": budget, "rss_before_mb": before_kb / 1024, "peak_before_mb": peak_before_kb / 1024,
+                      "peak_after_mb": peak_kb / 1024, "loaded_bytes": sum(
+                          t.numel() * t.element_size() for t in model.state_dict().values())}))
+
+
+def step_rss(args) -> None:
+    """Peak RSS growth while loading under each budget, each in its own process."""
+    import subprocess
+
+    import torch
+
+    from hfcompress.formats.bitstack import load_under_budget
+
+    full = load_under_budget(CKPT, 10**12, dtype=torch.bfloat16)
+    n, fixed, _ = _linear_info(full)
+    emb = full.get_input_embeddings().weight
+    emb_mb = emb.numel() * emb.element_size() / 1e6
+    del full
+    for bits in args.bits:
+        out = subprocess.run([sys.executable, __file__, "rss-one", "--bits", str(bits), "--linear-weights", str(n),
+                              "--fixed-bytes", str(fixed)], capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        grew = r["peak_after_mb"] - r["rss_before_mb"]
+        row = {"budget_mb": round(r["budget_bytes"] / 1e6, 2), "peak_rss_growth_mb": round(grew, 1),
+               "embeddings_mb": round(emb_mb, 1), "rss_before_load_mb": round(r["rss_before_mb"], 1),
+               "within_budget_plus_embeddings": grew <= r["budget_bytes"] / 1e6 + emb_mb}
+        _record({"rss": {f"{bits:.2f}": row}})
+        print(json.dumps(row))
+
+
 def table(path: str = RESULTS) -> str:
     data = json.load(open(path))
     rows = sorted(data.get("budgets", {}).values(), key=lambda r: r["budget_bits_per_weight"])
@@ -137,6 +191,10 @@ def table(path: str = RESULTS) -> str:
         lines.append(f"- geomean perplexity decreases with every larger budget over {len(g)} budgets: "
                      f"{'yes' if mono else 'no'} (target: monotone over >= 8 budgets from ~2 to ~5 bits: "
                      f"{'MET' if mono and len(g) >= 8 else 'NOT MET'})")
+    for bits, r in sorted(data.get("rss", {}).items()):
+        lines.append(f"- loading under {r['budget_mb']} MB ({bits} bits per weight): peak RSS grew by "
+                     f"{r['peak_rss_growth_mb']} MB (budget + float embeddings = "
+                     f"{r['budget_mb'] + r['embeddings_mb']:.1f} MB: {'within' if r['within_budget_plus_embeddings'] else 'ABOVE'})")
     evo = os.path.join(HERE, "results", "evopress.json")
     if os.path.isfile(evo):
         e = json.load(open(evo)).get("entries", {})
@@ -158,12 +216,18 @@ def main() -> None:
     e.add_argument("--seconds", type=float, default=300, help="start no new budget after this many seconds")
     e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     e.add_argument("--force", action="store_true", help="measure budgets already in the results again")
+    r = sub.add_parser("rss")
+    r.add_argument("--bits", type=float, nargs="+", required=True)
+    r1 = sub.add_parser("rss-one")
+    r1.add_argument("--bits", type=float, nargs=1, required=True)
+    r1.add_argument("--linear-weights", type=int, required=True)
+    r1.add_argument("--fixed-bytes", type=int, required=True)
     sub.add_parser("table")
     args = p.parse_args()
     if args.step == "table":
         print(table())
         return
-    {"build": step_build, "eval": step_eval}[args.step](args)
+    {"build": step_build, "eval": step_eval, "rss": step_rss, "rss-one": step_rss_one}[args.step](args)
 
 
 if __name__ == "__main__":

@@ -156,12 +156,19 @@ def load_under_budget(path: str, memory_budget, dtype: torch.dtype | None = None
     del config.quantization_config
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # the float skeleton (its weights replaced below)
+    with torch.device("meta"):  # no float weights are ever allocated
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     skip = qcfg.modules_to_not_convert or []
     for name, module in list(linear_modules(model, skip)):
         k, n = linear_shape(module)
         set_submodule(model, name, make_layer(qcfg.spec_for(name), k, n, module.bias is not None,
-                                              compute_dtype=dtype))
+                                              compute_dtype=dtype, device="meta"))
+    for layer in _layers(model).values():
+        layer.resize_stored_({"blocks": 0})
+    model.to_empty(device="cpu")
+    for module in model.modules():  # non-persistent buffers (rotary inv_freq ...) as transformers sets them
+        if module._non_persistent_buffers_set:
+            model._init_weights(module)
     index = _tensor_files(path)
     layers = _layers(model)
     blocks, gains = {}, {}
@@ -178,9 +185,7 @@ def load_under_budget(path: str, memory_budget, dtype: torch.dtype | None = None
                 state[key] = f.get_tensor(key)
     fixed = sum(t.numel() * t.element_size() for t in state.values())
     counts = blocks_for_budget({n: (blocks[n], gains[n], _block_bytes(m)) for n, m in layers.items()}, fixed, budget)
-    for name, layer in layers.items():
-        layer.resize_stored_({"blocks": 0})
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     block_missing = {f"{n}.{t}" for n in layers for t in BLOCK_TENSORS}
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     real_missing = [k for k in missing if k not in block_missing and k not in tied]
