@@ -29,9 +29,15 @@ class CompacterConfig(PeftConfig):
         non_linearity: activation between down- and up-projection.
         target_modules: modules whose *output* gets an adapter (names or a regex); ``None`` picks them
             from ``placement`` for known architectures (Llama/Qwen/Mistral/Gemma/Phi-3, GPT-2, BERT/RoBERTa, T5).
-        init_weights: ``True``: the paper's near-identity start (fast weights ~ N(0, init_std), zero biases).
-            ``False``: a clearly non-identity random start (for tests).
-        init_std: standard deviation of the fast weights when ``init_weights`` is True.
+        init_weights: ``True``: rank-``r`` factors Glorot-uniform and zero biases (as the reference
+            implementation), shared ``S_i`` ~ N(0, init_std), and the up-projection's ``t`` factor zero, so the
+            adapter starts as the exact identity like PEFT's built-in methods; every factor gets a gradient
+            from the second step on (as LoRA's A does). ``False``: a non-identity random start (for tests).
+        init_std: standard deviation of the shared ``S_i`` at initialisation. ``None`` (default): ``1/sqrt(n)``,
+            Xavier's variance for an n x n matrix, so a sum of n Kronecker products keeps the variance of one.
+            (The reference implementation draws S_i with std 0.01 to start near the identity; with the exact
+            identity coming from the zero factor, so small an S leaves the other factors nearly without gradient
+            for the first steps: see tests/test_peft_conformance.py.)
     """
 
     n: int = 4
@@ -45,7 +51,7 @@ class CompacterConfig(PeftConfig):
     layers_pattern: Optional[Union[list[str], str]] = field(default=None)
     modules_to_save: Optional[list[str]] = field(default=None)
     init_weights: bool = True
-    init_std: float = 0.01
+    init_std: Optional[float] = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -62,10 +68,14 @@ class CompacterConfig(PeftConfig):
         if self.non_linearity not in NON_LINEARITIES:
             raise ValueError(f"CompacterConfig.non_linearity must be one of {NON_LINEARITIES}, "
                              f"got {self.non_linearity!r}")
-        if self.init_std <= 0:
+        if self.init_std is not None and not self.init_std > 0:
             raise ValueError(f"CompacterConfig.init_std must be > 0, got {self.init_std!r}")
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
+
+    def shared_std(self) -> float:
+        """The standard deviation ``S_i`` is drawn with (``init_std``, or ``1/sqrt(n)``)."""
+        return self.init_std if self.init_std is not None else self.n ** -0.5
 
     def bottleneck(self, hidden: int) -> int:
         """``d = hidden / reduction_factor`` rounded up to a multiple of ``n`` (at least ``n``)."""

@@ -43,14 +43,21 @@ def phm_weight(shared: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.
     return torch.einsum("iab,ixy->axby", shared.to(fast.dtype), fast).reshape(n * p, n * q)
 
 
-def output_features(module: nn.Module) -> int:
-    """Size of the last dimension of ``module``'s output (nn.Linear, GPT-2 Conv1D, QuantLinear, ...)."""
-    if isinstance(module, nn.Linear) or hasattr(module, "out_features"):
-        return int(module.out_features)
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # GPT-2: weight [in, out]
-        return int(module.nf)
-    raise TypeError(f"Compacter cannot tell the output size of {type(module).__name__}; target a linear layer "
+def in_out_features(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of nn.Linear, GPT-2 Conv1D (weight [in, out]) or QuantLinear."""
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return int(module.weight.shape[0]), int(module.nf)
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return int(module.in_features), int(module.out_features)
+    raise TypeError(f"Compacter cannot tell the input/output size of {type(module).__name__}; target a linear layer "
                     "(nn.Linear, transformers Conv1D or an hfcompress QuantLinear)")
+
+
+def glorot_uniform_(t: torch.Tensor) -> torch.Tensor:
+    """Each ``t[i]`` ([p, r]) Xavier-uniform with gain sqrt(2), the reference's "glorot-uniform"."""
+    for i in range(t.shape[0]):
+        nn.init.xavier_uniform_(t[i], gain=math.sqrt(2))
+    return t
 
 
 class CompacterLayer(BaseTunerLayer):
@@ -71,7 +78,8 @@ class CompacterLayer(BaseTunerLayer):
         self.compacter_act: dict[str, str] = {}
         self._disable_adapters = False
         self.merged_adapters = []
-        self.out_features = output_features(self.get_base_layer())
+        # like every PEFT tuner layer; the adapter acts on the output, so its size is out_features
+        self.in_features, self.out_features = in_out_features(self.get_base_layer())
 
     def update_layer(self, adapter_name: str, config: CompacterConfig, shared: nn.ParameterDict,
                      where: str = "") -> None:
@@ -84,17 +92,28 @@ class CompacterLayer(BaseTunerLayer):
             raise ValueError(f"Compacter adapter {adapter_name!r}: shared S has shape {tuple(shared[adapter_name].shape)}, "
                              f"expected {(n, n, n)}")
         self.compacter_shared = shared  # the tuner's dict: one S per adapter for the whole model
-        std = config.init_std if config.init_weights else 0.1
-        ref = shared[adapter_name]
-        new = lambda *shape: nn.Parameter(torch.randn(*shape, device=ref.device) * std)  # noqa: E731
-        self.compacter_down_s[adapter_name] = new(n, k // n, r)
-        self.compacter_down_t[adapter_name] = new(n, d // n, r)
-        self.compacter_up_s[adapter_name] = new(n, d // n, r)
-        self.compacter_up_t[adapter_name] = new(n, k // n, r)
-        bias_std = 0.0 if config.init_weights else 0.02
-        self.compacter_down_bias[adapter_name] = nn.Parameter(torch.randn(d, device=ref.device) * bias_std)
-        self.compacter_up_bias[adapter_name] = nn.Parameter(torch.randn(k, device=ref.device) * bias_std)
+        fp32 = dict(device=shared[adapter_name].device, dtype=torch.float32)
+        down_s, down_t = torch.empty(n, k // n, r, **fp32), torch.empty(n, d // n, r, **fp32)
+        up_s, up_t = torch.empty(n, d // n, r, **fp32), torch.empty(n, k // n, r, **fp32)
+        down_b, up_b = torch.zeros(d, **fp32), torch.zeros(k, **fp32)
+        if down_s.device.type != "meta":  # loading with low_cpu_mem_usage: values come from the checkpoint
+            for t in (down_s, down_t, up_s):
+                glorot_uniform_(t)
+            if config.init_weights:  # t of the up-projection zero: up(.) = 0, the adapter starts as identity
+                up_t.zero_()
+            else:  # non-identity start (tests): every factor and bias random
+                glorot_uniform_(up_t)
+                down_b.normal_(std=0.02)
+                up_b.normal_(std=0.02)
+        self.compacter_down_s[adapter_name] = nn.Parameter(down_s)
+        self.compacter_down_t[adapter_name] = nn.Parameter(down_t)
+        self.compacter_up_s[adapter_name] = nn.Parameter(up_s)
+        self.compacter_up_t[adapter_name] = nn.Parameter(up_t)
+        self.compacter_down_bias[adapter_name] = nn.Parameter(down_b)
+        self.compacter_up_bias[adapter_name] = nn.Parameter(up_b)
         self.compacter_act[adapter_name] = config.non_linearity
+        # the base layer's device and float dtype (PEFT then upcasts to fp32 if autocast_adapter_dtype)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def adapter_delta(self, h: torch.Tensor, adapter_name: str) -> torch.Tensor:
@@ -143,7 +162,6 @@ class CompacterWrapper(nn.Module, CompacterLayer):
         return "compacter." + super().__repr__()
 
 
-def init_shared(n: int, device=None) -> torch.Tensor:
-    """The shared ``S`` [n, n, n]: each ``S_i`` Xavier-uniform (fan_in = fan_out = n)."""
-    bound = math.sqrt(6.0 / (2 * n))
-    return (torch.rand(n, n, n, device=device) * 2 - 1) * bound
+def init_shared(n: int, std: float, device=None, dtype=None) -> torch.Tensor:
+    """The shared ``S`` [n, n, n] ~ N(0, std^2) (see CompacterConfig.init_std)."""
+    return torch.randn(n, n, n, device=device).mul_(std).to(dtype)

@@ -53,8 +53,9 @@ class CompacterModel(BaseTuner):
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if adapter_name not in self.compacter_shared:
             base = target.get_base_layer() if isinstance(target, CompacterLayer) else target
-            device = next((p.device for p in base.parameters() if p.is_floating_point()), None)
-            self.compacter_shared[adapter_name] = nn.Parameter(init_shared(config.n, device=device))
+            weight = next((p for p in base.parameters() if p.is_floating_point()), None)
+            device, dtype = (weight.device, weight.dtype) if weight is not None else (None, None)
+            self.compacter_shared[adapter_name] = nn.Parameter(init_shared(config.n, config.shared_std(), device, dtype))
         if isinstance(target, CompacterLayer):
             target.update_layer(adapter_name, config, self.compacter_shared, where=current_key)
             return

@@ -31,8 +31,10 @@ class L4QConfig(PeftConfig):
         target_modules: module names / regex / ``"all-linear"`` (default: every linear layer
             but the output head).
         exclude_modules, layers_to_transform, layers_pattern, modules_to_save: as in LoRA.
-        init_lora_weights: ``True`` = A Kaiming-uniform, B zero (the model starts as the
-            ``init_scales`` quantized model); ``False`` = B also random (tests only).
+        init_weights: ``True`` = A Kaiming-uniform, B zero (the model starts as the
+            ``init_scales`` quantized model); ``False`` = B also random (tests only). The name
+            every non-LoRA PEFT method uses; ``init_lora_weights`` is accepted as an alias (older
+            adapter configs carry it).
     """
 
     r: int = field(default=16, metadata={"help": "LoRA rank"})
@@ -47,11 +49,14 @@ class L4QConfig(PeftConfig):
     layers_to_transform: Optional[Union[list[int], int]] = field(default=None)
     layers_pattern: Optional[Union[list[str], str]] = field(default=None)
     modules_to_save: Optional[list[str]] = field(default=None)
-    init_lora_weights: bool = field(default=True)
+    init_weights: bool = field(default=True)
+    init_lora_weights: Optional[bool] = field(default=None, metadata={"help": "alias of init_weights"})
 
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType(NAME.upper())
+        if self.init_lora_weights is not None:  # the older name wins only when given
+            self.init_weights, self.init_lora_weights = bool(self.init_lora_weights), None
         for name in ("r", "lora_alpha", "bits", "group_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):

@@ -79,20 +79,24 @@ class L4QLayer(BaseTunerLayer):
         self.l4q_step[adapter_name] = nn.Parameter(torch.empty(self.out_features, n_groups, **fp32))
         if not spec.sym:
             self.l4q_zero[adapter_name] = nn.Parameter(torch.empty(self.out_features, n_groups, **fp32))
-        if base.weight.device.type != "meta":
+        if base.weight.device.type != "meta" and self.l4q_A[adapter_name].device.type != "meta":
+            # (adapter tensors on meta: loading with low_cpu_mem_usage, the values come from the checkpoint)
             self.reset_l4q_parameters(adapter_name, config)
+        # initialised in fp32, then held in the base layer's float dtype (QuantLinear: its compute dtype) like
+        # every PEFT adapter; PEFT upcasts them back to fp32 when autocast_adapter_dtype=True (its default)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     @torch.no_grad()
     def reset_l4q_parameters(self, adapter_name: str, config: L4QConfig) -> None:
         """LoRA init (A Kaiming-uniform, B zero) and the quantizer fitted to the frozen weight."""
         nn.init.kaiming_uniform_(self.l4q_A[adapter_name], a=math.sqrt(5))
-        if config.init_lora_weights:
+        if config.init_weights:
             nn.init.zeros_(self.l4q_B[adapter_name])
         else:
             nn.init.normal_(self.l4q_B[adapter_name], std=0.02)
         base, spec = self.get_base_layer(), self.l4q_spec[adapter_name]
-        if isinstance(base, QuantLinear) and base.spec == spec and config.init_lora_weights:
+        if isinstance(base, QuantLinear) and base.spec == spec and config.init_weights:
             # start from the stored grid: at B = 0 this computes exactly the quantized base (GPTQ, RTN ...)
             self.l4q_step[adapter_name].copy_(base.weight_scale.float())
             if not spec.sym:

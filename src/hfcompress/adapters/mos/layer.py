@@ -92,15 +92,17 @@ class MoSLayer(BaseTunerLayer):
         self.mos_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
         self.mos_r[adapter_name] = config.r
         self.mos_scaling[adapter_name] = config.scaling
+        # the base layer's device and float dtype (PEFT then upcasts to fp32 if autocast_adapter_dtype)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
 
     def attach_shards_(self, adapter_name: str, pool_A: nn.ModuleDict, pool_B: nn.ModuleDict,
-                       index_A: torch.Tensor, index_B: torch.Tensor, inference_mode: bool = False) -> None:
+                       index_A: torch.Tensor, index_B: torch.Tensor) -> None:
+        """(requires_grad of the pools is the tuner's business: they are shared by every layer.)"""
         self.mos_pool_A = pool_A  # the tuner's pools, shared by every layer
         self.mos_pool_B = pool_B
         device = pool_A[adapter_name][str(self.in_features)].device
         self.mos_index_A[adapter_name] = index_A.to(device)
         self.mos_index_B[adapter_name] = index_B.to(device)
-        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def lora_A(self, adapter_name: str) -> torch.Tensor:
         """The materialised A [r, k] (private rows first)."""

@@ -73,7 +73,10 @@ class MoSModel(BaseTuner):
                     raise ValueError(f"MoS on {name}: vector length {length} ({'input' if side == 'A' else 'output'} "
                                      f"size) is not divisible by MoSConfig.shards_per_vector={l}")
                 slots[side, length] = slots.get((side, length), 0) + rp * l
-        device = next((p.device for _, m in layers for p in m.get_base_layer().parameters()), None)
+        weight = next((p for _, m in layers for p in m.get_base_layer().parameters() if p.is_floating_point()), None)
+        device = weight.device if weight is not None else None
+        # the base model's float dtype, like every adapter weight (PEFT upcasts if autocast_adapter_dtype)
+        dtype = weight.dtype if weight is not None else None
         pools = {"A": nn.ParameterDict({}), "B": nn.ParameterDict({})}
         for (side, length), n_slots in sorted(slots.items()):
             size = max(rp * l, math.ceil(config.pool_ratio * n_slots))
@@ -82,7 +85,7 @@ class MoSModel(BaseTuner):
                 shards = torch.zeros(size, length // l, device=device)  # B starts at zero: identity adapter
             else:
                 shards = torch.empty(size, length // l, device=device).uniform_(-bound, bound)
-            pools[side][str(length)] = nn.Parameter(shards)
+            pools[side][str(length)] = nn.Parameter(shards.to(dtype))
         self.mos_pool_A[adapter_name] = pools["A"]
         self.mos_pool_B[adapter_name] = pools["B"]
         for name, layer in layers:
@@ -93,8 +96,12 @@ class MoSModel(BaseTuner):
                 idx_b = draw_indices(n_b, rp, l, config.seed, name, "B", config.subset_selection)
             else:
                 idx_b = idx_a % n_b
-            layer.attach_shards_(adapter_name, self.mos_pool_A, self.mos_pool_B, idx_a, idx_b,
-                                 inference_mode=config.inference_mode)
+            layer.attach_shards_(adapter_name, self.mos_pool_A, self.mos_pool_B, idx_a, idx_b)
+        # PEFT's rule for a new adapter's weights (BaseTuner.inject_adapter's housekeeping, which ran before the
+        # pools existed): trainable only if it is active and not loaded for inference; other adapters untouched
+        trainable = adapter_name in self.active_adapters and not config.inference_mode
+        for pool in pools.values():
+            pool.requires_grad_(trainable)
 
     # --- shared state: saved once, copied back to every layer on load ---------------------------
 
