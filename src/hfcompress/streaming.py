@@ -37,6 +37,9 @@ def quantize(model_or_dir: Any, config: HfCompressConfig, tokenizer=None, out_di
 
     if not isinstance(config, HfCompressConfig):
         raise TypeError(f"config must be an hfcompress config (e.g. hfcompress.GPTQConfig), got {type(config).__name__}")
+    from .distributed import agree, current
+
+    dist = current()  # an initialised process group: calibration is data parallel, rank 0 writes
     if isinstance(model_or_dir, nn.Module):
         quantize_(model_or_dir, config, progress=progress, tokenizer=tokenizer, batches=batches, device=device)
         if out_dir is not None:
@@ -48,7 +51,8 @@ def quantize(model_or_dir: Any, config: HfCompressConfig, tokenizer=None, out_di
                     tokenizer.save_pretrained(tmp)
                 getattr(config, "write_extra_files", lambda d: None)(tmp)  # e.g. EvoPress's search log
 
-            atomic_save(out_dir, write)
+            agree(dist, lambda: atomic_save(out_dir, write), f"writing {out_dir}",
+                   run_here=dist is None or dist.is_writer)  # rank 0 writes; the others wait for it
         return model_or_dir
     path = os.fspath(model_or_dir)
     if not os.path.isdir(path):
@@ -70,8 +74,16 @@ def quantize(model_or_dir: Any, config: HfCompressConfig, tokenizer=None, out_di
     from .hub import atomic_save
 
     # written into a sibling folder, swapped in when complete: out_dir is whole old or whole new
-    atomic_save(out_dir, lambda tmp: _stream_dir(path, config, tokenizer, tmp, device, progress, batches, dtype,
-                                                 convert_file_size_to_int(max_shard_size)))
+    limit = convert_file_size_to_int(max_shard_size)
+    if dist is None:
+        atomic_save(out_dir, lambda tmp: _stream_dir(path, config, tokenizer, tmp, device, progress, batches, dtype,
+                                                     limit))
+    elif dist.is_writer:
+        agree(dist, lambda: atomic_save(out_dir, lambda tmp: _stream_dir(
+            path, config, tokenizer, tmp, device, progress, batches, dtype, limit, dist)), f"streaming into {out_dir}")
+    else:  # the other ranks calibrate their share and never write
+        agree(dist, lambda: _stream_dir(path, config, tokenizer, None, device, False, batches, dtype, limit, dist),
+               f"streaming into {out_dir}")
     return out_dir
 
 
@@ -132,7 +144,9 @@ def _materialise_(model: nn.Module, root: nn.Module, root_name: str, shards: _Sh
             mod._buffers[attr] = value
 
 
-def _stream_dir(path, config, tokenizer, out_dir, device, progress, batches, dtype, max_shard_bytes):
+def _stream_dir(path, config, tokenizer, out_dir, device, progress, batches, dtype, max_shard_bytes, dist=None):
+    """Stream ``path`` block by block into ``out_dir``; ``out_dir=None`` (ranks other than 0 of a
+    distributed run) calibrates this rank's share and writes nothing."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -165,10 +179,11 @@ def _stream_dir(path, config, tokenizer, out_dir, device, progress, batches, dty
         dataset = getattr(config, "dataset", None)
         batches = get_calibration_batches(tokenizer, dataset, n_samples=config.n_samples, seq_len=config.seq_len)
 
-    os.makedirs(out_dir, exist_ok=True)
     tied = _tied_keys(model)
-    parts = os.path.join(out_dir, ".hfcompress-parts")  # one file per block, merged into shards at the end
-    os.makedirs(parts, exist_ok=True)
+    write = out_dir is not None
+    parts = os.path.join(out_dir, ".hfcompress-parts") if write else None  # one file per block, merged at the end
+    if write:
+        os.makedirs(parts, exist_ok=True)
 
     def part_name(i):
         return os.path.join(parts, f"{i:05d}.safetensors")
@@ -177,13 +192,16 @@ def _stream_dir(path, config, tokenizer, out_dir, device, progress, batches, dty
         _materialise_(model, block, name, shards, dtype)
 
     def release_block(i, name, block):
-        tensors = {f"{name}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
-        save_file(tensors, part_name(i), metadata={"format": "pt"})
+        if write:
+            tensors = {f"{name}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
+            save_file(tensors, part_name(i), metadata={"format": "pt"})
         block.to("meta")  # free the block
         _return_freed_memory()
 
     quantize_blocks_(model, config, batches, device=device, progress=progress, load_block=load_block,
-                     release_block=release_block)
+                     release_block=release_block, dist=dist)
+    if not write:
+        return None
     rest = {k: v.detach().contiguous() for k, v in model.state_dict().items()
             if not k.startswith(prefix + ".") and k not in tied}
     save_file(rest, part_name(len(blocks)), metadata={"format": "pt"})

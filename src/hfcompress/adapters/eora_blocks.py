@@ -55,36 +55,75 @@ def _in_features(module: nn.Module) -> int:
 @torch.no_grad()
 def sequential_compensate_(model: nn.Module, targets: list[str], batches: list[torch.Tensor],
                            solve: Callable[[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                           adapter_name: str, progress: bool = False) -> None:
+                           adapter_name: str, progress: bool = False, dist="auto") -> None:
     """Fill the LoRA weights of ``targets`` (already wrapped by PEFT inside ``model``, B = 0
-    so far) block by block, true-sequentially. ``solve(name, XᵀX) -> (B, A)``."""
+    so far) block by block, true-sequentially. ``solve(name, XᵀX) -> (B, A)``. ``dist``: a
+    :class:`hfcompress.distributed.DistContext` (data parallel: ``XᵀX`` summed into each layer's
+    owner, owners solve, ``B``/``A`` exchanged), None, or "auto" (the initialised process group's)."""
+    from ..calibration.apply import guarded
+    from ..distributed import current, shard_batches
     from .eora import set_lora_
 
+    dist = current() if dist == "auto" else dist
+    if dist is not None:
+        batches = shard_batches(batches, dist.rank, dist.world)
+        progress = progress and dist.rank == 0
+    run_load = [0.0] * dist.world if dist is not None else None
     done: set[str] = set()
-    for step in iterate_blocks(model, batches, progress=progress, desc="eora"):
+    for step in iterate_blocks(model, batches, progress=progress, desc="eora",
+                               check=None if dist is None else dist.check):
         mine = [t[len(step.name) + 1:] for t in targets if t.startswith(step.name + ".")]
         if not mine:
             continue
         step.linear_names = mine  # the LoRA-wrapped targets, block-relative; groups follow execution order
-        for group in step.sequential_groups():
-            stats = step.collect_input_stats(group)  # XᵀX with earlier groups already compensated
-            for rel in group:
-                b, a = solve(f"{step.name}.{rel}", stats[rel].xtx)
-                set_lora_(step.module(rel), adapter_name, b, a)
-                done.add(f"{step.name}.{rel}")
+        for group in guarded(dist, step.sequential_groups, f"{step.name}: grouping"):
+            # XᵀX with earlier groups already compensated
+            stats = guarded(dist, lambda: step.collect_input_stats(group), f"{step.name}: calibration forward")
+            full = {f"{step.name}.{rel}": (step.module(rel), stats[rel]) for rel in group}
+            for name, (b, a) in _solve_all(dist, full, solve, adapter_name, run_load).items():
+                set_lora_(full[name][0], adapter_name, b, a)
+                done.add(name)
     rest = [t for t in targets if t not in done]
     if rest:  # outside the decoder blocks: one pass of the compensated model
         device = next(model.parameters()).device
         widths = {n: _in_features(model.get_submodule(n)) for n in rest}
         stats = {n: InputStats(torch.zeros(k, k, dtype=torch.float32, device=device)) for n, k in widths.items()}
-        handles = [model.get_submodule(n).register_forward_hook(
-            (lambda s: lambda m, args, out: s.add_(args[0]))(stats[n])) for n in rest]
-        try:
-            for ids in batches:
-                model(input_ids=ids.to(device))
-        finally:
-            for h in handles:
-                h.remove()
-        for n in rest:
-            b, a = solve(n, stats[n].xtx)
-            set_lora_(model.get_submodule(n), adapter_name, b, a)
+
+        def run():
+            handles = [model.get_submodule(n).register_forward_hook(
+                (lambda s: lambda m, args, out: s.add_(args[0]))(stats[n])) for n in rest]
+            try:
+                for ids in batches:
+                    model(input_ids=ids.to(device))
+            finally:
+                for h in handles:
+                    h.remove()
+
+        guarded(dist, run, "eora: layers outside the blocks")
+        full = {n: (model.get_submodule(n), stats[n]) for n in rest}
+        for name, (b, a) in _solve_all(dist, full, solve, adapter_name, run_load).items():
+            set_lora_(full[name][0], adapter_name, b, a)
+
+
+def _solve_all(dist, layers: dict[str, tuple[nn.Module, InputStats]], solve, adapter_name: str,
+               run_load) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{name: (LoRA layer, its input stats)}`` -> ``{name: (B, A)}``: here, or by the layers'
+    owners (``XᵀX`` summed into them, once per shared input; ``B``/``A`` exchanged)."""
+    if dist is None:
+        return {n: solve(n, s.xtx) for n, (_, s) in layers.items()}
+    from ..calibration.apply import guarded
+    from ..distributed import assign, eora_cost
+
+    def shape(layer):  # [N, K] of the layer compensated
+        return layer.lora_B[adapter_name].weight.shape[0], layer.lora_A[adapter_name].weight.shape[1]
+
+    owner = assign({n: eora_cost(*shape(m)) for n, (m, _) in layers.items()}, dist.world, run_load)
+    shared: dict[int, list[str]] = {}  # one InputStats per input tensor (q/k/v share one)
+    for n, (_, s) in layers.items():
+        shared.setdefault(id(s), []).append(n)
+    for names in shared.values():
+        dist.reduce_(layers[names[0]][1].xtx, sorted({owner[n] for n in names}), "xtx")
+    mine = guarded(dist, lambda: {n: solve(n, s.xtx) for n, (_, s) in layers.items() if owner[n] == dist.rank},
+                   "eora: solving")
+    got = dist.exchange({n: {"meta": None, "tensors": {"b": b, "a": a}} for n, (b, a) in mine.items()}, "lora")
+    return {n: mine[n] if n in mine else (got[n]["tensors"]["b"], got[n]["tensors"]["a"]) for n in layers}

@@ -51,9 +51,19 @@ def gptq_group(modules: dict[str, nn.Module], H: torch.Tensor, config, where: st
 @torch.no_grad()
 def quantize_blocks_(model: nn.Module, config, batches: list[torch.Tensor], device=None, progress: bool = False,
                      load_block: Callable | None = None, release_block: Callable | None = None,
-                     quantize_outside: bool = True) -> nn.Module:
+                     quantize_outside: bool = True, dist="auto") -> nn.Module:
     """Quantize every non-skipped linear layer of ``model``'s decoder blocks with the calibration
-    algorithm of ``config``, in place."""
+    algorithm of ``config``, in place. ``dist``: a :class:`hfcompress.distributed.DistContext`
+    (data-parallel over its ranks: this rank calibrates on its share of ``batches``, every rank
+    ends with the same layers), None (this process alone) or "auto" (the initialised process
+    group's, if any)."""
+    from ..distributed import current, shard_batches
+
+    dist = current() if dist == "auto" else dist
+    if dist is not None:
+        batches = shard_batches(batches, dist.rank, dist.world)
+        progress = progress and dist.rank == 0
+    run_load = [0.0] * dist.world if dist is not None else None
     skip = config.modules_to_not_convert or []
     pending: dict[str, CompressedLinear] = {}
 
@@ -67,19 +77,22 @@ def quantize_blocks_(model: nn.Module, config, batches: list[torch.Tensor], devi
             release_block(i, name, block)
 
     for step in iterate_blocks(model, batches, skip=skip, device=device, load_block=load_block,
-                               release_block=swap_then_release, progress=progress, desc=f"{config.algorithm} blocks"):
-        groups = step.sequential_groups() if config.true_sequential else [list(step.linear_names)]
+                               release_block=swap_then_release, progress=progress, desc=f"{config.algorithm} blocks",
+                               check=None if dist is None else dist.check):
+        groups = guarded(dist, lambda: step.sequential_groups() if config.true_sequential
+                         else [list(step.linear_names)], f"{step.name}: grouping")
         for group in groups:
-            stats = step.collect_input_stats(group)
-            for names in _same_input_width(step, group):
-                H = stats[names[0]].hessian()  # [K, K] shared: these layers read the same tensor
-                for same in _same_spec(config, step.name, names):  # per-module format table
-                    qs = config.quantize_group({f"{step.name}.{n}": step.module(n) for n in same}, H,
-                                               where=f"{step.name}.{'/'.join(same)}")
-                    for full, q in qs.items():
-                        rel = full[len(step.name) + 1:]
-                        _load_dequantized_(step.module(rel), q)
-                        pending[rel] = q
+            stats = guarded(dist, lambda: step.collect_input_stats(group), f"{step.name}: calibration forward")
+            units = _same_input_width(step, group)
+            if dist is None:
+                qs = {}
+                for names in units:  # [K, K] H shared: these layers read the same tensor
+                    qs.update(_quantize_names(config, step, names, stats[names[0]].hessian()))
+            else:
+                qs = _solve_distributed(dist, step, config, stats, units, run_load)
+            for rel, q in qs.items():
+                _load_dequantized_(step.module(rel), q)
+                pending[rel] = q
             step.mark_final(group)  # later passes over this block may replay what only these feed
             del stats
     if quantize_outside:
@@ -88,6 +101,59 @@ def quantize_blocks_(model: nn.Module, config, batches: list[torch.Tensor], devi
             if not name.startswith(prefix + "."):
                 set_submodule(model, name, config.fallback_layer(module, name))
     return model
+
+
+def guarded(dist, fn: Callable, where: str):
+    """``fn()``; in a distributed run its error (or any other rank's at this point) ends every rank."""
+    if dist is None:
+        return fn()
+    err, out = None, None
+    try:
+        out = fn()
+    except Exception as e:  # noqa: BLE001 - handed to dist.check, which raises on every rank
+        err = e
+    dist.check(err, where)
+    return out
+
+
+def _solve_distributed(dist, step, config, stats: dict, units: list[list[str]], run_load: list[float]) -> dict:
+    """One group of layers on every rank: ``X^T X`` summed into each layer's owner, owners solve
+    (layers of one input on one rank stacked, as a single process does), results exchanged."""
+    from ..distributed import assign, gptq_cost
+    from ..distributed.layers import layer_item, rebuild_layer
+
+    shapes = {n: tuple(linear_weight(step.module(n)).shape) for u in units for n in u}  # [N, K]
+    cost = getattr(config, "solve_cost", gptq_cost)
+    owner = assign({n: cost(*shapes[n]) for n in shapes}, dist.world, run_load)
+    totals = dist.all_sum([stats[u[0]].n_tokens for u in units])
+    for u, n_tokens in zip(units, totals):
+        s = stats[u[0]]  # shared by every layer of the unit
+        dist.reduce_(s.xtx, sorted({owner[n] for n in u}), "xtx")
+        s.n_tokens = n_tokens
+
+    def solve():
+        mine = {}
+        for u in units:
+            names = [n for n in u if owner[n] == dist.rank]
+            if names:
+                mine.update(_quantize_names(config, step, names, stats[u[0]].hessian()))
+        return mine
+
+    mine = guarded(dist, solve, f"{step.name}: solving")
+    got = dist.exchange({n: layer_item(q) for n, q in mine.items()}, "layers")
+    return {n: mine[n] if n in mine else rebuild_layer(got[n], linear_weight(step.module(n)).device)
+            for u in units for n in u}
+
+
+def _quantize_names(config, step, names: list[str], H: torch.Tensor) -> dict:
+    """Block-relative ``names`` reading one input (Hessian ``H``) -> ``{name: compressed layer}``,
+    layers of one spec quantized together (per-module format table)."""
+    out = {}
+    for same in _same_spec(config, step.name, names):
+        qs = config.quantize_group({f"{step.name}.{n}": step.module(n) for n in same}, H,
+                                   where=f"{step.name}.{'/'.join(same)}")
+        out.update({full[len(step.name) + 1:]: q for full, q in qs.items()})
+    return out
 
 
 def _load_dequantized_(module: nn.Module, q: CompressedLinear) -> None:

@@ -413,7 +413,8 @@ def block_linear_names(block: nn.Module, block_name: str, skip: list[str]) -> li
 def iterate_blocks(model: nn.Module, batches: list[torch.Tensor], skip: list[str] | None = None, device=None,
                    load_block: Callable[[int, str, nn.Module], None] | None = None,
                    release_block: Callable[[int, str, nn.Module], None] | None = None,
-                   progress: bool = False, desc: str = "calibrate") -> Iterator[BlockStep]:
+                   progress: bool = False, desc: str = "calibrate",
+                   check: Callable[[BaseException | None, str], None] | None = None) -> Iterator[BlockStep]:
     """Yield a :class:`BlockStep` per decoder block, true-sequentially.
 
     After the caller's loop body has changed ``step.block``, the runner runs the changed block on
@@ -421,13 +422,27 @@ def iterate_blocks(model: nn.Module, batches: list[torch.Tensor], skip: list[str
     first parameter is) is where each block runs; the block goes back to its own device after.
     ``load_block(i, name, block)`` / ``release_block(...)`` let a streaming caller materialise a
     block's weights before its turn and free them after (see hfcompress.streaming).
+    ``check(error_or_None, where)`` (distributed runs: every rank calls it at the same points) is
+    called after each of the runner's own steps (capture, load, advance, release) with the step's
+    error, so a failure on one rank ends every rank (see hfcompress.distributed).
     """
     skip = skip or []
     prefix, blocks = find_blocks(model)
     if device is None:
         device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
     device = torch.device(device)
-    hidden, args, kwargs = capture_block_inputs(model, batches, device=device)
+    def guarded(fn, where):
+        if check is None:
+            return fn()
+        err, out = None, None
+        try:
+            out = fn()
+        except Exception as e:  # noqa: BLE001 - handed to check(), which raises on every rank
+            err = e
+        check(err, where)
+        return out
+
+    hidden, args, kwargs = guarded(lambda: capture_block_inputs(model, batches, device=device), "capturing inputs")
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -435,19 +450,26 @@ def iterate_blocks(model: nn.Module, batches: list[torch.Tensor], skip: list[str
         bar = tqdm(total=len(blocks), desc=desc, unit="block")
     for i in range(len(blocks)):
         name = f"{prefix}.{i}" if prefix else str(i)
-        if load_block is not None:
-            load_block(i, name, blocks[i])
-        block = blocks[i]
-        home = next((p.device for p in block.parameters()), device)
-        block.to(device)
-        step = BlockStep(i, name, block, hidden, args, kwargs, block_linear_names(block, name, skip))
+        def load(i=i, name=name):
+            if load_block is not None:
+                load_block(i, name, blocks[i])
+            block = blocks[i]
+            home = next((p.device for p in block.parameters()), device)
+            block.to(device)
+            return home, BlockStep(i, name, block, hidden, args, kwargs, block_linear_names(block, name, skip))
+
+        home, step = guarded(load, f"{name}: loading")
         yield step
-        block = blocks[i]  # the caller may have replaced modules inside it
-        step._advance_()  # step.inputs now holds the block's outputs
+
+        def advance(i=i, name=name, step=step, home=home):
+            block = blocks[i]  # the caller may have replaced modules inside it
+            step._advance_()  # step.inputs now holds the block's outputs
+            block.to(home)
+            if release_block is not None:
+                release_block(i, name, block)
+
+        guarded(advance, f"{name}: advancing")
         hidden = step.inputs
-        block.to(home)
-        if release_block is not None:
-            release_block(i, name, block)
         if bar is not None:
             bar.update(1)  # tqdm shows blocks done / total and the ETA
     if bar is not None:

@@ -31,6 +31,18 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Under ``torchrun`` / ``accelerate launch`` the ranks calibrate EoRA data parallel
+    (hfcompress.distributed) and rank 0 alone writes the adapter."""
+    from hfcompress import distributed
+
+    started = distributed.init_from_env()
+    try:
+        return _run(args)
+    finally:
+        distributed.shutdown(started)
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
 
     import hfcompress
@@ -51,8 +63,13 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, dtype=torch.float32)
     peft_model = hfcompress.compensate(model, args.original, config, tokenizer=tokenizer, progress=True,
                                        save_dtype=getattr(torch, args.save_dtype))
+    from hfcompress.distributed import agree, current
     from hfcompress.hub import atomic_save
 
-    atomic_save(args.out, peft_model.save_pretrained)  # whole old or whole new adapter, whatever the base
-    print(f"saved {args.method} rank-{args.rank} LoRA adapter ({args.save_dtype}) to {args.out}")
+    dist = current()  # rank 0 writes; the others wait for it and share its outcome
+    writer = dist is None or dist.is_writer
+    # whole old or whole new adapter, whatever the base
+    agree(dist, lambda: atomic_save(args.out, peft_model.save_pretrained), f"writing {args.out}", run_here=writer)
+    if writer:
+        print(f"saved {args.method} rank-{args.rank} LoRA adapter ({args.save_dtype}) to {args.out}")
     return 0

@@ -86,6 +86,19 @@ def make_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    """Under ``torchrun`` / ``accelerate launch`` (WORLD_SIZE > 1) the ranks calibrate data parallel
+    (hfcompress.distributed) and rank 0 alone writes, prints and pushes."""
+    from hfcompress import distributed
+
+    args.device = distributed.rank_device(args.device)
+    started = distributed.init_from_env(args.device)
+    try:
+        return _run(args)
+    finally:
+        distributed.shutdown(started)
+
+
+def _run(args: argparse.Namespace) -> int:
     import os
 
     import torch
@@ -94,7 +107,12 @@ def run(args: argparse.Namespace) -> int:
 
     from .common import check_dataset_arg, load_model, load_tokenizer, model_source
 
+    from hfcompress.distributed import current
+
     config = make_config(args)
+    dist = current()
+    writer = dist is None or dist.is_writer
+    ranks = f", {dist.world} processes" if dist is not None else ""
     model_source(args.model)
     check_dataset_arg(args.dataset)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -109,11 +127,23 @@ def run(args: argparse.Namespace) -> int:
                                     "not one (download it first, e.g. `hf download REPO --local-dir DIR`)")
         hfcompress.quantize(args.model, config, tokenizer=tokenizer, out_dir=args.out, device=args.device,
                             progress=True, dtype=None if dtype == "auto" else dtype)
-        print(f"saved {config.algorithm} {config.bits}-bit model to {args.out} (streamed block by block)")
+        if writer:
+            print(f"saved {config.algorithm} {config.bits}-bit model to {args.out} (streamed block by block{ranks})")
         return 0
     model = load_model(args.model, dtype=dtype)
     calib = {"tokenizer": tokenizer, **({"device": args.device} if args.device else {})}
     hfcompress.quantize_(model, config, progress=True, **({} if config.data_free else calib))
+    if dist is not None:  # rank 0 writes (and pushes); the others wait for it and share its outcome
+        from hfcompress.distributed import agree
+
+        agree(dist, lambda: _save(args, model, tokenizer, config), f"writing {args.out}", run_here=writer)
+        return 0
+    return _save(args, model, tokenizer, config)
+
+
+def _save(args, model, tokenizer, config) -> int:
+    from .common import load_tokenizer
+
     repo_id = None
     if args.push_to_hub:
         from huggingface_hub import HfApi
