@@ -243,7 +243,14 @@ def current() -> DistContext | None:
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-    return DistContext(rank=dist.get_rank(), world=world, device=device)
+    key = (dist.get_rank(), world, str(device))
+    if key not in _CONTEXTS:  # one per process group shape: its byte counters add up over the jobs of a process
+        _CONTEXTS.clear()
+        _CONTEXTS[key] = DistContext(rank=dist.get_rank(), world=world, device=device)
+    return _CONTEXTS[key]
+
+
+_CONTEXTS: dict[tuple, DistContext] = {}
 
 
 def launched() -> bool:

@@ -1,0 +1,258 @@
+"""Distributed calibration on CPU: SmolLM2-135M GPTQ 4-bit g64 (act-order, asymmetric,
+true-sequential, bf16 as stored), streamed from the checkpoint directory, 1 process vs N
+processes (gloo), one thread per process, same calibration windows.
+
+Each entry is a fresh set of processes started as torchrun starts them (RANK / WORLD_SIZE /
+MASTER_ADDR / MASTER_PORT); every rank reports its own wall time of ``hfcompress.quantize`` (from
+a common start after the process group is up and the tokens are ready), CPU time, peak RSS and
+the bytes its collectives moved. Entries run back to back, 1 process first, then N, alternating
+for ``--repeats``; the load average is recorded before and after each. The two checkpoints are
+compared code for code (the fraction of 4-bit codes that differ: reduction order), and with
+``--ppl`` their perplexity on the first evaluation windows of every evaluation domain.
+
+    python benchmarks/distributed.py --blocks 30 --size 32x256 --procs 1 2 --ppl
+    python benchmarks/distributed.py --device cuda --procs 1 2 4 8 --size 128x512   # NCCL, one GPU per rank
+    python benchmarks/distributed.py --table
+
+``--device cuda`` runs every rank on its own GPU with NCCL (``cuda:LOCAL_RANK``); on a machine with
+fewer GPUs than the largest ``--procs`` it says so, records the skip in
+results/distributed_gpu.json and exits 0.
+Writes benchmarks/results/distributed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results", "distributed.json")
+BITS, GROUP = 4, 64
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _source(blocks: int) -> str:
+    sys.path.insert(0, HERE)
+    from gptq_speed import _source as cut  # the bf16 checkpoint, optionally cut to its first blocks
+
+    return cut(0 if blocks == 30 else blocks)
+
+
+def rank_main(args) -> None:
+    """One rank (or the single process): quantize, report."""
+    import torch
+
+    torch.set_num_threads(1)
+    from transformers import AutoTokenizer
+
+    import hfcompress
+    from hfcompress.calibration import get_calibration_batches
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    n_samples, seq_len = (int(v) for v in args.size.split("x"))
+    src = _source(args.blocks)
+    batches = get_calibration_batches(AutoTokenizer.from_pretrained(src), None, n_samples=n_samples, seq_len=seq_len,
+                                      batch_size=8)
+    dist = None
+    if world > 1:
+        import torch.distributed as tdist
+
+        from hfcompress.distributed import current
+
+        if args.device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        tdist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+        dist = current()
+        dist.barrier()  # a common start: every rank has imported, read its tokens and joined
+    rss0, cpu0, t0 = _rss_mb(), _cpu_s(), time.perf_counter()
+    cfg = hfcompress.GPTQConfig(bits=BITS, group_size=GROUP, n_samples=n_samples, seq_len=seq_len)
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if args.device == "cuda" else None
+    hfcompress.quantize(src, cfg, out_dir=args.out, batches=batches, dtype=torch.bfloat16, device=device)
+    if device is not None:
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    report = {"rank": dist.rank if dist else 0, "device": device or "cpu", "wall_s": round(wall, 2), "cpu_s": round(_cpu_s() - cpu0, 2),
+              "peak_rss_mb": round(_rss_mb(), 1), "rss_before_mb": round(rss0, 1),
+              "torch_threads": torch.get_num_threads(), "sent_bytes": dict(dist.sent) if dist else {}}
+    with open(args.report, "w") as f:
+        json.dump(report, f)
+    if dist is not None:
+        import torch.distributed as tdist
+
+        tdist.destroy_process_group()
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_entry(procs: int, blocks: int, size: str, work: str, device: str = "cpu") -> dict:
+    out = os.path.join(work, f"out-{procs}")
+    shutil.rmtree(out, ignore_errors=True)
+    port = _port()
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    children = []
+    for rank in range(procs):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        if procs > 1:
+            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(procs), LOCAL_WORLD_SIZE=str(procs),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        report = os.path.join(work, f"report-{procs}-{rank}.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--rank-entry", "--blocks", str(blocks), "--size", size,
+               "--out", out, "--report", report, "--device", device]
+        children.append((subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True), report))
+    ranks, errors = [], []
+    for p, report in children:
+        _, err = p.communicate()
+        if p.returncode != 0:
+            errors.append(err[-2000:])
+        else:
+            with open(report) as f:
+                ranks.append(json.load(f))
+    job_wall = time.perf_counter() - t0
+    n_samples, seq_len = (int(v) for v in size.split("x"))
+    entry = {"procs": procs, "device": device, "blocks": blocks, "size": size, "n_samples": n_samples, "seq_len": seq_len,
+             "tokens": n_samples * seq_len, "job_wall_s": round(job_wall, 2),
+             "loadavg_before": [round(v, 2) for v in load0], "loadavg_after": [round(v, 2) for v in os.getloadavg()],
+             "ranks": sorted(ranks, key=lambda r: r["rank"])}
+    if errors:
+        entry["error"] = errors
+        return entry
+    entry["wall_s"] = max(r["wall_s"] for r in ranks)
+    entry["max_peak_rss_mb"] = max(r["peak_rss_mb"] for r in ranks)
+    return entry
+
+
+def compare(work: str, procs: list[int], ppl: bool) -> dict:
+    """Codes that differ between the checkpoints (4-bit, unpacked), and optionally perplexity."""
+    import torch
+    from safetensors.torch import load_file
+
+    from hfcompress.formats.int_group.pack import unpack_codes
+
+    ref = load_file(os.path.join(work, f"out-{procs[0]}", "model.safetensors"))
+    out: dict = {}
+    for n in procs[1:]:
+        other = load_file(os.path.join(work, f"out-{n}", "model.safetensors"))
+        diff = total = 0
+        for k, v in ref.items():
+            if k.endswith(".weight") and v.dtype == torch.int32 and f"{k}_scale" in ref:
+                k_in = ref[f"{k}_g_idx"].numel()
+                a, b = unpack_codes(v, BITS, k_in), unpack_codes(other[k], BITS, k_in)
+                diff += int((a != b).sum())
+                total += a.numel()
+        out[f"codes_differing_{n}_vs_{procs[0]}"] = {"differing": diff, "total": total,
+                                                     "fraction": round(diff / total, 6)}
+    if ppl:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        import hfcompress  # noqa: F401  (registers the quantizer)
+        from hfcompress.calibration import eval_texts
+        from hfcompress.evaluate import perplexity
+
+        tok = AutoTokenizer.from_pretrained(os.path.join(work, f"out-{procs[0]}"))
+        scores = {}
+        for n in procs:
+            model = AutoModelForCausalLM.from_pretrained(os.path.join(work, f"out-{n}")).eval()
+            scores[n] = {d: round(perplexity(model, tok, text, window=512, stride=256, max_tokens=2048).perplexity, 4)
+                         for d, text in eval_texts().items()}
+        out["perplexity_first_2048_tokens"] = scores
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--blocks", type=int, default=30, help="decoder blocks of SmolLM2 kept (30: the whole model)")
+    ap.add_argument("--size", default="32x256", help="calibration windows x tokens per window")
+    ap.add_argument("--procs", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--ppl", action="store_true", help="perplexity of every checkpoint on the evaluation domains")
+    ap.add_argument("--table", action="store_true")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cpu: gloo, one thread per process; cuda: NCCL, one GPU per process")
+    ap.add_argument("--rank-entry", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--report", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.rank_entry:
+        rank_main(args)
+        return
+    if args.table:
+        print(table())
+        return
+    results = RESULTS if args.device == "cpu" else RESULTS.replace(".json", "_gpu.json")
+    if args.device == "cuda":
+        import torch
+
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if have < max(args.procs):
+            reason = f"skipped: {have} GPU(s) here, --procs {max(args.procs)} needs one GPU per process"
+            print(reason)
+            with open(results, "w") as f:
+                json.dump({"skipped": reason}, f, indent=1)
+            return
+    _source(args.blocks)  # cut once, before any timing
+    work = tempfile.mkdtemp(prefix="hfc-dist-")
+    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    entries: list[dict] = []
+    result = {"model": "SmolLM2-135M-Instruct (bf16 checkpoint)", "config": f"GPTQ {BITS}-bit g{GROUP} act-order asym "
+              "true-sequential, streamed from the checkpoint", "machine": f"{os.cpu_count()} CPUs, shared with other "
+              "jobs (see load averages)", "command": " ".join(sys.argv), "uptime_before": uptime, "entries": entries}
+    os.makedirs(os.path.dirname(results), exist_ok=True)
+
+    def save():  # after every entry: a run stopped by a time limit keeps what it measured
+        result["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+        with open(results, "w") as f:
+            json.dump(result, f, indent=1)
+
+    for _ in range(args.repeats):
+        for n in args.procs:
+            e = run_entry(n, args.blocks, args.size, work, args.device)
+            print(json.dumps({k: v for k, v in e.items() if k != "ranks"}), flush=True)
+            entries.append(e)
+            save()
+    if not any("error" in e for e in entries):
+        result["comparison"] = compare(work, args.procs, args.ppl)
+    save()
+    shutil.rmtree(work, ignore_errors=True)
+    print(table(results))
+
+
+def table(path: str = RESULTS) -> str:
+    with open(path) as f:
+        data = json.load(f)
+    lines = ["| processes | blocks | calibration | quantize wall s (slowest rank) | job wall s | CPU s per rank | "
+             "peak RSS MB per rank | sent MB per rank | load avg (1 min) |", "|---|---|---|---|---|---|---|---|---|"]
+    for e in data["entries"]:
+        if "error" in e:
+            lines.append(f"| {e['procs']} | {e['blocks']} | {e['size']} | failed | | | | | |")
+            continue
+        cpu = " / ".join(f"{r['cpu_s']:.0f}" for r in e["ranks"])
+        rss = " / ".join(f"{r['peak_rss_mb']:.0f}" for r in e["ranks"])
+        sent = " / ".join(f"{sum(r['sent_bytes'].values()) / 2**20:.1f}" for r in e["ranks"]) if e["procs"] > 1 else "0"
+        lines.append(f"| {e['procs']} | {e['blocks']} | {e['size']} | {e['wall_s']:.1f} | {e['job_wall_s']:.1f} | "
+                     f"{cpu} | {rss} | {sent} | {e['loadavg_before'][0]:.2f} -> {e['loadavg_after'][0]:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
