@@ -201,7 +201,7 @@ def test_a_failing_rank_ends_every_rank_and_writes_nothing(tmp_path, kind):
 
 
 def test_a_hung_rank_times_out_and_writes_nothing(tmp_path):
-    out, results = _fault_run(tmp_path, "hang", timeout_s="3")
+    out, results = _fault_run(tmp_path, "hang", timeout_s="8")
     (rank, rc, _), = results
     report = json.loads((out / "rank0.json").read_text())
     assert rank == 0 and rc != 0 and report["error"] and report["seconds"] < 40
