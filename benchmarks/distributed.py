@@ -98,6 +98,72 @@ def rank_main(args) -> None:
         tdist.destroy_process_group()
 
 
+FLIP_ROWS = (8, 12, 16, 24, 32)  # calibration windows of the tiny-model tie-flip measurement (2 per batch)
+
+
+def _tiny_gptq(rows: int):
+    """The tiny Llama of tests/tiny_models.py, GPTQ 4-bit g32 on ``rows`` seeded windows of 32 tokens."""
+    sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+    import torch
+    from tiny_models import VOCAB, llama_gqa
+
+    import hfcompress
+
+    g = torch.Generator().manual_seed(3)
+    batches = list(torch.randint(0, VOCAB, (rows, 32), generator=g).split(2))
+    model = llama_gqa()
+    hfcompress.quantize_(model, hfcompress.GPTQConfig(bits=4, group_size=32), batches=batches)
+    return model
+
+
+def flips_rank_main(args) -> None:
+    """One of two gloo ranks of the tie-flip measurement: rank 0 saves each model's state."""
+    import torch.distributed as tdist
+    from safetensors.torch import save_file
+
+    tdist.init_process_group("gloo")
+    for rows in FLIP_ROWS:
+        sd = _tiny_gptq(rows).state_dict()
+        if tdist.get_rank() == 0:
+            save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(args.out, f"rows{rows}.safetensors"))
+    tdist.destroy_process_group()
+
+
+def tie_flips() -> dict:
+    """Fraction of 4-bit codes that differ between 2 gloo processes and 1 process, tiny Llama,
+    for several numbers of calibration batches per rank (one batch per rank: exactly equal)."""
+    from safetensors.torch import load_file
+
+    from hfcompress.formats.int_group.pack import unpack_codes
+
+    work = tempfile.mkdtemp(prefix="hfc-flips-")
+    port = _port()
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--flips-rank", "--out", work],
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r), "WORLD_SIZE": "2",
+                                   "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for r in range(2)]
+    if any(p.wait() != 0 for p in procs):
+        raise RuntimeError("tie-flip ranks failed")
+    rows_out = []
+    for rows in FLIP_ROWS:
+        single = _tiny_gptq(rows)
+        ref, dist = single.state_dict(), load_file(os.path.join(work, f"rows{rows}.safetensors"))
+        diff = total = 0
+        layers = 0
+        for name, layer in single.named_modules():
+            if hasattr(layer, "stored_tensors"):
+                a = unpack_codes(ref[f"{name}.weight"], 4, layer.in_features)
+                b = unpack_codes(dist[f"{name}.weight"], 4, layer.in_features)
+                diff += int((a != b).sum())
+                total += a.numel()
+                layers += int(bool((a != b).any()))
+        rows_out.append({"windows": rows, "batches_per_rank": rows // 4, "codes_differing": diff, "codes": total,
+                         "fraction": round(diff / total, 6), "layers_differing": layers})
+    shutil.rmtree(work, ignore_errors=True)
+    return {"model": "tests/tiny_models.llama_gqa (2 blocks), GPTQ 4-bit g32 act-order, windows of 32 tokens, "
+                     "2 per batch", "rows": rows_out}
+
+
 def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -189,12 +255,26 @@ def main() -> None:
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="cpu: gloo, one thread per process; cuda: NCCL, one GPU per process")
+    ap.add_argument("--tie-flips", action="store_true",
+                    help="tiny model, 2 gloo processes vs 1: fraction of codes that differ (seconds; writes "
+                         "results/distributed_tie_flips.json)")
     ap.add_argument("--rank-entry", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--flips-rank", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--report", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rank_entry:
         rank_main(args)
+        return
+    if args.flips_rank:
+        flips_rank_main(args)
+        return
+    if args.tie_flips:
+        res = tie_flips()
+        with open(RESULTS.replace(".json", "_tie_flips.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        for r in res["rows"]:
+            print(r)
         return
     if args.table:
         print(table())
