@@ -4,7 +4,8 @@ WORLD_SIZE, MASTER_ADDR, MASTER_PORT set, as torchrun sets them).
     python distributed_worker.py SCENARIO OUT_DIR [SRC_DIR]
 
 ``equal``: GPTQ (one and four calibration batches per rank), SpQR and EoRA in memory; every
-rank saves what it ended with to OUT_DIR/rank{r}-*.safetensors. ``raise`` / ``die`` / ``hang``:
+rank saves what it ended with to OUT_DIR/rank{r}-*.safetensors; then a job whose config differs
+between the ranks, whose error each rank saves to OUT_DIR/rank{r}-mismatch.json. ``raise`` / ``die`` / ``hang``:
 GPTQ streaming SRC_DIR into OUT_DIR/model where rank 1 raises, exits or stops answering when it
 solves its first layer of block 1. Rank 0 reports the outcome in OUT_DIR/rank0.json.
 """
@@ -86,6 +87,14 @@ def main() -> None:
         for name, result in (("gptq-1batch", lambda: gptq_model(4, 2)), ("gptq-4batches", lambda: gptq_model(16, 2)),
                              ("spqr", spqr_model), ("eora", eora_adapter)):
             save_file(tensors(result()), os.path.join(out, f"rank{rank}-{name}.safetensors"))
+        try:  # ranks that disagree on the job (here: the group size) are refused before any work
+            hfcompress.quantize_(llama_gqa(), hfcompress.GPTQConfig(bits=4, group_size=32 if rank == 0 else 16),
+                                 batches=batches(4, 2))
+            mismatch = None
+        except Exception as e:  # noqa: BLE001 - the test reads it
+            mismatch = f"{type(e).__name__}: {e}"
+        with open(os.path.join(out, f"rank{rank}-mismatch.json"), "w") as f:
+            json.dump({"error": mismatch}, f)
         dist.destroy_process_group()
         return
     src = sys.argv[3]

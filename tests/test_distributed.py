@@ -173,6 +173,13 @@ def test_two_ranks_gptq_four_batches_same_up_to_reduction_order(two_ranks):
     assert fraction < 0.6
 
 
+def test_ranks_with_different_jobs_are_refused_on_every_rank(two_ranks):
+    errors = [json.loads((two_ranks / f"rank{r}-mismatch.json").read_text())["error"] for r in (0, 1)]
+    assert "rank 1 has another model, config or calibration data than rank 0" in errors[1]
+    assert '"group_size": 16' in errors[1]
+    assert errors[0].startswith("DistributedError") and "rank 1 of 2 failed" in errors[0]
+
+
 def _fault_run(tmp_path, kind: str, timeout_s: str = "60"):
     src = tmp_path / "float"
     llama_gqa().save_pretrained(src)

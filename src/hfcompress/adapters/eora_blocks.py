@@ -66,6 +66,10 @@ def sequential_compensate_(model: nn.Module, targets: list[str], batches: list[t
 
     dist = current() if dist == "auto" else dist
     if dist is not None:
+        from ..calibration.apply import job_fingerprint
+
+        dist.same_everywhere(job_fingerprint(model, {"eora_targets": targets}, batches), "model, targets or "
+                             "calibration data")
         batches = shard_batches(batches, dist.rank, dist.world)
         progress = progress and dist.rank == 0
     run_load = [0.0] * dist.world if dist is not None else None

@@ -61,6 +61,7 @@ def quantize_blocks_(model: nn.Module, config, batches: list[torch.Tensor], devi
 
     dist = current() if dist == "auto" else dist
     if dist is not None:
+        dist.same_everywhere(job_fingerprint(model, config, batches), "model, config or calibration data")
         batches = shard_batches(batches, dist.rank, dist.world)
         progress = progress and dist.rank == 0
     run_load = [0.0] * dist.world if dist is not None else None
@@ -101,6 +102,23 @@ def quantize_blocks_(model: nn.Module, config, batches: list[torch.Tensor], devi
             if not name.startswith(prefix + "."):
                 set_submodule(model, name, config.fallback_layer(module, name))
     return model
+
+
+def job_fingerprint(model: nn.Module, config, batches: list[torch.Tensor]) -> str:
+    """What every rank of a distributed run must agree on: the model's class and linear layer
+    shapes, the config, the calibration windows (their shapes and a checksum of the token ids)."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor):
+            h.update(f"{name}:{tuple(w.shape)};".encode())
+    cfg = {k: v for k, v in config.to_dict().items() if k != "save_id"} if hasattr(config, "to_dict") else config
+    tokens = [int(b.long().sum()) for b in batches]
+    return json.dumps({"model": type(model).__name__, "layers": h.hexdigest()[:16], "config": cfg,
+                       "windows": [list(b.shape) for b in batches], "token_sums": tokens}, sort_keys=True, default=str)
 
 
 def guarded(dist, fn: Callable, where: str):

@@ -150,6 +150,15 @@ class DistContext:
         self._count(kind, buf)
         return buf.cpu()
 
+    def same_everywhere(self, value: str, what: str) -> None:
+        """Every rank must pass the same ``value`` (e.g. a description of its model, config and
+        calibration data); a rank that differs from rank 0 ends the job on every rank."""
+        ref = self.broadcast_bytes(value.encode() if self.rank == 0 else None, 0, "checks").decode()
+        err = None if ref == value else ValueError(
+            f"rank {self.rank} has another {what} than rank 0 (every rank must load the same model, config and "
+            f"calibration data): {value[:200]} vs rank 0's {ref[:200]}")
+        self.check(err, f"comparing the {what} of the ranks")
+
     def barrier(self) -> None:
         self._c(_dist().barrier)
 
