@@ -126,7 +126,11 @@ def _solve_all(dist, layers: dict[str, tuple[nn.Module, InputStats]], solve, ada
     for n, (_, s) in layers.items():
         shared.setdefault(id(s), []).append(n)
     for names in shared.values():
-        dist.reduce_(layers[names[0]][1].xtx, sorted({owner[n] for n in names}), "xtx")
+        s = layers[names[0]][1]
+        owners = sorted({owner[n] for n in names})
+        dist.reduce_(s.xtx, owners, "xtx")
+        if dist.rank not in owners:
+            s.release_()  # sent: free this rank's partial sum
     mine = guarded(dist, lambda: {n: solve(n, s.xtx) for n, (_, s) in layers.items() if owner[n] == dist.rank},
                    "eora: solving")
     got = dist.exchange({n: {"meta": None, "tensors": {"b": b, "a": a}} for n, (b, a) in mine.items()}, "lora")

@@ -146,8 +146,11 @@ def _solve_distributed(dist, step, config, stats: dict, units: list[list[str]], 
     totals = dist.all_sum([stats[u[0]].n_tokens for u in units])
     for u, n_tokens in zip(units, totals):
         s = stats[u[0]]  # shared by every layer of the unit
-        dist.reduce_(s.xtx, sorted({owner[n] for n in u}), "xtx")
+        owners = sorted({owner[n] for n in u})
+        dist.reduce_(s.xtx, owners, "xtx")
         s.n_tokens = n_tokens
+        if dist.rank not in owners:
+            s.release_()  # this rank's partial sum has been sent: free it now
 
     def solve():
         mine = {}

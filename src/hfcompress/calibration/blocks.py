@@ -149,6 +149,11 @@ class InputStats:
         self.n_tokens += other.n_tokens
         return self
 
+    def release_(self) -> None:
+        """Free the sum (e.g. once a distributed run has sent it to the rank that solves the layer)."""
+        self._sum = torch.empty(0, dtype=self._sum.dtype, device=self._sum.device)
+        self._half = False
+
     def hessian(self) -> torch.Tensor:
         """GPTQ's ``H = 2 X X^T / n`` (``[K, K]``, fp32)."""
         return self.xtx * (2.0 / max(self.n_tokens, 1))
