@@ -252,6 +252,10 @@ def main() -> None:
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--ppl", action="store_true", help="perplexity of every checkpoint on the evaluation domains")
+    ap.add_argument("--keep", default=None, metavar="DIR",
+                    help="write the checkpoints under DIR and keep them (then --compare-only DIR later)")
+    ap.add_argument("--compare-only", default=None, metavar="DIR",
+                    help="compare the checkpoints a --keep run left in DIR (codes, --ppl) into the results JSON")
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="cpu: gloo, one thread per process; cuda: NCCL, one GPU per process")
@@ -290,8 +294,18 @@ def main() -> None:
             with open(results, "w") as f:
                 json.dump({"skipped": reason}, f, indent=1)
             return
+    if args.compare_only:
+        with open(results) as f:
+            result = json.load(f)
+        result["comparison"] = compare(args.compare_only, args.procs, args.ppl)
+        result["comparison_command"] = " ".join(sys.argv)
+        with open(results, "w") as f:
+            json.dump(result, f, indent=1)
+        print(json.dumps(result["comparison"], indent=1))
+        return
     _source(args.blocks)  # cut once, before any timing
-    work = tempfile.mkdtemp(prefix="hfc-dist-")
+    work = args.keep or tempfile.mkdtemp(prefix="hfc-dist-")
+    os.makedirs(work, exist_ok=True)
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     entries: list[dict] = []
     result = {"model": "SmolLM2-135M-Instruct (bf16 checkpoint)", "config": f"GPTQ {BITS}-bit g{GROUP} act-order asym "
@@ -311,9 +325,10 @@ def main() -> None:
             entries.append(e)
             save()
     if not any("error" in e for e in entries):
-        result["comparison"] = compare(work, args.procs, args.ppl)
+        result["comparison"] = compare(work, sorted(set(args.procs)), args.ppl)
     save()
-    shutil.rmtree(work, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
     print(table(results))
 
 
