@@ -3,7 +3,7 @@ WORLD_SIZE, MASTER_ADDR, MASTER_PORT set, as torchrun sets them).
 
     python distributed_worker.py SCENARIO OUT_DIR [SRC_DIR]
 
-``equal``: GPTQ (one and four calibration batches per rank), SpQR and EoRA in memory; every
+``equal``: GPTQ (one and two calibration batches per rank), SpQR and EoRA in memory; every
 rank saves what it ended with to OUT_DIR/rank{r}-*.safetensors; then a job whose config differs
 between the ranks, whose error each rank saves to OUT_DIR/rank{r}-mismatch.json. ``raise`` / ``die`` / ``hang``:
 GPTQ streaming SRC_DIR into OUT_DIR/model where rank 1 raises, exits or stops answering when it
@@ -84,7 +84,7 @@ def main() -> None:
     dist.init_process_group("gloo", timeout=timeout())
     rank = dist.get_rank()
     if scenario == "equal":
-        for name, result in (("gptq-1batch", lambda: gptq_model(4, 2)), ("gptq-4batches", lambda: gptq_model(16, 2)),
+        for name, result in (("gptq-1batch", lambda: gptq_model(4, 2)), ("gptq-2batches", lambda: gptq_model(8, 2)),
                              ("spqr", spqr_model), ("eora", eora_adapter)):
             save_file(tensors(result()), os.path.join(out, f"rank{rank}-{name}.safetensors"))
         try:  # ranks that disagree on the job (here: the group size) are refused before any work

@@ -142,35 +142,36 @@ def test_two_ranks_equal_single_process_bit_for_bit(two_ranks, name, single):
     _assert_equal(_load(two_ranks, 1, name), ref, f"{name}: rank 1 vs single process")
 
 
-def test_two_ranks_gptq_four_batches_same_up_to_reduction_order(two_ranks):
-    """Four batches per rank: the sums are added in another order, so codes may flip where a value sits
-    on a rounding tie, and GPTQ's error feedback carries a flip along its row and into later layers.
-    Both ranks hold the same model; it is as good as the single process's."""
+def test_two_ranks_gptq_two_batches_same_up_to_reduction_order(two_ranks):
+    """Two batches per rank: the sums are added in another order, so a code may flip where a value sits
+    on a rounding tie, and GPTQ's error feedback carries a flip along its row and into later layers
+    (here about 9% of the codes: benchmarks/README.md). Both ranks hold the same model, and it is as
+    good as the single process's."""
     from hfcompress.formats.int_group.pack import unpack_codes
 
     ids = worker.batches(4, 4)[0]
-    float_logits = llama_gqa()(ids).logits
-    single = worker.gptq_model(16, 2)
-    dist = _load(two_ranks, 0, "gptq-4batches")
-    _assert_equal(_load(two_ranks, 1, "gptq-4batches"), dist, "rank 1 vs rank 0")
+    with torch.no_grad():
+        float_logits = llama_gqa()(ids).logits
+    single = worker.gptq_model(8, 2)
+    dist = _load(two_ranks, 0, "gptq-2batches")
+    _assert_equal(_load(two_ranks, 1, "gptq-2batches"), dist, "rank 1 vs rank 0")
     sd = worker.tensors(single)
     flipped = total = 0
-    first_layer = "model.layers.0.self_attn.q_proj"
     for name, layer in single.named_modules():
         if hasattr(layer, "stored_tensors"):
             a = unpack_codes(sd[f"{name}.weight"], layer.spec.bits, layer.in_features)
             b = unpack_codes(dist[f"{name}.weight"], layer.spec.bits, layer.in_features)
             flipped += int((a != b).sum())
             total += a.numel()
-            if name == first_layer:  # first group of the first block: inputs equal, X^T X differs by rounding only
+            if name == "model.layers.0.self_attn.q_proj":  # first group: same inputs, X^T X differs by rounding
                 assert (a != b).float().mean() < 0.01
-    fraction = flipped / total
-    print(f"\ncodes differing from the single process (4 batches per rank): {fraction:.4%} of {total}")
-    single_err = (single(ids).logits - float_logits).pow(2).mean()
-    single.load_state_dict(dist)
-    dist_err = (single(ids).logits - float_logits).pow(2).mean()
-    assert 0.8 < float(dist_err / single_err) < 1.25  # same quality as the single-process model
-    assert fraction < 0.6
+    print(f"\ncodes differing from the single process (2 batches per rank): {flipped / total:.4%} of {total}")
+    with torch.no_grad():
+        single_err = (single(ids).logits - float_logits).pow(2).mean()
+        single.load_state_dict(dist)
+        dist_err = (single(ids).logits - float_logits).pow(2).mean()
+    assert 0.8 < float(dist_err / single_err) < 1.25  # an equally good solution
+    assert flipped / total < 0.5
 
 
 def test_ranks_with_different_jobs_are_refused_on_every_rank(two_ranks):
