@@ -197,6 +197,33 @@ def test_op_opcheck_and_autograd():
     assert torch.allclose(xs.grad, layer.dequantize().sum(0).expand(3, 64), atol=1e-5)
 
 
+def test_inference_skips_the_dispatcher_only_where_nothing_watches():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from hfcompress.formats.spqr.op import is_plain_cpu_inference, spqr_mm
+
+    w, x, H = _problem(n=32, k=64, seed=6)
+    layer = _layer(w, H, tau=1.0, bias=torch.randn(32))
+    xs = torch.randn(3, 64)
+    args = (*layer._stored_args(), layer.bias, 3, 16, 3, 16, 64)
+    with torch.no_grad():
+        assert is_plain_cpu_inference(xs, layer.bias)
+        assert torch.equal(layer(xs), spqr_mm(xs, *args))                   # same numbers as the op
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Record():
+        assert not is_plain_cpu_inference(xs)
+        layer(xs)
+    assert any("spqr_mm" in f for f in seen)                                 # a mode still sees the op
+    assert not is_plain_cpu_inference(xs.requires_grad_())                   # training takes the op (autograd)
+    assert not is_plain_cpu_inference(torch.empty(3, 64, device="meta"))
+
+
 def _quantized_tiny(builder=llama_gqa, tau=1.0, **kw):
     model = builder(seed=3)
     batches = [inputs(batch=2, seq=16, seed=s) for s in range(3)]

@@ -28,9 +28,21 @@ from hfcompress.kernels.cache_key import tensor_versions as _versions
 _CACHE: dict[int, tuple] = {}
 
 
+def _int4_mm():
+    """PyTorch's native int4 weight-only matmul, or ``None`` in a build without it (looked up once)."""
+    global _MM
+    if _MM is False:
+        ops = torch.ops.aten
+        have = hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
+        _MM = ops._weight_int4pack_mm_for_cpu if have else None
+    return _MM
+
+
+_MM = False
+
+
 def available() -> bool:
-    ops = torch.ops.aten
-    return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
+    return _int4_mm() is not None
 
 
 @dataclass(frozen=True)
@@ -101,7 +113,8 @@ def _prepared(*args):
 def spqr_mm_cpu(x, qweight, qzero, scale_code, scale_scale, scale_zero, perm, outlier_ptr, outlier_col, outlier_val,
                 bias, bits, group_size, stat_bits, stat_group_size, in_features):
     """``spqr_mm`` on CPU tensors, or ``None`` when not covered (the reference runs)."""
-    if not x.dtype.is_floating_point or x.dtype == torch.float64 or not available():
+    mm = _int4_mm()
+    if not x.dtype.is_floating_point or x.dtype == torch.float64 or mm is None:
         return None
     prep = _prepared(qweight, qzero, scale_code, scale_scale, scale_zero, perm, outlier_ptr, outlier_col, outlier_val,
                      bits, group_size, stat_bits, stat_group_size, in_features)
@@ -111,7 +124,6 @@ def spqr_mm_cpu(x, qweight, qzero, scale_code, scale_scale, scale_zero, perm, ou
     if prep.perm is not None:
         x2 = x2.index_select(1, prep.perm)                             # stored column order
     xb = x2.to(torch.bfloat16)
-    mm = torch.ops.aten._weight_int4pack_mm_for_cpu
     if prep.masks is None:
         y = mm(xb.contiguous(), prep.packed, prep.sub, prep.scale_zeros[0]).to(torch.float32)
     else:                                                              # 16-wide groups: two calls, halves masked

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..layer import CompressedLinear
-from .op import spqr_mm
+from .op import is_plain_cpu_inference, spqr_mm, spqr_mm_cpu_direct
 from .reference import dequantize, pack
 from .spec import FORMAT_NAME, SpQRSpec
 
@@ -43,8 +43,11 @@ class SpQRLinear(CompressedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.spec
-        return spqr_mm(x, *self._stored_args(), self.bias, s.bits, s.group_size, s.stat_bits, s.stat_group_size,
-                       self.in_features)
+        args = (x, *self._stored_args(), self.bias, s.bits, s.group_size, s.stat_bits, s.stat_group_size,
+                self.in_features)
+        if is_plain_cpu_inference(x, self.bias):  # decoding on CPU: the op's CPU kernel without the dispatcher
+            return spqr_mm_cpu_direct(*args)
+        return spqr_mm(*args)
 
     @classmethod
     @torch.no_grad()
