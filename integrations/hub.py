@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import os
-import tempfile
 
 from hfcompress import hub, integrity
 from hfcompress.config import HfCompressConfig
@@ -98,7 +97,9 @@ def _push(self, repo_id, *, commit_message=None, commit_description=None, privat
     card_data.setdefault("repo_id", repo_id)
     if tags:
         card_data["tags"] = list(card_data.get("tags") or []) + ([tags] if isinstance(tags, str) else list(tags))
-    with tempfile.TemporaryDirectory() as tmp:
+    from hfcompress.hub.scratch import scratch_dir
+
+    with scratch_dir("push") as tmp:  # a push killed midway leaves nothing here for long (#20)
         folder = os.path.join(tmp, "checkpoint")
         os.makedirs(folder)
         hub.fetch_previous_cards_(repo_id, folder, revision=revision if revision and

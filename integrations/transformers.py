@@ -10,8 +10,6 @@ tensors; every stored tensor is validated against the format before the model is
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import weakref
 from typing import Callable
 
@@ -279,7 +277,9 @@ def _pin_files_(checkpoint_files: list) -> Callable[[], None]:
     Returns the clean-up. Without /proc (not Linux) nothing is pinned."""
     if not os.path.isdir("/proc/self/fd"):
         return lambda: None
-    links = tempfile.mkdtemp(prefix="hfcompress-load-")
+    from hfcompress.hub.scratch import make_scratch
+
+    links, drop_scratch = make_scratch("load")
     handles = []
     for i, path in enumerate(checkpoint_files):
         try:
@@ -299,7 +299,7 @@ def _pin_files_(checkpoint_files: list) -> Callable[[], None]:
                 del _PINNED[link]
         for f in handles:
             f.close()
-        shutil.rmtree(links, ignore_errors=True)
+        drop_scratch()
 
     return release
 

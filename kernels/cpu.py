@@ -32,6 +32,8 @@ _SUBGROUPS = (256, 128, 64, 32)
 _CACHE: dict[int, tuple] = {}  # id(qweight) -> (weakref(qweight), versions, prepared or reason it declined)
 _NAMES: dict[int, tuple] = {}  # id(qweight) -> (weakref(qweight), module name)
 _WARNED_UNAVAILABLE = False
+_AVAILABLE: bool | None = None
+_INT4_MM = _INT8_MM = None  # the aten ops, looked up on first use
 
 
 def label_(qweight: torch.Tensor, name: str) -> None:
@@ -48,8 +50,11 @@ def _name_of(qweight) -> str:
 
 
 def available() -> bool:
-    ops = torch.ops.aten
-    return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
+    global _AVAILABLE
+    if _AVAILABLE is None:  # asked once: looking ops up on torch.ops costs microseconds every call
+        ops = torch.ops.aten
+        _AVAILABLE = hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
+    return _AVAILABLE
 
 
 def _unpack(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
@@ -142,21 +147,24 @@ def int_group_mm_cpu(x, qweight, scale, qzero, g_idx, bias, bits, group_size, sy
     prep = _prepared(qweight, scale, qzero, g_idx, bits, group_size, sym, in_features)
     if isinstance(prep, str):
         return None
+    global _INT4_MM, _INT8_MM
+    if _INT4_MM is None:
+        _INT4_MM, _INT8_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default, torch.ops.aten._weight_int8pack_mm.default
     x2 = x.reshape(-1, in_features)
     if prep[0] == "int4":
         _, packed, scale_zero, sub, perm, n = prep
         if perm is not None:
             x2 = x2[:, perm]
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), packed, sub, scale_zero)
+        y = _INT4_MM(x2.to(torch.bfloat16).contiguous(), packed, sub, scale_zero)
         if y.shape[-1] != n:
             y = y[:, :n]
     else:
         _, w8, s, zero_term = prep
         xb = x2.to(torch.bfloat16).contiguous()
-        y = torch.ops.aten._weight_int8pack_mm(xb, w8, s)
+        y = _INT8_MM(xb, w8, s)
         if zero_term is not None:
             y = y.float() + xb.sum(-1, keepdim=True, dtype=torch.float32) * zero_term
     y = y.to(x.dtype)
     if bias is not None:
         y = y + bias.to(x.dtype)
-    return y.reshape(*x.shape[:-1], qweight.shape[0])
+    return y.view(*x.shape[:-1], qweight.shape[0]) if y.is_contiguous() else y.reshape(*x.shape[:-1], qweight.shape[0])

@@ -239,10 +239,16 @@ def _exit_ok(code):
     assert code == 0
 
 
-def test_fault_injection_push(tmp_path, local_hub):
-    """A push killed anywhere leaves the Hub repo at the old or the new commit, whole."""
+def test_fault_injection_push(tmp_path, local_hub, monkeypatch):
+    """A push killed anywhere leaves the Hub repo at the old or the new commit, whole, and what it
+    left in the temporary folder is removed by the next push."""
+    import tempfile
+
     from huggingface_hub import HfApi, snapshot_download
 
+    systmp = tmp_path / "systmp"  # the temporary folder of the pushing processes
+    systmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(systmp))
     a, b = _rtn(0), _rtn(1)
     repo = "fault-push"
     a.push_to_hub(repo)
@@ -260,11 +266,17 @@ def test_fault_injection_push(tmp_path, local_hub):
     new = remote()
     assert new != old
     rng = random.Random(7)
+    left_behind = 0
     for k in sorted(rng.sample(range(1, n_calls + 1), min(KILLS, n_calls))):
         a.push_to_hub(repo)  # back to the old content
         assert remote() == old
         _run_child(lambda: b.push_to_hub(repo), k)
         assert remote() in (old, new), f"push killed at call {k}/{n_calls} left a mixed repo"
+        left_behind += bool(os.listdir(systmp))
+    assert left_behind >= 1, "no kill landed while a push held files in the temporary folder"
+    killed, _ = _run_child(lambda: b.push_to_hub(repo), None)  # a complete push cleans up after the killed ones
+    assert not killed and remote() == new
+    assert os.listdir(systmp) == []
 
 
 def test_fault_injection_concurrent_reader_never_mixed(tmp_path):

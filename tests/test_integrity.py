@@ -65,6 +65,46 @@ def test_integrity_save_identity_in_config_and_every_shard(two_sharded):
     assert ids[0] != ids[1]
 
 
+def test_integrity_streamed_quantize_has_identity_and_digests(tmp_path):
+    """hfcompress.quantize(directory, ...) (streamed block by block) records the save identity in
+    config.json and every shard, with digests of every tensor: verify passes, catches a flipped
+    byte, and a shard of another streamed save is refused at load."""
+    src = tmp_path / "float"
+    tm.llama_gqa(0).save_pretrained(src)
+    tm.char_tokenizer().save_pretrained(src)
+    cfg = dict(bits=4, group_size=32, n_samples=4, seq_len=32)
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:  # the same model twice: two saves, two identities
+        hfcompress.quantize(str(src), hfcompress.GPTQConfig(**cfg), out_dir=str(out),
+                            max_shard_size="60KB")
+    ids = []
+    for out in outs:
+        save_id = json.loads((out / "config.json").read_text())["quantization_config"]["save_id"]
+        shards = _shards(out)
+        assert len(shards) >= 2
+        for shard in shards:
+            meta = _metadata(shard)
+            assert meta[SAVE_ID_KEY] == save_id
+            with safe_open(shard, "pt") as f:
+                assert set(json.loads(meta[DIGESTS_KEY])) == set(f.keys())
+        report = verify(out)
+        assert report.ok, report.problems
+        assert report.tensors == sum(len(json.loads(_metadata(s)[DIGESTS_KEY])) for s in shards)
+        ids.append(save_id)
+    assert ids[0] != ids[1]
+    mixed = tmp_path / "mixed"
+    shutil.copytree(outs[0], mixed)
+    foreign = _shards(outs[1])[0]
+    shutil.copy(foreign, mixed / os.path.basename(foreign))
+    with pytest.raises(CheckpointError, match=rf"{os.path.basename(foreign)} belongs to another save"):
+        AutoModelForCausalLM.from_pretrained(mixed)
+    with safe_open(_shards(outs[0])[0], "pt") as f:
+        name = next(k for k in f.keys() if k.endswith(".weight"))
+    _flip_byte(_shards(outs[0])[0], name)
+    problems = verify(outs[0]).problems
+    assert len(problems) == 1 and name in problems[0]
+
+
 def test_integrity_mixed_shards_refused_naming_the_shard(two_sharded, tmp_path):
     a, b = two_sharded
     mixed = tmp_path / "mixed"

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from . import integrity
 from .config import HfCompressConfig
 from .modules import check_module_table, resolve_modules_to_not_convert
 
@@ -179,6 +180,7 @@ def _stream_dir(path, config, tokenizer, out_dir, device, progress, batches, dty
         dataset = getattr(config, "dataset", None)
         batches = get_calibration_batches(tokenizer, dataset, n_samples=config.n_samples, seq_len=config.seq_len)
 
+    save_id = integrity.new_save_id()  # the identity of this save: config.json and every shard (#20)
     tied = _tied_keys(model)
     write = out_dir is not None
     parts = os.path.join(out_dir, ".hfcompress-parts") if write else None  # one file per block, merged at the end
@@ -194,7 +196,7 @@ def _stream_dir(path, config, tokenizer, out_dir, device, progress, batches, dty
     def release_block(i, name, block):
         if write:
             tensors = {f"{name}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
-            save_file(tensors, part_name(i), metadata={"format": "pt"})
+            save_file(tensors, part_name(i), metadata=_part_metadata(tensors))
         block.to("meta")  # free the block
         _return_freed_memory()
 
@@ -204,10 +206,10 @@ def _stream_dir(path, config, tokenizer, out_dir, device, progress, batches, dty
         return None
     rest = {k: v.detach().contiguous() for k, v in model.state_dict().items()
             if not k.startswith(prefix + ".") and k not in tied}
-    save_file(rest, part_name(len(blocks)), metadata={"format": "pt"})
-    _write_shards(out_dir, [part_name(i) for i in range(len(blocks) + 1)], max_shard_bytes)
+    save_file(rest, part_name(len(blocks)), metadata=_part_metadata(rest))
+    _write_shards(out_dir, [part_name(i) for i in range(len(blocks) + 1)], max_shard_bytes, save_id)
     shutil.rmtree(parts)
-    hf_config.quantization_config = config.to_dict()
+    hf_config.quantization_config = {**config.to_dict(), "save_id": save_id}
     hf_config.dtype = dtype
     hf_config.save_pretrained(out_dir)
     for fname in _TOKENIZER_FILES:
@@ -228,11 +230,18 @@ def _read_header(path: str) -> tuple[dict, int]:
         return json.loads(f.read(n)), 8 + n
 
 
-def _write_shards(out_dir: str, parts: list[str], max_shard_bytes: int) -> None:
+def _part_metadata(tensors: dict) -> dict[str, str]:
+    """A part file records the digests of its tensors (computed from memory, as a save does);
+    :func:`_write_shards` carries them into the shards."""
+    return {"format": "pt", integrity.DIGESTS_KEY: json.dumps(integrity.tensor_digests(tensors), sort_keys=True)}
+
+
+def _write_shards(out_dir: str, parts: list[str], max_shard_bytes: int, save_id: str | None = None) -> None:
     """Concatenate the per-block safetensors ``parts`` (in order) into shards of at most
     ``max_shard_bytes`` of tensor data (a part larger than that gets a shard of its own), named as
     ``save_pretrained`` names them: ``model.safetensors`` alone, or ``model-0000i-of-0000n`` plus
-    the index. Byte copies: no tensor is loaded."""
+    the index. Byte copies: no tensor is loaded. With ``save_id``, every shard's metadata records
+    it and the digests of its tensors (from the parts), as an hfcompress ``save_pretrained`` does."""
     headers = [_read_header(p) for p in parts]
     sizes = [os.path.getsize(p) - start for p, (_, start) in zip(parts, headers)]
     groups: list[list[int]] = [[]]
@@ -248,8 +257,10 @@ def _write_shards(out_dir: str, parts: list[str], max_shard_bytes: int) -> None:
     weight_map: dict[str, str] = {}
     for name, group in zip(names, groups):
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        digests: dict[str, str] = {}
         offset = 0
         for i in group:
+            digests.update(json.loads(headers[i][0].get("__metadata__", {}).get(integrity.DIGESTS_KEY, "{}")))
             for key, meta in headers[i][0].items():
                 if key == "__metadata__":
                     continue
@@ -257,6 +268,9 @@ def _write_shards(out_dir: str, parts: list[str], max_shard_bytes: int) -> None:
                 header[key] = {**meta, "data_offsets": [offset + begin, offset + end]}
                 weight_map[key] = name
             offset += sizes[i]
+        if save_id is not None:
+            header["__metadata__"] = {"format": "pt", integrity.SAVE_ID_KEY: save_id,
+                                      integrity.DIGESTS_KEY: json.dumps(digests, sort_keys=True)}
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
         with open(os.path.join(out_dir, name), "wb") as out:

@@ -122,10 +122,10 @@ def export_compressed_tensors(checkpoint, out_dir: str | os.PathLike) -> str:
     memory, saved first) in compressed-tensors ``pack-quantized`` form. Raises
     :class:`ConversionError` naming the layer when something has no exact twin; ``out_dir`` is
     written atomically (a user's README.md there is kept as ORIGINAL_README.md)."""
-    import tempfile
-
     if not isinstance(checkpoint, (str, os.PathLike)):
-        with tempfile.TemporaryDirectory(prefix="hfcompress-export-") as tmp:
+        from ..hub.scratch import scratch_dir
+
+        with scratch_dir("export") as tmp:
             checkpoint.save_pretrained(tmp)
             return export_compressed_tensors(tmp, out_dir)
     from safetensors import safe_open

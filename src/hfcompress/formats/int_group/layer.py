@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..layer import CompressedLinear
-from .op import int_group_mm
+from .op import BACKENDS, int_group_mm
 from .pack import pack
 from .reference import default_g_idx, dequantize
 from .spec import FORMAT_NAME, IntGroupSpec
@@ -41,8 +41,16 @@ class QuantLinear(CompressedLinear):
                           self.in_features, dtype=dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int_group_mm(x, self.weight, self.weight_scale, self.weight_zero, self.weight_g_idx, self.bias,
-                            self.spec.bits, self.spec.group_size, self.spec.sym, self.in_features)
+        args = (x, self.weight, self.weight_scale, self.weight_zero, self.weight_g_idx, self.bias,
+                self.spec.bits, self.spec.group_size, self.spec.sym, self.in_features)
+        if _plain_cpu_inference(x, self.bias):
+            # the op's own CPU kernel, called directly: the dispatcher's round trips through Python
+            # (op wrapper, autograd, device kernel) cost about as much as a decode step's int4 matmul
+            impl = BACKENDS.impls.get("cpu")
+            y = impl(*args) if impl is not None else None
+            if y is not None:
+                return y
+        return int_group_mm(*args)
 
     @torch.no_grad()
     def requantize_(self, weight: torch.Tensor, mse_clip: bool = True) -> "QuantLinear":
@@ -85,3 +93,13 @@ class QuantLinear(CompressedLinear):
         s = self.spec
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"bits={s.bits}, group_size={s.group_size}, sym={s.sym}, act_order={s.act_order}")
+
+
+def _plain_cpu_inference(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """An eager call on plain CPU tensors that records no graph: nothing (autograd, torch.compile,
+    tracing, tensor subclasses) needs to see the op itself, so its CPU kernel may run directly."""
+    if type(x) is not torch.Tensor or x.device.type != "cpu":
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return False
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
