@@ -4,7 +4,8 @@ Three steps, two interpreters (GPTQModel is not a dependency of hfcompress):
 
     python benchmarks/gptq_import.py prepare                       # hfcompress venv: token ids
     GPTQMODEL_CPU_WORKERS=2 /work/venv-baselines/bin/python benchmarks/gptq_import.py gptqmodel
-    python benchmarks/gptq_import.py ours                          # hfcompress venv: the rest
+    python benchmarks/gptq_import.py ours [bfloat16]               # hfcompress venv: perplexity of ours
+    python benchmarks/gptq_import.py compressed-tensors            # hfcompress venv: export logits
 
 ``prepare`` writes the calibration windows (the bundled Shakespeare, 32 x 512 tokens) and the
 evaluation token ids (held-out Hamlet, SQLite docs: the texts every benchmark here scores).
@@ -14,11 +15,13 @@ GPTQModel writes, loads it back with ``GPTQModel.load(dir, device="cpu")`` (its 
 kernel choice; when that kernel refuses the checkpoint, the error is recorded and its torch kernel
 ``BACKEND.GPTQ_TORCH`` is used) and scores it with hfcompress's sliding-window perplexity
 (``src/hfcompress/evaluate.py``, loaded by path: it needs only torch).
-``ours`` converts that checkpoint with ``FromGPTQConfig`` (fp32 model: the exact dequantized
-weights), checks every layer's weight against GPTQModel's formula, scores the same ids, and
-exports an hfcompress RTN 4-bit g64 SmolLM2 to compressed-tensors, reads it back with
-transformers and compares logits (the g128 GPTQ import itself has ragged groups on SmolLM2's
+``ours [float32|bfloat16]`` converts that checkpoint with ``FromGPTQConfig`` (fp32 model: the exact
+dequantized weights; bf16: GPTQModel's dtype on its side), checks every layer's weight against
+GPTQModel's formula and scores the same ids (the g128 import has ragged groups on SmolLM2's
 576-wide layers, which compressed-tensors cannot store: the export's refusal is recorded).
+``compressed-tensors`` exports an hfcompress RTN 4-bit g64 SmolLM2 to compressed-tensors, reads it
+back with transformers' own loader and compares logits with ours on 512 tokens of every domain.
+Each step records the load average (shared machine) and takes a few minutes.
 Decode speed of the converted checkpoint: ``benchmarks/cpu_decode.py --gptq DIR``.
 """
 
@@ -130,9 +133,13 @@ def _find_src() -> str:
     raise FileNotFoundError("run `python benchmarks/gptq_import.py prepare` first (it writes the SmolLM2 checkpoint)")
 
 
-def ours() -> None:
-    import tempfile
+def _load_avg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
+
+def ours(dtype: str = "float32") -> None:
+    """The converted checkpoint scored on the same ids (``float32``: the exact dequantized weights;
+    ``bfloat16``: GPTQModel's own dtype on its side), every layer checked against GPTQModel's formula."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -141,9 +148,10 @@ def ours() -> None:
     from hfcompress.formats.int_group import unpack_codes
 
     ids = load_file(IDS)
+    load_start = _load_avg()
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(GPTQ_DIR, quantization_config=hfcompress.FromGPTQConfig(),
-                                                 dtype=torch.float32).eval()
+                                                 dtype=getattr(torch, dtype)).eval()
     convert_s = time.perf_counter() - t0
     q = model.config.quantization_config
     assert (q.bits, q.source["checkpoint_format"]) == (4, "gptq"), q.source  # the v1 offset below is 4-bit's
@@ -161,36 +169,79 @@ def ours() -> None:
             w = (codes - z.t()[:, g]) * sd[f"{name}.scales"].float().t()[:, g]
             exact += int(torch.equal(mod.dequantize(torch.float32), w))
             layers += 1
+    t0 = time.perf_counter()
     with torch.inference_mode():
         ppl = {d: round(perplexity(model, ids=ids[d], **EVAL).perplexity, 4) for d in DOMAINS}
-    part = {"ours_converted": {"convert_s": round(convert_s, 1), "layers": layers, "layers_bit_exact": exact,
-                               "spec": {k: getattr(q, k) for k in ("bits", "group_size", "sym", "act_order")},
-                               "perplexity": ppl}}
-    with tempfile.TemporaryDirectory() as tmp:
+    theirs = json.loads(OUT.read_text()).get("gptqmodel", {}).get("perplexity", {}) if OUT.exists() else {}
+    key = "ours_converted" if dtype == "float32" else f"ours_converted_{dtype}"
+    part = {key: {"dtype": dtype, "convert_s": round(convert_s, 1), "perplexity_s": round(time.perf_counter() - t0, 1),
+                  "layers": layers, "layers_bit_exact": exact,
+                  "spec": {k: getattr(q, k) for k in ("bits", "group_size", "sym", "act_order")},
+                  "perplexity": ppl,
+                  "relative_to_gptqmodel": {d: round(ppl[d] / theirs[d] - 1, 5) for d in DOMAINS if d in theirs},
+                  "load_average_start": load_start, "load_average_end": _load_avg()}}
+    from hfcompress.hub.scratch import scratch_dir
+
+    with scratch_dir("benchmark") as tmp:
         try:
             hfcompress.export_compressed_tensors(model, os.path.join(tmp, "ct"))
-            part["ours_converted"]["compressed_tensors_export"] = "exported"
+            part[key]["compressed_tensors_export"] = "exported"
         except ValueError as e:
-            part["ours_converted"]["compressed_tensors_export"] = f"refused: {e}"
-        del model
-        # compressed-tensors logits on the real model: RTN 4-bit g64 (576 and 1536 are multiples of 64)
-        from hfcompress.smollm2 import load_smollm2
-
-        float_model, tok = load_smollm2()
-        rtn = hfcompress.quantize_(float_model, hfcompress.RTNConfig(bits=4, group_size=64, mse_clip=False))
-        hfcompress.export_compressed_tensors(rtn, os.path.join(tmp, "ct-rtn"))
-        theirs = AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "ct-rtn")).eval()
-        x = ids["hamlet"][:512][None]
-        with torch.inference_mode():
-            a, b = rtn(x).logits.double(), theirs(x).logits.double()
-            ppl_ct = {d: round(perplexity(theirs, ids=ids[d], **EVAL).perplexity, 4) for d in DOMAINS}
-            ppl_rtn = {d: round(perplexity(rtn, ids=ids[d], **EVAL).perplexity, 4) for d in DOMAINS}
-        part["compressed_tensors_rtn_w4g64"] = {
-            "max_abs_logit_diff_over_max_abs_logit": float((a - b).abs().max() / a.abs().max()),
-            "tokens": int(x.numel()), "perplexity_ours": ppl_rtn, "perplexity_transformers_compressed_tensors": ppl_ct}
+            part[key]["compressed_tensors_export"] = f"refused: {e}"
     _merge(part)
     print(json.dumps(part, indent=1))
 
 
+def compressed_tensors() -> None:
+    """hfcompress RTN 4-bit g64 SmolLM2 (576 and 1536 are multiples of 64) exported to
+    compressed-tensors and read back by transformers' own loader: logits of both on 512 tokens of
+    every domain (fp32, our exact reference path on both sides of the comparison)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import hfcompress
+    from hfcompress.hub.scratch import scratch_dir
+    from hfcompress.ops import set_cpu_fast_path
+    from hfcompress.smollm2 import load_smollm2
+
+    ids = load_file(IDS)
+    load_start = _load_avg()
+    float_model, _ = load_smollm2(str(CACHE / "smollm2-135m-instruct-f32"))
+    rtn = hfcompress.quantize_(float_model, hfcompress.RTNConfig(bits=4, group_size=64, mse_clip=False))
+    rows = {}
+    previous = set_cpu_fast_path("off")  # ours computed exactly (dequantize, fp32 matmul), as the reader does
+    try:
+        with scratch_dir("benchmark") as tmp:
+            t0 = time.perf_counter()
+            hfcompress.export_compressed_tensors(rtn, os.path.join(tmp, "ct-rtn"))
+            export_s = time.perf_counter() - t0
+            theirs = AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "ct-rtn"), dtype=torch.float32).eval()
+            reader = sorted({type(m).__name__ for m in theirs.modules() if "Linear" in type(m).__name__})
+            with torch.inference_mode():
+                for d in DOMAINS:
+                    x = ids[d][:512][None]
+                    a, b = rtn(x).logits.double(), theirs(x).logits.double()
+                    set_cpu_fast_path("auto")
+                    fast = rtn(x).logits.double()  # for reference: our default CPU path (bf16 inside)
+                    set_cpu_fast_path("off")
+                    rows[d] = {"tokens": int(x.numel()),
+                               "max_abs_logit_diff_over_max_abs_logit": float((a - b).abs().max() / a.abs().max()),
+                               "same_argmax_fraction": float((a.argmax(-1) == b.argmax(-1)).double().mean()),
+                               "ours_default_cpu_path_vs_exact": float((a - fast).abs().max() / a.abs().max())}
+    finally:
+        set_cpu_fast_path(previous)
+    worst = max(r["max_abs_logit_diff_over_max_abs_logit"] for r in rows.values())
+    import compressed_tensors
+
+    _merge({"compressed_tensors_rtn_w4g64": {
+        "export_s": round(export_s, 1), "compressed_tensors": compressed_tensors.__version__,
+        "reader_linear_classes": reader, "domains": rows,
+        "target": {"what": "exported logits within 1e-3 relative of ours (transformers' own loader)",
+                   "measured": worst, "met": worst <= 1e-3},
+        "load_average_start": load_start, "load_average_end": _load_avg()}})
+    print(json.dumps(rows, indent=1), worst)
+
+
 if __name__ == "__main__":
-    {"prepare": prepare, "gptqmodel": gptqmodel, "ours": ours}[sys.argv[1]]()
+    {"prepare": prepare, "gptqmodel": gptqmodel, "ours": ours, "compressed-tensors": compressed_tensors}[sys.argv[1]](
+        *sys.argv[2:])

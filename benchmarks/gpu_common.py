@@ -23,7 +23,7 @@ if DRY:
 
 
 def bootstrap() -> None:
-    for name, path in (("hfcompress", ROOT / "src" / "hfcompress"), ("hfcompress.kernels", ROOT / "kernels")):
+    for name, path in (("hfcompress", ROOT / "src" / "hfcompress"), ("hfcompress.kernels", ROOT / "src" / "hfcompress" / "kernels")):
         if name not in sys.modules:
             mod = types.ModuleType(name)
             mod.__path__ = [str(path)]

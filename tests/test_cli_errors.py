@@ -90,3 +90,19 @@ def test_cli_help_every_option_has_help_with_default():
             assert "default" in shown, f"{where}: its help does not say its default ({shown!r})"
             if action.default is not None and "default" not in action.help:  # the formatter adds the value
                 assert "%(default)" in shown, f"{where}: {shown!r}"
+
+
+def test_cli_from_the_repo_root_imports_no_foreign_kernels_package():
+    """Run from a checkout (``python -m`` puts the current directory first on sys.path), no folder
+    of the repository may stand in for a PyPI package: a top-level ``kernels/`` once shadowed the
+    ``kernels`` package that bitsandbytes imports at start-up, so the CLI printed bitsandbytes'
+    "cannot import name 'get_kernel' from 'kernels' (<repo>/kernels/__init__.py)"."""
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+    proc = _run("--help", cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: hfcompress" in proc.stdout
+    assert "get_kernel" not in proc.stderr and os.path.join(root, "kernels") not in proc.stderr, proc.stderr
+    probe = subprocess.run([sys.executable, "-c", "import importlib.util as u; s = u.find_spec('kernels'); "
+                            "print(s.origin if s else None)"], capture_output=True, text=True, cwd=root, timeout=60)
+    found = probe.stdout.strip()
+    assert found == "None" or not found.startswith(root), f"`import kernels` from the repo root finds {found}"

@@ -141,10 +141,33 @@ def test_uneven_act_order_groups_are_refused_by_tensor():
         convert_layer(tensors, spec, 32, 8, where="layer")
 
 
-def test_three_bit_is_refused(tmp_path):
-    hfcompress.quantize_(llama_gqa(0), hfcompress.RTNConfig(bits=3, group_size=32)).save_pretrained(tmp_path / "q")
+def test_three_bit_is_refused(tmp_path, capsys):
+    from hfcompress.cli.main import main as cli
+
+    model = hfcompress.quantize_(llama_gqa(0), hfcompress.RTNConfig(bits=3, group_size=32))
+    model.save_pretrained(tmp_path / "q")
     with pytest.raises(ConversionError, match=r"quantization_config\.bits=3: compressed-tensors' 3-bit packing"):
         export_compressed_tensors(tmp_path / "q", tmp_path / "ct")
+    # the CLI: one line naming the file, the field, the reason and what to export instead; exit 2
+    assert cli(["export", str(tmp_path / "q"), "--to", "compressed-tensors", "--out", str(tmp_path / "ct")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hfcompress export: error: ")
+    assert all(w in err[0] for w in (str(tmp_path / "q" / "config.json"), "quantization_config.bits=3",
+                                     "differs between its releases", "export 2-, 4- or 8-bit models"))
+    # a model in memory is named by its name, not by the scratch folder it was saved to
+    with pytest.raises(ConversionError, match=r"^the config of .*: quantization_config\.bits=3") as e:
+        export_compressed_tensors(model, tmp_path / "ct")
+    assert "scratch" not in str(e.value)
+    assert not (tmp_path / "ct").exists()
+
+
+def test_export_into_its_own_source_is_refused(tmp_path):
+    src = tmp_path / "q"
+    hfcompress.quantize_(llama_gqa(0), hfcompress.RTNConfig(bits=4, group_size=32)).save_pretrained(src)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    with pytest.raises(ConversionError, match=r"is the source checkpoint itself"):
+        export_compressed_tensors(src, str(src) + "/")
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
 
 
 def test_a_float_or_foreign_checkpoint_is_refused(tmp_path):

@@ -235,6 +235,48 @@ def test_fault_injection_cli_quantize(tmp_path):
     assert kills >= 3
 
 
+def test_fault_injection_export_compressed_tensors(tmp_path):
+    """hfcompress export --to compressed-tensors over an earlier export (with a user's README)."""
+    from hfcompress.cli.main import main as cli
+
+    src = {}
+    for seed in (0, 1):
+        src[seed] = str(tmp_path / f"q{seed}")
+        _rtn(seed).save_pretrained(src[seed])
+    kills = check_writer(tmp_path, lambda t: _exit_ok(cli(["export", src[0], "--to", "compressed-tensors", "--out", t])),
+                         lambda t: _exit_ok(cli(["export", src[1], "--to", "compressed-tensors", "--out", t])), seed=8)
+    assert kills >= 3
+    assert open(tmp_path / "out" / "ORIGINAL_README.md").read() == USER_README
+
+
+def test_fault_injection_export_from_memory_cleans_scratch(tmp_path, monkeypatch):
+    """export_compressed_tensors(model_in_memory, out) saves the model into a scratch directory
+    first; an export killed midway leaves it behind only until the next one."""
+    import tempfile
+
+    from hfcompress.convert import export_compressed_tensors
+
+    systmp = tmp_path / "systmp"
+    systmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(systmp))
+    a, b = _rtn(0), _rtn(1)
+    kills = check_writer(tmp_path, lambda t: export_compressed_tensors(a, t), lambda t: export_compressed_tensors(b, t),
+                         seed=9, user_readme=False)
+    assert kills >= 3
+    assert os.listdir(systmp) == []
+
+
+def test_fault_injection_cli_convert_gptq(tmp_path):
+    """hfcompress convert --from gptq over an earlier conversion."""
+    from hfcompress.cli.main import main as cli
+
+    fixtures = os.path.join(os.path.dirname(__file__), "fixtures", "gptq")
+    srcs = [os.path.join(fixtures, c) for c in ("w4-sym-noact-g16-gptq", "w4-asym-act-g16-gptq")]
+    kills = check_writer(tmp_path, lambda t: _exit_ok(cli(["convert", srcs[0], "--from", "gptq", "--out", t])),
+                         lambda t: _exit_ok(cli(["convert", srcs[1], "--from", "gptq", "--out", t])), seed=10)
+    assert kills >= 3
+
+
 def _exit_ok(code):
     assert code == 0
 

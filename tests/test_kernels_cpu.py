@@ -183,3 +183,36 @@ def test_kernels_cpu_under_torch_compile():
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
     assert torch.equal(compiled, eager)
     assert torch.equal(eager, int_group_mm_cpu(*_args(layer, x)))
+
+
+def test_kernels_cpu_eager_call_skips_the_dispatcher_but_not_autograd():
+    """Plain eager inference on CPU calls the op's CPU kernel directly (same numbers as through
+    the op, fewer Python round trips); anything that records a graph goes through the op."""
+    import hfcompress.formats.int_group.layer as layer_module
+
+    layer = _layer(4, 32, False, False, 64, 96)
+    x = torch.randn(2, 3, 96)
+    through_op = torch.ops.hfcompress.int_group_mm(*_args(layer, x))
+    with torch.no_grad():
+        assert layer_module._plain_cpu_inference(x, layer.bias)
+        assert torch.equal(layer(x), through_op)
+    # a trainable bias or input: the op (with its autograd formula) runs, and gradients flow
+    xg = x.clone().requires_grad_()
+    assert not layer_module._plain_cpu_inference(xg, layer.bias)
+    layer(xg).sum().backward()
+    w = int_group_mm_ref(*_args(layer, torch.eye(96)))  # rows: W^T plus the bias
+    expected = (w - layer.bias).sum(-1).expand(2, 3, 96)
+    torch.testing.assert_close(xg.grad, expected, rtol=1e-4, atol=1e-4)
+    # a declined layer: the reference, once per call (the backend is asked once, not twice)
+    calls = []
+    declined = _layer(4, 32, False, False, 64, 200)
+    from hfcompress.formats.int_group.op import BACKENDS
+
+    saved = BACKENDS.impls.get("cpu")
+    BACKENDS.register("cpu", lambda *a: calls.append(1))
+    try:
+        with torch.no_grad():
+            y = declined(torch.randn(1, 200))
+    finally:
+        BACKENDS.register("cpu", saved)
+    assert calls == [1] and torch.isfinite(y).all()

@@ -1,4 +1,4 @@
-"""The wheel carries every module of src/, kernels/ and integrations/ (a forgotten subpackage
+"""The wheel carries every module of src/ and integrations/ (a forgotten subpackage
 in pyproject's `packages` fails here, not for a user), plus package data."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 import zipfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-MAPPING = {"src/hfcompress": "hfcompress", "kernels": "hfcompress/kernels", "integrations": "hfcompress/integrations"}
+MAPPING = {"src/hfcompress": "hfcompress", "integrations": "hfcompress/integrations"}
 
 
 def test_wheel_contains_every_module(tmp_path):

@@ -121,28 +121,38 @@ def export_compressed_tensors(checkpoint, out_dir: str | os.PathLike) -> str:
     """Write ``out_dir``: the hfcompress checkpoint ``checkpoint`` (a directory, or a model in
     memory, saved first) in compressed-tensors ``pack-quantized`` form. Raises
     :class:`ConversionError` naming the layer when something has no exact twin; ``out_dir`` is
-    written atomically (a user's README.md there is kept as ORIGINAL_README.md)."""
+    written atomically (a user's README.md there is kept as ORIGINAL_README.md) and may not be
+    the source directory itself (that would replace the user's hfcompress checkpoint)."""
     if not isinstance(checkpoint, (str, os.PathLike)):
         from ..hub.scratch import scratch_dir
 
-        with scratch_dir("export") as tmp:
-            checkpoint.save_pretrained(tmp)
-            return export_compressed_tensors(tmp, out_dir)
+        shown = getattr(checkpoint, "name_or_path", "") or "a model in memory"
+        with scratch_dir("export") as tmp:  # locked: a killed export's copy is removed by the next one
+            saved = os.path.join(tmp, "checkpoint")  # the save's own temporary siblings stay inside too
+            checkpoint.save_pretrained(saved)
+            return _export(saved, out_dir, shown)
+    return _export(os.fspath(checkpoint), out_dir, os.fspath(checkpoint))
+
+
+def _export(src: str, out_dir: str | os.PathLike, shown: str) -> str:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     from ..hub.atomic import atomic_save
 
-    src = os.fspath(checkpoint)
+    if os.path.realpath(src) == os.path.realpath(os.fspath(out_dir)):
+        raise ConversionError(f"export: the output directory {os.fspath(out_dir)} is the source checkpoint itself; "
+                              "the export would replace it. Choose another --out directory")
+    cfg_where = os.path.join(src, "config.json") if shown == src else f"the config of {shown}"
     with open(os.path.join(src, "config.json")) as f:
         config = json.load(f)
     q = config.get("quantization_config") or {}
     if q.get("quant_method") != "hfcompress" or q.get("format") != "int_group":
-        raise ConversionError(f"{src}/config.json: quantization_config is {q.get('quant_method')!r} / "
+        raise ConversionError(f"{cfg_where}: quantization_config is {q.get('quant_method')!r} / "
                               f"{q.get('format')!r}; export takes an hfcompress int_group checkpoint")
     spec = IntGroupSpec(bits=q["bits"], group_size=q["group_size"], sym=q["sym"], act_order=q["act_order"])
     if 32 % spec.bits:
-        raise ConversionError(f"{src}/config.json: quantization_config.bits={spec.bits}: compressed-tensors' "
+        raise ConversionError(f"{cfg_where}: quantization_config.bits={spec.bits}: compressed-tensors' "
                               f"{spec.bits}-bit packing differs between its releases (0.17: 10 codes per int32 "
                               "word, 0.20: a dense bit stream), so no file reads right in both; export 2-, 4- or "
                               "8-bit models (vLLM serves 4 and 8)")
@@ -186,12 +196,12 @@ def export_compressed_tensors(checkpoint, out_dir: str | os.PathLike) -> str:
                 shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
 
     def finish(tmp: str) -> None:
-        _write_card(tmp, src, q, spec)
+        _write_card(tmp, src, q, spec, shown)
 
     return atomic_save(out_dir, write, finish)
 
 
-def _write_card(directory: str, src: str, q: dict, spec: IntGroupSpec) -> None:
+def _write_card(directory: str, src: str, q: dict, spec: IntGroupSpec, shown: str) -> None:
     """A short card: where the export came from and how to serve it. A README.md there that
     hfcompress did not write was already moved to ORIGINAL_README.md by the atomic save."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -211,7 +221,7 @@ def _write_card(directory: str, src: str, q: dict, spec: IntGroupSpec) -> None:
     kept = (f"\n\nThe card that was here before is kept unchanged in [{ORIGINAL_CARD}]({ORIGINAL_CARD})."
             if os.path.isfile(os.path.join(directory, ORIGINAL_CARD)) else "")
     body = (f"---\n{meta.to_yaml()}\n---\n{CARD_MARKER}\n\n# compressed-tensors export\n\n"
-            f"The hfcompress checkpoint `{src}` (algorithm `{q.get('algorithm')}`, {spec.bits}-bit, group size "
+            f"The hfcompress checkpoint `{shown}` (algorithm `{q.get('algorithm')}`, {spec.bits}-bit, group size "
             f"{spec.group_size}, {'symmetric' if spec.sym else 'asymmetric'}) in compressed-tensors "
             f"`{FORMAT}` form, written by `hfcompress export --to compressed-tensors`: the same integer codes, "
             f"scales and zero points, so the dequantized weights are unchanged.{kept}\n\n"

@@ -44,12 +44,12 @@ class QuantLinear(CompressedLinear):
         args = (x, self.weight, self.weight_scale, self.weight_zero, self.weight_g_idx, self.bias,
                 self.spec.bits, self.spec.group_size, self.spec.sym, self.in_features)
         if _plain_cpu_inference(x, self.bias):
-            # the op's own CPU kernel, called directly: the dispatcher's round trips through Python
-            # (op wrapper, autograd, device kernel) cost about as much as a decode step's int4 matmul
+            # what the op's CPU kernel runs (its backend, or the reference when that declines), called
+            # directly: the dispatcher's round trips through Python (op wrapper, autograd, device
+            # kernel) cost a good part of a decode step's int4 matmul
             impl = BACKENDS.impls.get("cpu")
             y = impl(*args) if impl is not None else None
-            if y is not None:
-                return y
+            return y if y is not None else BACKENDS.reference(*args)
         return int_group_mm(*args)
 
     @torch.no_grad()

@@ -1,5 +1,5 @@
 """Triton helpers shared by the int_group kernels. They read the GPU layout of
-``kernels/gpu_layout.py`` (never the stored v1 stream):
+``gpu_layout.py`` (never the stored v1 stream):
 
     codes   int32 [N, k_pad*b/32]  PER = 32/b codes per word (b = bits; the 3-bit low plane: 2)
     hi      int16 [N, k_pad/16]    3-bit only: the high bits, one half-word per word of ``codes``
