@@ -148,6 +148,16 @@ def test_cli_convert_refuses_a_float_model(tmp_path, capsys):
 
 
 # -- refusals ------------------------------------------------------------------------------------
+def test_cli_convert_into_its_own_source_is_refused(tmp_path, capsys):
+    from hfcompress.cli.main import main
+
+    src = _copy_case(tmp_path)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    assert main(["convert", str(src), "--from", "gptq", "--out", str(src) + "/"]) == 2
+    assert "is the GPTQ checkpoint itself" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+
+
 def _copy_case(tmp_path, case="w4-asym-act-g16-gptq"):
     dst = tmp_path / case
     shutil.copytree(os.path.join(FIXTURES, case), dst)

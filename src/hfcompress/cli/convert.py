@@ -23,6 +23,11 @@ def run(args: argparse.Namespace) -> int:
 
     import hfcompress
 
+    import os
+
+    if os.path.isdir(args.model) and os.path.realpath(args.model) == os.path.realpath(args.out):
+        raise ValueError(f"--out {args.out} is the GPTQ checkpoint itself; the conversion would replace it. "
+                         "Choose another --out directory")
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     if args.source_format == "transformers-spqr":
         from hfcompress.convert.spqr_transformers import import_transformers_spqr
