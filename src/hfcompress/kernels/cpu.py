@@ -135,7 +135,7 @@ def _prepared(qweight, scale, qzero, g_idx, bits, group_size, sym, k):
 
 def int_group_mm_cpu(x, qweight, scale, qzero, g_idx, bias, bits, group_size, sym, in_features):
     """``int_group_mm`` on CPU tensors via native int4/int8 matmuls, or ``None`` when not covered."""
-    global _WARNED_UNAVAILABLE
+    global _WARNED_UNAVAILABLE, _INT4_MM, _INT8_MM
     if not x.dtype.is_floating_point or x.dtype == torch.float64:
         return None
     if not available():
@@ -147,7 +147,6 @@ def int_group_mm_cpu(x, qweight, scale, qzero, g_idx, bias, bits, group_size, sy
     prep = _prepared(qweight, scale, qzero, g_idx, bits, group_size, sym, in_features)
     if isinstance(prep, str):
         return None
-    global _INT4_MM, _INT8_MM
     if _INT4_MM is None:
         _INT4_MM, _INT8_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default, torch.ops.aten._weight_int8pack_mm.default
     x2 = x.reshape(-1, in_features)
@@ -167,4 +166,4 @@ def int_group_mm_cpu(x, qweight, scale, qzero, g_idx, bias, bits, group_size, sy
     y = y.to(x.dtype)
     if bias is not None:
         y = y + bias.to(x.dtype)
-    return y.view(*x.shape[:-1], qweight.shape[0]) if y.is_contiguous() else y.reshape(*x.shape[:-1], qweight.shape[0])
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
