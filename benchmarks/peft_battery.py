@@ -37,8 +37,12 @@ from collections import Counter, defaultdict
 HERE = os.path.dirname(os.path.abspath(__file__))
 FILES = ("testing_common.py", "testing_utils.py", "test_custom_models.py")
 
-#: (method or "*", substring of the error) -> the refused feature, as README lists it
+_NOT_IDENTITY = "identity at initialisation (a fresh L4Q adapter computes the quantized model; its base is the float model)"
+
+#: (method or "*", substring of the error or of the failing source line) -> the refused feature, as README lists it
 REFUSALS = {
+    ("l4q", "assert torch.allclose(outputs_base, outputs_before)"): _NOT_IDENTITY,
+    ("l4q", "assert torch.allclose(outputs_before, outputs_disabled"): _NOT_IDENTITY,
     ("compacter", "Compacter adapters cannot be merged"): "merge (non-linear adapter: no weight delta)",
     ("compacter", "Compacter has no weight delta"): "merge (non-linear adapter: no weight delta)",
     ("l4q", "L4QConfig.modules_to_save is not supported"): "modules_to_save",
@@ -110,9 +114,19 @@ def placeholders(work: str) -> list[str]:
     return used
 
 
+def failing_line(text: str) -> str:
+    """The source line pytest marks with '>' last in a failure's traceback (where it failed)."""
+    marked = [line[1:].strip() for line in text.splitlines() if line.startswith(">")]
+    return marked[-1] if marked else ""
+
+
 def classify(method: str, message: str) -> str | None:
+    """The refused feature a failure is, or None: an error message of ours, or (for an assertion) the
+    failing line of PEFT's test."""
+    errors = [message.split("\n", 1)[0], failing_line(message)]
+    errors += [line for line in message.splitlines() if line.startswith("E ")]  # pytest's error lines
     for (who, text), feature in REFUSALS.items():
-        if who in ("*", method.rstrip("+")) and text in message:
+        if who in ("*", method.rstrip("+")) and any(text in line for line in errors):
             return feature
     return None
 
@@ -133,7 +147,7 @@ def parse(junit: str) -> list[dict]:
         refused = classify(method, message) if outcome == "failed" else None
         out.append({"method": method, "test": name.split("[")[0], "id": name, "class": case.get("classname"),
                     "outcome": "refused" if refused else outcome, "refused_feature": refused,
-                    "message": (message.strip().splitlines() or [""])[0][:300]})
+                    "message": (message.strip().splitlines() or [""])[0][:300], "line": failing_line(message)[:200]})
     return out
 
 
@@ -197,7 +211,8 @@ def main(argv=None) -> int:
         "per_method": {m: {k: per_method[m][k] for k in ("passed", "failed", "refused", "skipped")}
                        | {"total": sum(per_method[m].values())} for m in sorted(per_method)},
         "refused_checks": {m: {f: sorted(set(t)) for f, t in fs.items()} for m, fs in sorted(refused.items())},
-        "failed_checks": sorted({f"{c['method']}: {c['id']}: {c['message']}" for c in cases if c["outcome"] == "failed"}),
+        "failed_checks": sorted({f"{c['method']}: {c['id']}: {c['message']} [at: {c['line']}]" for c in cases
+                                 if c["outcome"] == "failed"}),
         "skipped_checks": sorted({f"{c['method']}: {c['test']}: {c['message']}" for c in cases
                                   if c["outcome"] == "skipped"}),
         "per_test": {m: {t: dict(v) for t, v in sorted(ts.items())} for m, ts in sorted(per_test.items())},

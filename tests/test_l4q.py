@@ -360,6 +360,20 @@ def test_l4q_merge_unmerge_roundtrip():
         assert torch.equal(pm(input_ids=ids).logits, ref)
 
 
+def test_l4q_second_merge_into_a_layer_is_refused_and_unmerge_restores_w0():
+    """One quantized weight per layer: merging a second L4Q adapter on top of a merged one is refused
+    (it used to overwrite the saved W0, so unmerge restored the first adapter's W_q instead)."""
+    pm = get_peft_model(llama_gqa(), L4QConfig(r=4, bits=4, group_size=32, init_weights=False), adapter_name="a")
+    pm.add_adapter("b", L4QConfig(r=4, bits=4, group_size=32, init_weights=False))
+    layer = hfcompress.l4q.l4q_layers(pm)[0][1]
+    w0 = layer.get_base_layer().weight.detach().clone()
+    pm.merge_adapter(["a"])
+    with pytest.raises(ValueError, match="one adapter per layer.*already merged"):
+        pm.merge_adapter(["b"])
+    pm.unmerge_adapter()
+    assert torch.equal(layer.get_base_layer().weight, w0)
+
+
 def test_l4q_trainer_callback_freezes_then_trains_scales_and_logs(tmp_path):
     from torch.utils.data import Dataset
     from transformers import Trainer, TrainingArguments
@@ -480,3 +494,20 @@ def test_l4q_on_act_order_base_is_refused():
                        batches=[inputs(batch=2, seq=16)])
     with pytest.raises(ValueError, match="act-order g_idx"):
         get_peft_model(qmodel, L4QConfig(r=4, bits=4, group_size=32, target_modules=PROJ))
+
+
+def test_l4q_init_weights_is_the_peft_name_init_lora_weights_an_alias(tmp_path):
+    """PEFT's non-LoRA methods call the init switch ``init_weights`` (its tests set it); adapter configs
+    written before carry ``init_lora_weights`` and still load with its value."""
+    assert L4QConfig(init_weights=False).init_weights is False
+    old = L4QConfig(init_lora_weights=False)
+    assert old.init_weights is False and old.init_lora_weights is None
+    pm = get_peft_model(llama_gqa(), L4QConfig(r=4, bits=4, group_size=32, target_modules=["q_proj"]))
+    pm.save_pretrained(tmp_path)
+    cfg_path = tmp_path / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["init_weights"]
+    cfg["init_lora_weights"] = False
+    cfg_path.write_text(json.dumps(cfg))
+    loaded = PeftModel.from_pretrained(llama_gqa(), tmp_path)
+    assert loaded.peft_config["default"].init_weights is False

@@ -192,8 +192,9 @@ class Linear(nn.Module, L4QLayer):
         names = [n for n in adapter_names if n in self.l4q_A]
         if not names:
             return
-        if len(names) > 1:
-            raise ValueError(f"L4Q can merge one adapter per layer, got {names}")
+        if len(names) > 1 or self.merged:
+            raise ValueError(f"L4Q can merge one adapter per layer (one quantized weight); asked for {names} with "
+                             f"{self.merged_adapters or 'none'} already merged. Unmerge first.")
         name = names[0]
         base = self.get_base_layer()
         if isinstance(base, QuantLinear):
