@@ -208,6 +208,7 @@ def main(argv=None) -> int:
         "python": platform.python_version(), "k": args.k, "workers": args.workers, "wall_s": round(wall, 1),
         "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "pytest_exit_code": proc.returncode,
+        "pytest_summary": (proc.stdout.strip().splitlines() or [""])[-1],  # incl. PEFT's method-specific tests deselected
         "per_method": {m: {k: per_method[m][k] for k in ("passed", "failed", "refused", "skipped")}
                        | {"total": sum(per_method[m].values())} for m in sorted(per_method)},
         "refused_checks": {m: {f: sorted(set(t)) for f, t in fs.items()} for m, fs in sorted(refused.items())},
