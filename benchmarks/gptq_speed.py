@@ -134,7 +134,7 @@ PHASES = {
     "X^T X accumulation": [("calibration/blocks.py", "add_")],
     "Cholesky/inverse": [("algorithms/gptq.py", "inverse_hessian_cholesky")],
     "column loop": [("algorithms/gptq.py", "_column_loop_")],
-    "packing": [("nn/quant_linear.py", "from_codes"), ("calibration/apply.py", "_load_dequantized_")],
+    "packing": [("int_group/layer.py", "from_codes"), ("calibration/apply.py", "_load_dequantized_")],
     "I/O": [("streaming.py", "load_block"), ("streaming.py", "release_block"), ("streaming.py", "_materialise_outside_"),
             ("modeling_utils.py", "from_pretrained"), ("modeling_utils.py", "save_pretrained"),
             ("streaming.py", "_write_rest")],

@@ -34,6 +34,24 @@ def test_pack_layout_is_little_endian_bitstream():
     assert (w[0] & 0xFFFFFFFF) == 0b11 << 30 and w[1] == 0b1 and w[2] == 0
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_matches_the_bitstream_definition(bits):
+    # each run of 32 codes is one little-endian integer of 32*bits bits (code i at bit i*bits),
+    # cut into 32-bit words; checked against Python integers for every width (the whole-word
+    # widths take a faster path than 3-bit)
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (3, 75), generator=g, dtype=torch.int64)
+    packed = pack_codes(codes, bits)
+    for r in range(3):
+        row = codes[r].tolist() + [0] * (96 - 75)
+        expect = []
+        for run in range(3):
+            value = sum(c << (i * bits) for i, c in enumerate(row[32 * run:32 * run + 32]))
+            expect += [(value >> (32 * w)) & 0xFFFFFFFF for w in range(bits)]
+        assert [w & 0xFFFFFFFF for w in packed[r].tolist()] == expect
+    assert torch.equal(unpack_codes(packed, bits, 75).long(), codes)
+
+
 def test_dequantize_matches_definition_with_ragged_groups_and_g_idx():
     torch.manual_seed(0)
     n, k, bits, gs = 6, 40, 3, 16  # groups of 16, 16, 8 (ragged)

@@ -19,6 +19,11 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     runs = math.ceil(length / 32)
     c = torch.zeros(*lead, runs * 32, dtype=torch.int64, device=codes.device)
     c[..., :length] = codes.to(torch.int64)
+    if 32 % bits == 0:  # whole codes per word: word w holds codes w*per .. w*per+per-1, low bits first
+        per = 32 // bits
+        shifts = torch.arange(per, device=codes.device, dtype=torch.int64) * bits
+        out = (c.view(*lead, runs * bits, per) << shifts).sum(-1)  # disjoint bits: the sum is the OR
+        return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
     c = c.view(*lead, runs, 32)
     # bit position of each code inside its 32*bits-bit run, then scatter into int64 words
     shifts = torch.arange(32, device=codes.device, dtype=torch.int64) * bits
@@ -39,6 +44,11 @@ def unpack_codes(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     *lead, n_words = packed.shape
     runs = n_words // bits
     w = packed.to(torch.int64) & 0xFFFFFFFF
+    if 32 % bits == 0:  # whole codes per word (the layout of pack_codes' fast path)
+        per = 32 // bits
+        shifts = torch.arange(per, device=packed.device, dtype=torch.int64) * bits
+        val = (w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [..., words, per]
+        return val.reshape(*lead, n_words * per)[..., :length].to(torch.uint8)
     w = w.view(*lead, runs, bits)
     shifts = torch.arange(32, device=packed.device, dtype=torch.int64) * bits
     word, offset = shifts // 32, shifts % 32
