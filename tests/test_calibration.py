@@ -204,3 +204,43 @@ def test_calibration_replay_of_final_children_is_exact(arch):
     assert all(torch.equal(a, b) for a, b in zip(o0[-1], o1[-1]))
     assert torch.equal(l0, l1)
     assert calls1 < calls0, (calls0, calls1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_calibration_runs_each_layer_once_per_batch_and_matches_full_passes(arch, monkeypatch):
+    """GPTQ over the blocks, true-sequential: with the engine's shortcuts (a group reading one
+    tensor stops before its first layer runs; a child returning its last linear layer's output is
+    replayed from that layer's kept input; final children replayed) every linear layer runs once
+    per calibration batch (plus the one-row probes), and the quantized model is bit-identical to
+    one calibrated with full forwards and no replay at all."""
+    import hfcompress
+    from hfcompress.calibration import BlockStep
+    from hfcompress.calibration.apply import quantize_blocks_
+    from hfcompress.modules import is_linear
+
+    ids = tm.inputs(6, 19)
+    batches = [ids[:2], ids[2:4], ids[4:]]
+    cfg = hfcompress.GPTQConfig(bits=4, group_size=32)
+
+    def quantized(counts=None):
+        model = tm.BUILDERS[arch]().to(torch.bfloat16)
+        if counts is not None:  # real runs of block 0's linear layers
+            prefix, _ = find_blocks(model)
+            for name, m in model.named_modules():
+                if is_linear(m) and name.startswith(f"{prefix}.0."):
+                    m.register_forward_hook(lambda mod, a, o, n=name: counts.__setitem__(n, counts.get(n, 0) + 1))
+        quantize_blocks_(model, cfg, batches)
+        with torch.no_grad():
+            return model.state_dict(), model(ids).logits
+
+    counts: dict[str, int] = {}
+    fast, fast_logits = quantized(counts)
+    with monkeypatch.context() as m:
+        full = BlockStep.collect_input_stats
+        m.setattr(BlockStep, "mark_final", lambda self, names: None)  # nothing final: nothing replayed
+        m.setattr(BlockStep, "collect_input_stats", lambda self, names=None, stop_early=True: full(self, names, False))
+        slow, slow_logits = quantized()
+    assert fast.keys() == slow.keys() and all(torch.equal(fast[k], slow[k]) for k in fast)
+    assert torch.equal(fast_logits, slow_logits)
+    probes = 2  # sequential_groups' and tail_layers' one-row forwards
+    assert counts and all(c == len(batches) + probes for c in counts.values()), counts

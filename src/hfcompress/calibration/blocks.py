@@ -178,6 +178,13 @@ class BlockStep:
     _groups: list[list[str]] | None = field(default=None, repr=False)
     _final: set[str] = field(default_factory=set, repr=False)
     _replay: dict[str, list] = field(default_factory=dict, repr=False)  # child name -> its output per input
+    _tails: dict[str, str] | None = field(default=None, repr=False)  # child name -> the linear layer it returns
+    _tail_shape: dict[str, tuple] = field(default_factory=dict, repr=False)  # child name -> (tuple type, length)
+    _tail_inputs: dict[str, list] = field(default_factory=dict, repr=False)  # that layer -> its input per input
+    _tainted: list = field(default_factory=lambda: [False], repr=False)  # a changing layer ran in this forward
+
+    #: recorded inputs of tail layers may take at most this many times the bytes of the block inputs
+    TAIL_BUDGET = 4.0
 
     def module(self, name: str) -> nn.Module:
         """The module now at block-relative ``name`` (a QuantLinear once the caller replaced it)."""
@@ -189,7 +196,10 @@ class BlockStep:
         A child of the block (e.g. ``self_attn``) whose linear layers are all final, and whose
         input depends on final layers only, then computes the same output in every later pass:
         the first pass that runs it whole records its output, later passes (``collect_input_stats``,
-        ``run``) replay it instead of recomputing it."""
+        ``run``) replay it instead of recomputing it. A child that returns the output of its last
+        linear layer as is (attention -> ``o_proj``, MLP -> ``down_proj``) is replayed even earlier:
+        the pass that collected that layer's input recorded it, and later passes run only that
+        layer on it (``tail_layers``)."""
         self._final.update(names)
 
     @torch.no_grad()
@@ -219,32 +229,37 @@ class BlockStep:
     @torch.no_grad()
     def _advance_(self) -> None:
         """Replace each input by the block's output on it (one batch of outputs alive at a time)."""
-        with self._replaying() as at:
+        with self._replaying(record=False) as at:
             for i, (a, kw) in enumerate(zip(self.args, self.kwargs)):
                 at[0] = i
                 out = self.block(self.inputs[i], *a, **kw)
                 self.inputs[i] = out[0] if isinstance(out, (tuple, list)) else out
+                for outs in self._tail_inputs.values():  # batch i is done: free what only it needed
+                    outs[i] = None
         self._replay.clear()
+        self._tail_inputs.clear()
 
     @contextmanager
-    def _replaying(self, watch: set[str] = frozenset()):
+    def _replaying(self, watch: set[str] = frozenset(), record: bool = True):
         """During a pass over the inputs: replay the recorded children, record the children that
-        may be replayed from now on. Children holding a ``watch``ed layer (hooked by the pass) run
-        for real. Yields ``[i]``: the caller sets the input index."""
+        may be replayed from now on (unless not ``record``). Children holding a ``watch``ed layer
+        (hooked by the pass) run for real. Yields ``[i]``: the caller sets the input index."""
         at = [0]
+        tainted = self._tainted  # a changing layer ran earlier in this forward
+        tainted[0] = True  # (nothing final: every input depends on changing layers)
         if not self._final:
             yield at
             return
         linear = {n for n, m in self.block.named_modules() if n and is_linear(m)}
         changing = [n for n in self.linear_names if n not in self._final]  # may still change
-        tainted = [False]  # a changing layer ran earlier in this forward
+        tails = self.tail_layers()
         recording: dict[str, list] = {}
         handles, patched = [], []
 
         def taint(module, args):
             tainted[0] = True
 
-        def record(name):
+        def record_hook(name):
             def hook(module, args, output):
                 outs = recording[name]
                 if outs[at[0]] is not None:  # called twice in one forward (shared module): never replayed
@@ -266,9 +281,15 @@ class BlockStep:
             if name in self._replay:
                 patched.append((child, child.__dict__.get("forward")))  # e.g. accelerate's hooked forward
                 child.forward = _replay_forward(child, self._replay[name], at)
-            else:
+                continue
+            tail = tails.get(name)
+            recorded = self._tail_inputs.get(tail)
+            if recorded is not None and all(r is not None for r in recorded):
+                patched.append((child, child.__dict__.get("forward")))
+                child.forward = _tail_forward(child, self.module(tail), recorded, self._tail_shape[name], at)
+            if record:
                 recording[name] = [None] * len(self.inputs)
-                handles.append(child.register_forward_hook(record(name)))
+                handles.append(child.register_forward_hook(record_hook(name)))
         handles += [self.module(n).register_forward_pre_hook(taint) for n in changing]
         handles.append(self.block.register_forward_pre_hook(pre, with_kwargs=True))
         try:
@@ -280,9 +301,11 @@ class BlockStep:
                 del child.forward
                 if own is not None:
                     child.forward = own
+            tainted[0] = True
         for name, outs in recording.items():
             if all(o is not None and o is not _TWICE for o in outs):
                 self._replay[name] = outs
+                self._tail_inputs.pop(tails.get(name), None)  # the whole output replaces the tail's input
 
     @torch.no_grad()
     def collect_input_stats(self, names: list[str] | None = None, stop_early: bool = True) -> dict[str, InputStats]:
@@ -291,7 +314,7 @@ class BlockStep:
         Inputs are read by forward pre-hooks; layers that receive the very tensor the layer hooked
         just before them received (q/k/v, gate/up) share one :class:`InputStats` object, summed once.
         With ``stop_early`` each forward ends as soon as every named layer has its input, before
-        the last of them runs."""
+        the last of them runs (for a group of :meth:`sequential_groups`, before the first runs)."""
         names = list(names or self.linear_names)
         wanted = set(names)
         stats: dict[str, InputStats] = {}
@@ -299,9 +322,35 @@ class BlockStep:
         seen: set[str] = set()
         last: list = [None, None]  # (name, input tensor) of the hook that fired last in this forward
 
+        # a group of layers that read one tensor (q/k/v, gate/up: sequential_groups' probe) needs the
+        # first one's input only: the forward stops before the first of them runs
+        shared = names[0] if len(names) > 1 and names in self.sequential_groups() else None
+        tails = set(self.tail_layers().values()) & wanted  # their inputs are kept for later replays
+        kept: dict[str, list] = {}
+        cur = [0]  # index of the input being run
+
+        def keep(name, x):
+            """Keep the input of a tail layer, while it depends on final layers only and fits."""
+            outs = kept.get(name)
+            if outs is None:
+                budget = self.TAIL_BUDGET * sum(t.numel() * t.element_size() for t in self.inputs)
+                used = sum(r[0].numel() * r[0].element_size()
+                           for o in list(self._tail_inputs.values()) + list(kept.values()) for r in o if r)
+                if used + x.numel() * x.element_size() * len(self.inputs) > budget:
+                    tails.discard(name)
+                    return
+                outs = kept[name] = [None] * len(self.inputs)
+            if self._tainted[0] or outs[cur[0]] is not None:  # depends on a changing layer, or ran twice
+                tails.discard(name)
+                del kept[name]
+                return
+            outs[cur[0]] = (x, x._version)
+
         def make(name):
             def pre_hook(module, args):
                 x = args[0]
+                if name in tails:
+                    keep(name, x)
                 if name not in stats:
                     if last[1] is x and last[0] in stats:  # same tensor as the previous layer's input
                         stats[name] = stats[last[0]]
@@ -313,6 +362,10 @@ class BlockStep:
                     stats[name].add_(x)
                 last[:] = [name, x]
                 seen.add(name)
+                if name == shared:  # the probe found the group reading this very tensor: one input is all
+                    for n in names:
+                        stats[n] = stats[name]
+                    seen.update(names)
                 if stop_early and seen >= wanted:
                     raise _StopForward
             return pre_hook
@@ -321,7 +374,7 @@ class BlockStep:
         try:
             with self._replaying(watch=wanted) as at:
                 for i, (x, a, kw) in enumerate(zip(self.inputs, self.args, self.kwargs)):
-                    at[0] = i
+                    at[0] = cur[0] = i
                     seen.clear()
                     last[:] = [None, None]
                     try:
@@ -331,10 +384,58 @@ class BlockStep:
         finally:
             for h in handles:
                 h.remove()
+        for name in tails & set(kept):  # every input kept (a layer never reached keeps nothing)
+            if all(r is not None for r in kept[name]):
+                self._tail_inputs[name] = kept[name]
         missing = wanted - set(stats)
         if missing:
             raise RuntimeError(f"{self.name}: the block's forward never reached {sorted(missing)}")
         return stats
+
+    def tail_layers(self) -> dict[str, str]:
+        """Children of the block that return the output of one of their linear layers as is
+        (``self_attn`` -> ``self_attn.o_proj``, ``mlp`` -> ``mlp.down_proj``): child name -> that
+        layer. Found once by a probe forward on one row: the child's output (or the first item of
+        its output tuple, the others being None) is the very tensor the layer returned, unchanged
+        since (same in-place version)."""
+        if self._tails is None:
+            outs: dict[str, tuple] = {}
+            got: dict[str, Any] = {}
+            linear = [n for n, m in self.block.named_modules() if n and is_linear(m)]
+
+            def on_linear(name):
+                def hook(module, args, output):
+                    outs[name] = (output, _versions(output))
+                return hook
+
+            def on_child(name):
+                def hook(module, args, output):
+                    got[name] = output
+                return hook
+
+            handles = [self.module(n).register_forward_hook(on_linear(n)) for n in linear]
+            handles += [c.register_forward_hook(on_child(n)) for n, c in self.block.named_children()]
+            try:
+                with torch.no_grad():
+                    self.block(self.inputs[0][:1], *self.args[0], **_first_row(self.kwargs[0]))
+            finally:
+                for h in handles:
+                    h.remove()
+            self._tails = {}
+            for name, out in got.items():
+                if isinstance(out, (tuple, list)) and out and all(o is None for o in out[1:]):
+                    structure, y = type(out), out[0]
+                elif isinstance(out, torch.Tensor):
+                    structure, y = None, out
+                else:
+                    continue
+                mine = [n for n in linear if n.startswith(name + ".")]
+                for n in mine:
+                    o, v = outs.get(n, (None, None))
+                    if o is y and _versions(y) == v:
+                        self._tails[name] = n
+                        self._tail_shape[name] = (structure, len(out) if structure else 0)
+        return self._tails
 
     def sequential_groups(self) -> list[list[str]]:
         """The linear layers in execution order, grouped by shared input (q/k/v, gate/up ...):
@@ -388,6 +489,22 @@ def _replay_forward(child: nn.Module, outputs: list, at: list):
         if _versions(out) == versions:
             return out
         return real(*args, **kwargs)
+    return forward
+
+
+def _tail_forward(child: nn.Module, layer: nn.Module, inputs: list, shape: tuple, at: list):
+    """A ``forward`` for ``child`` that runs only its tail ``layer`` on the layer's recorded input
+    for input ``at[0]`` (the child returns that layer's output as is); if the recorded input was
+    changed in place since, it runs the real forward."""
+    real = child.forward
+    structure, length = shape
+
+    def forward(*args, **kwargs):
+        x, version = inputs[at[0]]
+        if x._version != version:
+            return real(*args, **kwargs)
+        y = layer(x)
+        return y if structure is None else structure((y,) + (None,) * (length - 1))
     return forward
 
 
