@@ -140,7 +140,8 @@ PHASES = {
             ("streaming.py", "_write_rest")],
 }
 RUNS = [("calibration/blocks.py", "run"), ("calibration/blocks.py", "collect_input_stats"),
-        ("calibration/blocks.py", "sequential_groups"), ("calibration/blocks.py", "capture_block_inputs")]
+        ("calibration/blocks.py", "sequential_groups"), ("calibration/blocks.py", "capture_block_inputs"),
+        ("calibration/blocks.py", "_advance_"), ("calibration/blocks.py", "tail_layers")]
 GPTQ = [("algorithms/gptq.py", "gptq")]
 
 
