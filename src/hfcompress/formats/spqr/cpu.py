@@ -1,5 +1,6 @@
 """Fast CPU path of ``spqr_mm``: the dense part on PyTorch's native int4 weight-only matmul, the
-outliers as a sparse CSR product.
+outliers added with one ``index_add_`` (``y[:, row] += delta * x[:, col]``; a sparse CSR product
+cost ~10x more per call at batch 1).
 
 The int4 op takes one (scale, offset) pair per 32..256 input columns; SpQR groups are 16 wide.
 Each run of 32 stored columns holds two groups ``a`` (first 16) and ``b`` (last 16), so the dense
@@ -7,8 +8,9 @@ product is two int4 matmuls over the *same* repacked codes: one with group ``a``
 ``x`` with every ``b`` half zeroed, one with group ``b``'s scales on ``x`` with every ``a`` half
 zeroed (exact: a zeroed input column contributes nothing whatever its scale). The op's weight
 is ``(q - 8) * s + c`` per group, ours ``(q - z) * s``, so ``c = (8 - z) * s``. Like int_group's
-CPU path this computes in bf16 (fp32 activations only with ``set_cpu_fast_path("always")``);
-the outliers are multiplied in fp32. Re-packed once per layer into a cache keyed by the packed
+CPU path this multiplies in bf16 (fp32 activations only with ``set_cpu_fast_path("always")``);
+the two halves and the outliers are summed in fp32, or in bf16 for bf16 activations (as a bf16
+model's reference computes). Re-packed once per layer into a cache keyed by the packed
 tensor (``state_dict`` never sees it). Covers ``group_size`` 16 or any multiple of 32 with
 ``K % 32 == 0``; anything else returns ``None`` (the reference runs).
 """
@@ -55,6 +57,7 @@ class _Prepared:
     rows: torch.Tensor                   # [nnz] long: output row of each outlier
     cols: torch.Tensor                   # [nnz] long: stored column of each outlier
     vals: torch.Tensor                   # [nnz] fp32 deltas
+    vals_bf16: torch.Tensor              # [nnz] the same in bf16 (bf16 activations)
     n: int
 
 
@@ -86,7 +89,7 @@ def _prepare(qweight, qzero, scale_code, scale_scale, scale_zero, perm, ptr, col
         group_of_sub = torch.arange(0, k, sub) // gs
         halves, masks = (scale_zeros(s[:, group_of_sub], z[:, group_of_sub]),), None
     return _Prepared(packed, halves, masks, sub, None if perm is None else perm.long(),
-                     outlier_rows(ptr), col.long(), val.to(torch.float32), n)
+                     outlier_rows(ptr), col.long(), val.to(torch.float32), val.to(torch.bfloat16), n)
 
 
 def outlier_matrix(ptr, col, val, n: int, k: int) -> torch.Tensor:
@@ -124,17 +127,20 @@ def spqr_mm_cpu(x, qweight, qzero, scale_code, scale_scale, scale_zero, perm, ou
     if prep.perm is not None:
         x2 = x2.index_select(1, prep.perm)                             # stored column order
     xb = x2.to(torch.bfloat16)
+    bf16 = x.dtype == torch.bfloat16  # a bf16 model sums in bf16 (as its reference does), others in fp32
     if prep.masks is None:
-        y = mm(xb.contiguous(), prep.packed, prep.sub, prep.scale_zeros[0]).to(torch.float32)
+        y = mm(xb.contiguous(), prep.packed, prep.sub, prep.scale_zeros[0])
+        y = y if bf16 else y.to(torch.float32)
     else:                                                              # 16-wide groups: two calls, halves masked
         xab = xb * prep.masks                                          # [2, M, K]
-        y = mm(xab[0], prep.packed, prep.sub, prep.scale_zeros[0]).to(torch.float32)
+        y = mm(xab[0], prep.packed, prep.sub, prep.scale_zeros[0])
+        y = y if bf16 else y.to(torch.float32)
         y += mm(xab[1], prep.packed, prep.sub, prep.scale_zeros[1])
     n = prep.n
     if y.shape[-1] != n:
         y = y[:, :n]
-    if prep.vals.numel():                                              # outliers in fp32: y[:, r] += v * x[:, c]
-        y.index_add_(1, prep.rows, x2.index_select(1, prep.cols).to(torch.float32) * prep.vals)
+    if prep.vals.numel():                                              # outliers: y[:, r] += v * x[:, c]
+        y.index_add_(1, prep.rows, x2.index_select(1, prep.cols) * (prep.vals_bf16 if bf16 else prep.vals))
     y = y.to(x.dtype)
     if bias is not None:
         y = y + bias.to(x.dtype)
