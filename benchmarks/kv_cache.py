@@ -16,9 +16,10 @@ Cache bytes: every tensor each cache keeps after the ``--tokens`` tokens of the 
 (GEARCache.nbytes(); for QuantizedCache the packed tensors, their scales/zeros and the residual
 float tokens, found by walking the layer objects), with the bf16 DynamicCache's bytes as the unit.
 
-Decode tokens/s: a ``--decode-context``-token prompt is prefilled into each cache, then
-``--decode-steps`` greedy single-token steps are timed; caches are interleaved over
-``--rounds`` rounds and the median per-step time is kept (the machine is shared and noisy).
+Decode tokens/s: a ``--decode-context``-token prompt (random token ids) is prefilled into each
+cache, then ``--decode-steps`` greedy single-token steps are timed, the caches taking their steps
+in turn (the machine is shared and noisy: load changes hit all caches alike); the median step
+time is kept.
 
     python benchmarks/kv_cache.py --part ppl --caches full gear-4bit hqq-4bit
     python benchmarks/kv_cache.py --part speed
@@ -154,37 +155,97 @@ def part_ppl(args, model, tokenizer, rows, save):
 
 
 def part_speed(args, model, rows):
+    """Every cache is prefilled with the same prompt, then the caches take their decode steps in
+    turn (step i of every cache, then step i+1 ...), so load changes on the shared machine hit
+    them alike; the median step time of each is kept."""
     import torch
 
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(100, model.config.vocab_size, (1, args.decode_context), generator=g)
     times = {n: [] for n in args.caches}
     with torch.no_grad():
-        for r in range(args.rounds + 1):  # round 0 warms up and is not counted
+        caches, nxt = {}, {}
+        for name in args.caches:
+            caches[name] = make_cache(name, model.config)
+            nxt[name] = model(prompt, cache=caches[name], use_cache=True).logits[:, -1:].argmax(-1)
+        for i in range(args.decode_steps + 2):
             for name in args.caches:
-                cache = make_cache(name, model.config)
-                nxt = model(prompt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-                for i in range(args.decode_steps):
-                    t = time.perf_counter()
-                    nxt = model(nxt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-                    if r and i >= 2:  # the first steps warm up allocations
-                        times[name].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                nxt[name] = model(nxt[name], cache=caches[name], use_cache=True).logits[:, -1:].argmax(-1)
+                if i >= 2:  # the first two steps warm up allocations
+                    times[name].append(time.perf_counter() - t)
     for name, ts in times.items():
         med = statistics.median(ts)
-        rows.setdefault(name, {}).update({"decode_tok_s": round(1 / med, 3), "decode_step_ms_median": round(med * 1e3, 2),
-                                          "decode_context": args.decode_context, "decode_samples": len(ts)})
+        row = rows.setdefault(name, {})
+        row.update({"cache": CACHES[name][0], "kwargs": CACHES[name][1]})
+        row.setdefault("decode", {})[f"threads{args.threads}"] = {
+            "tok_s": round(1 / med, 3), "step_ms_median": round(med * 1e3, 2),
+            "step_ms_all": [round(t * 1e3, 2) for t in ts], "context": args.decode_context,
+            "loadavg": os.getloadavg()}
         print(f"{name:24s} {1 / med:7.2f} tok/s (median of {len(ts)} steps)", flush=True)
+
+
+def markdown(results) -> str:
+    """The benchmarks/README.md table and the issue's targets, from the JSON."""
+    rows, setup = results["caches"], results.get("setup", {})
+    full = rows.get("full", {})
+    per_tok = setup.get("bf16_cache_bytes_per_token")
+    lines = ["| cache | settings | PPL geo-mean | " + " | ".join(f"PPL {d}" for d in full.get("ppl", {}))
+             + " | cache bytes (x bf16) | of which float buffer | decode tok/s, 1 thread (x full) "
+             + "| decode tok/s, 2 threads (x full) |",
+             "|---" * (7 + len(full.get("ppl", {}))) + "|"]
+    for name, r in rows.items():
+        kw = ", ".join(f"{k}={v}" for k, v in r.get("kwargs", {}).items()) or "bf16"
+        ppl = r.get("ppl", {})
+        b = r.get("bytes")
+        ref_bytes = full.get("bytes")
+
+        def speed(th):
+            tps = r.get("decode", {}).get(th, {}).get("tok_s")
+            ref = full.get("decode", {}).get(th, {}).get("tok_s")
+            return f"{tps:.2f} ({tps / ref:.2f}x)" if tps and ref else "—"
+        lines.append(
+            f"| {name} | {kw} | " + (f"{r['ppl_geomean']:.3f}" if ppl else "—") + " | "
+            + " | ".join(f"{ppl[d]:.3f}" if d in ppl else "—" for d in full.get("ppl", {})) + " | "
+            + (f"{b / 2**20:.2f} MiB ({b / ref_bytes:.3f}x)" if b and ref_bytes else "—") + " | "
+            + (f"{r.get('float_buffer_bytes', 0) / 2**20:.2f} MiB" if b else "—") + " | "
+            + speed("threads1") + " | " + speed("threads2") + " |")
+    out = ["\n".join(lines), ""]
+
+    def gap(name):
+        return rows[name]["ppl_geomean"] / full["ppl_geomean"] - 1 if name in rows and "ppl_geomean" in rows[name] else None
+
+    g4, g2, h2 = gap("gear-4bit"), gap("gear-2bit"), gap("hqq-2bit")
+    for name in ("gear-4bit", "gear-4bit-lean"):
+        if gap(name) is not None:
+            ratio = rows[name]["bytes"] / full["bytes"]
+            out.append(f"- {name}: perplexity gap {gap(name) * 100:+.2f}% (target <= 1%: "
+                       f"{'MET' if gap(name) <= 0.01 else 'MISSED'}); bytes {ratio:.3f}x bf16 (target <= 0.3x: "
+                       f"{'MET' if ratio <= 0.3 else 'MISSED'})")
+    if g2 is not None and h2 is not None:
+        out.append(f"- gear-2bit gap {g2 * 100:+.2f}% vs hqq-2bit gap {h2 * 100:+.2f}%: ratio {g2 / h2:.2f} "
+                   f"(target <= 0.5: {'MET' if g2 <= 0.5 * h2 else 'MISSED'})")
+    for th in ("threads1", "threads2"):
+        for name in ("gear-4bit", "gear-4bit-lean", "gear-2bit"):
+            d, ref = rows.get(name, {}).get("decode", {}).get(th), full.get("decode", {}).get(th)
+            if d and ref:
+                x = d["tok_s"] / ref["tok_s"]
+                out.append(f"- {name} decode {x:.2f}x full at {d['context']} tokens, {th[7:]} thread(s) "
+                           f"(target >= 0.7x: {'MET' if x >= 0.7 else 'MISSED'})")
+    if per_tok:
+        out.append(f"- bf16 full cache: {per_tok} bytes per token; max_position_embeddings "
+                   f"{setup.get('max_position_embeddings')}")
+    return "\n".join(out)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["ppl", "speed"], required=True)
+    ap.add_argument("--part", choices=["ppl", "speed", "table"], required=True)
     ap.add_argument("--caches", nargs="+", default=None, choices=list(CACHES))
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--decode-context", type=int, default=2048)
-    ap.add_argument("--decode-steps", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--decode-steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--extra-site", default=None, help="a site-packages folder to append to sys.path (for hqq)")
     ap.add_argument("--out", default=RESULTS)
@@ -192,6 +253,9 @@ def main():
     if args.extra_site:
         sys.path.append(args.extra_site)
     args.caches = args.caches or (SPEED_CACHES if args.part == "speed" else list(CACHES))
+    if args.part == "table":
+        print(markdown(json.load(open(args.out))))
+        return
 
     import torch
     from hfcompress.smollm2 import load_smollm2

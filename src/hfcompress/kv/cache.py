@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .gear import GEARSpec, compress, decompress, matrix_shape
+from .gear import GEARSpec, compress, decompress
 
 
 def _cat(a: dict | None, b: dict) -> dict:
@@ -56,9 +56,8 @@ class GEARLayer(CacheLayerMixin):
         if P == 0:
             return
         shape = (B, H, self.n_chunks, self.spec.chunk_size, d)
-        # keys are stored as K^T [B, H, C, d, n]: written through a transposed view
-        decompress(self.compressed["k"], self.spec, matrix_shape(shape, True), out=k_out.view(shape).transpose(-1, -2))
-        decompress(self.compressed["v"], self.spec, matrix_shape(shape, False), out=v_out.view(shape))
+        decompress(self.compressed["k"], self.spec, True, shape, out=k_out.view(shape))
+        decompress(self.compressed["v"], self.spec, False, shape, out=v_out.view(shape))
 
     def decompressed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All compressed tokens as [B, H, n_chunks * chunk_size, d] keys and values (cache dtype)."""

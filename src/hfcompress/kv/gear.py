@@ -95,7 +95,8 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return packed
     mask = (1 << bits) - 1   # python-int shifts: a broadcast uint8 shift tensor is ~100x slower on CPU
-    return torch.stack([(packed >> s) & mask for s in range(0, 8, bits)], dim=-1).flatten(-2)
+    parts = [packed & mask] + [(packed >> s) & mask for s in range(bits, 8 - bits, bits)] + [packed >> (8 - bits)]
+    return torch.stack(parts, dim=-1).flatten(-2)
 
 
 def quantize_groups(x: torch.Tensor, bits: int, group: int):
@@ -153,7 +154,8 @@ def compress(x: torch.Tensor, spec: GEARSpec, per_channel: bool, seed: int = 0):
     tokens of one channel), values with per_channel=False (groups of group_size channels of one
     token). Returns a dict of tensors, the only state the cache keeps (M = as_matrix(x)):
     codes [B, H, C, rows*cols*bits/8] uint8, scale / low [B, H, C, rows, cols/g],
-    lowrank_a [B, H, C, rows, r] / lowrank_b [B, H, C, r, cols], outlier_index / outlier_value [B, H, C, k]."""
+    lowrank_a [B, H, C, rows, r] / lowrank_b [B, H, C, r, cols], outlier_index / outlier_value [B, H, C, k]
+    (positions in the chunk's [n, d] layout)."""
     dtype = x.dtype
     m = as_matrix(x, per_channel).float()                                 # [B, H, C, rows, cols]
     rows, cols = m.shape[-2:]
@@ -170,6 +172,8 @@ def compress(x: torch.Tensor, spec: GEARSpec, per_channel: bool, seed: int = 0):
         index, value = select_outliers(m, k)
         center = m.mean(-1, keepdim=True).expand_as(m).flatten(-2)
         m = m.flatten(-2).scatter(-1, index, center.gather(-1, index)).reshape(m.shape)
+        if per_channel:  # stored as positions in the chunk's own [n, d] layout (token * d + channel)
+            index = index % cols * rows + index // cols
         out["outlier_index"] = index.to(torch.int16 if rows * cols <= 2 ** 15 else torch.int32)
         out["outlier_value"] = value.to(dtype)
 
@@ -189,42 +193,34 @@ def compress(x: torch.Tensor, spec: GEARSpec, per_channel: bool, seed: int = 0):
 
 
 def dequantize(state: dict, spec: GEARSpec, shape) -> torch.Tensor:
-    """D: the quantized part alone, float32 [B, H, C, rows, cols]."""
+    """D: the quantized part alone, float32 in the matrix layout [B, H, C, rows, cols] (shape)."""
     codes = unpack(state["codes"], spec.bits).reshape(shape)
     return dequantize_groups(codes, state["scale"], state["low"])
 
 
-def decompress(state: dict, spec: GEARSpec, shape, out: torch.Tensor | None = None) -> torch.Tensor:
-    """M^ = D + A @ B with the outliers S put back exactly, [B, H, C, rows, cols] (shape), written
-    into ``out`` (any dtype, any strides: e.g. a transposed view of the tensor attention reads) or
+def decompress(state: dict, spec: GEARSpec, per_channel: bool, shape, out: torch.Tensor | None = None) -> torch.Tensor:
+    """X^ = D + A @ B, with the outliers S put back exactly, as chunks [B, H, C, n, d] (shape), written
+    into ``out`` (any dtype; e.g. a view of the tensor attention reads: one pass, cast included) or
     a new float32 tensor. The math runs in float32 (bf16 elementwise math is several times slower
-    on CPUs) and is cast once, by the last addition, into ``out``."""
-    B, H, C, rows, cols = shape
-    scale, low = state["scale"].float().unsqueeze(-1), state["low"].float().unsqueeze(-1)  # [.., rows, cols/g, 1]
+    on CPUs); the last addition casts into ``out``."""
+    B, H, C, n, d = shape
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32, device=state["codes"].device)
+    rows, cols = (d, n) if per_channel else (n, d)
+    scale = state["scale"].float().unsqueeze(-1)                          # [B, H, C, rows, cols/g, 1]
     g = cols // scale.shape[-2]
-    m = unpack(state["codes"], spec.bits).view(B, H, C, rows, cols // g, g) * scale        # D - low, float32
+    m = unpack(state["codes"], spec.bits).view(B, H, C, rows, cols // g, g) * scale   # D - low
     if "lowrank_a" in state:                                              # + L = A @ B
         a, b = state["lowrank_a"], state["lowrank_b"]                      # [.., rows, k], [.., k, cols]
         m.view(-1, rows, cols).add_(torch.bmm(a.reshape(-1, rows, a.shape[-1]).float(),
                                               b.reshape(-1, b.shape[-2], cols).float()))
-    if "outlier_index" in state:                                          # S, exactly (less the low added next)
-        index = state["outlier_index"].long()                             # [B, H, C, k] into rows*cols
-        group = index // cols * (cols // g) + index % cols // g           # its (row, group) in [rows * cols/g]
-        low_at = state["low"].float().flatten(-2).gather(-1, group)
-        m.view(B, H, C, rows * cols).scatter_(-1, index, state["outlier_value"].float() - low_at)
-    if out is None:
-        out = torch.empty(shape, dtype=torch.float32, device=m.device)
-    torch.add(m, low, out=out.view(B, H, C, rows, cols // g, g))          # + low, cast into out
+    out_m = as_matrix(out, per_channel)                                   # K^T is a transposed view of out
+    torch.add(m, state["low"].float().unsqueeze(-1), out=out_m.view(B, H, C, rows, cols // g, g))  # + low
+    if "outlier_index" in state:                                          # S, exactly
+        out.view(B, H, C, n * d).scatter_(-1, state["outlier_index"].long(), state["outlier_value"].to(out.dtype))
     return out
 
 
-def matrix_shape(shape, per_channel: bool):
-    """[B, H, C, n, d] -> the shape of as_matrix for keys (per_channel) or values."""
-    B, H, C, n, d = shape
-    return (B, H, C, d, n) if per_channel else (B, H, C, n, d)
-
-
 def roundtrip(x: torch.Tensor, spec: GEARSpec, per_channel: bool, seed: int = 0) -> torch.Tensor:
-    """compress then decompress, back in x's layout and dtype (for tests and studies)."""
-    m = decompress(compress(x, spec, per_channel, seed), spec, matrix_shape(x.shape, per_channel))
-    return as_matrix(m, per_channel).to(x.dtype)
+    """compress then decompress, in x's layout and dtype (for tests and studies)."""
+    return decompress(compress(x, spec, per_channel, seed), spec, per_channel, x.shape).to(x.dtype)
