@@ -112,9 +112,12 @@ def domain_ids(tokenizer, n_tokens):
 
 
 def perplexity(model, ids, cache, chunk):
+    """(perplexity, scored predictions, perplexity of the predictions made from positions below /
+    from the middle of the text on: does the model use its long context?)"""
     import torch
 
-    nll, count = 0.0, 0
+    half = ids.shape[1] // 2
+    nll, count, halves = 0.0, 0, [[0.0, 0], [0.0, 0]]
     with torch.no_grad():
         for s in range(0, ids.shape[1], chunk):
             logits = model(ids[:, s:s + chunk], cache=cache, use_cache=True).logits.float()
@@ -123,20 +126,25 @@ def perplexity(model, ids, cache, chunk):
             # predictions from positions s .. s+len-1 of tokens s+1 .. s+len
             targets = ids[:, s + 1:s + chunk + 1]
             logp = torch.log_softmax(logits[:, :targets.shape[1]], -1)
-            nll -= logp.gather(-1, targets.unsqueeze(-1)).sum().item()
+            tok = -logp.gather(-1, targets.unsqueeze(-1))[0, :, 0]
+            nll += tok.sum().item()
             count += targets.numel()
-    return math.exp(nll / count), count
+            pos = torch.arange(s, s + targets.shape[1])
+            for h, sel in enumerate((pos < half, pos >= half)):
+                halves[h][0] += tok[sel].sum().item()
+                halves[h][1] += int(sel.sum())
+    return math.exp(nll / count), count, [math.exp(a / b) if b else None for a, b in halves]
 
 
 def part_ppl(args, model, tokenizer, rows, save):
     data = domain_ids(tokenizer, args.tokens)
     for name in args.caches:
-        per, scored = {}, 0
+        per, scored, by_half = {}, 0, {}
         t0 = time.time()
         nbytes = None
         for dom, ids in data.items():
             cache = make_cache(name, model.config)
-            per[dom], scored = perplexity(model, ids, cache, args.chunk)
+            per[dom], scored, by_half[dom] = perplexity(model, ids, cache, args.chunk)
             if nbytes is None:
                 nbytes = cache.nbytes() if hasattr(cache, "nbytes") else kept_bytes(cache)
                 walked = kept_bytes(cache)
@@ -147,7 +155,8 @@ def part_ppl(args, model, tokenizer, rows, save):
         geo = math.exp(sum(math.log(v) for v in per.values()) / len(per))
         row = rows.setdefault(name, {})
         row.update({"cache": CACHES[name][0], "kwargs": CACHES[name][1], "ppl": per, "ppl_geomean": geo,
-                    "scored_per_domain": scored, "bytes": nbytes, "bytes_walked": walked, "float_buffer_bytes": float_bytes,
+                    "scored_per_domain": scored,
+                    "ppl_first_half_second_half": by_half, "bytes": nbytes, "bytes_walked": walked, "float_buffer_bytes": float_bytes,
                     "cached_tokens": n_cached, "ppl_seconds": round(time.time() - t0, 1)})
         print(f"{name:24s} geo {geo:8.3f} " + " ".join(f"{d} {v:.3f}" for d, v in per.items())
               + f"  bytes {nbytes}  ({time.time() - t0:.0f} s)", flush=True)
