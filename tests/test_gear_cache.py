@@ -65,8 +65,9 @@ def test_outliers_are_kept_exactly():
     idx = state["outlier_index"].long()               # positions in the chunk's [n, d] layout
     assert idx.shape[-1] == spec.n_outliers(32, 16) == 11
     assert torch.equal(y.flatten(-2).gather(-1, idx), x.flatten(-2).gather(-1, idx))
-    # the injected spikes (farthest from their channel's mean) are among the kept entries
-    spikes = (x - x.mean(-2, keepdim=True)).abs().flatten(-2).topk(3, -1).indices
+    # the injected spikes (farthest from the mean of their group: 16 tokens of one channel) are kept
+    xg = x.view(2, 3, 4, 2, 16, 16)
+    spikes = (xg - xg.mean(-2, keepdim=True)).abs().flatten(-3).topk(3, -1).indices
     assert all(bool(torch.isin(spikes[b, h, c], idx[b, h, c]).all())
                for b in range(2) for h in range(3) for c in range(4))
 
@@ -77,7 +78,7 @@ def test_keys_per_channel_values_per_token():
     x = kv_like(C=2, n=32, d=16)
     spec = GEARSpec(bits=4, group_size=8, rank=0, outlier_ratio=0.0, chunk_size=32)
     k, v = compress(x, spec, True), compress(x, spec, False)
-    assert k["scale"].shape == (2, 3, 2, 16, 4)   # [B, H, C, d, n/g] (K^T)
+    assert k["scale"].shape == (2, 3, 2, 4, 16)   # [B, H, C, n/g, d]
     assert v["scale"].shape == (2, 3, 2, 32, 2)   # [B, H, C, n, d/g]
     # an offset channel costs keys nothing (per-channel range), values pay for it (per-token range)
     assert sqnr_db(x, roundtrip(x, True, rank=0, outlier_ratio=0.0)) > sqnr_db(x, roundtrip(x, False, rank=0, outlier_ratio=0.0))

@@ -15,9 +15,9 @@ layer, batched over B (batch) x H (key/value heads) x C (chunks): X [B, H, C, n,
 The cache (kv/cache.py) keeps chunks of equal size n, so decompressing the whole cache is a
 handful of batched ops, whatever its length.
 
-One formulation serves both: a chunk is handled as a matrix M [rows, cols] quantized along its
-rows in groups of columns. Values: M = V [n, d] (per token). Keys: M = K^T [d, n] (per channel),
-which is also the layout their statistics and codes are stored in.
+Both stay in the chunk's own [n, d] layout (no transposes: decompression writes straight into the
+tensor attention reads). Quantization groups are views of it: values [n, d/g, g] (g channels of
+one token), keys [n/g, g, d] (g tokens of one channel); the statistics reduce over the g axis.
 
 One deliberate reading of Filter_s: the paper keeps the s/2 largest and s/2 smallest entries of
 each vector; here the k = ceil(s * n * d) entries of each (batch, head, chunk) matrix farthest
@@ -80,7 +80,7 @@ class GEARSpec:
 
 
 # ---------------------------------------------------------------------------------------------
-# uniform b-bit quantization in groups along the last axis, codes packed into bytes
+# uniform b-bit quantization in groups, codes packed into bytes
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """codes [..., m] (uint8, < 2**bits) -> [..., m * bits / 8] uint8, low bits first."""
@@ -99,123 +99,123 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.stack(parts, dim=-1).flatten(-2)
 
 
-def quantize_groups(x: torch.Tensor, bits: int, group: int):
-    """x [..., m] (m a multiple of group) -> codes [..., m] uint8, scale [..., m/g], low [..., m/g].
-    Asymmetric min-max: x ~= codes * scale + low."""
-    g = x.reshape(*x.shape[:-1], -1, group).float()                       # [..., m/g, g]
-    low, high = g.amin(-1), g.amax(-1)
+def grouped(x: torch.Tensor, per_channel: bool, g: int) -> torch.Tensor:
+    """Chunks [..., n, d] -> their quantization groups as a view: keys (per channel)
+    [..., n/g, g, d], values (per token) [..., n, d/g, g]."""
+    n, d = x.shape[-2:]
+    return x.view(*x.shape[:-2], n // g, g, d) if per_channel else x.view(*x.shape[:-1], d // g, g)
+
+
+def group_axis(per_channel: bool) -> int:
+    return -2 if per_channel else -1
+
+
+def quantize_groups(x: torch.Tensor, bits: int, per_channel: bool, g: int):
+    """x [..., n, d] -> codes [..., n, d] uint8 and scale, low (keys [..., n/g, d], values [..., n, d/g]).
+    Asymmetric min-max per group: x ~= codes * scale + low."""
+    ax = group_axis(per_channel)
+    xg = grouped(x.float().contiguous(), per_channel, g)
+    low, high = xg.amin(ax, keepdim=True), xg.amax(ax, keepdim=True)
     scale = ((high - low) / (2 ** bits - 1)).clamp_min(1e-8)
-    codes = torch.round((g - low.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp_(0, 2 ** bits - 1)
-    return codes.reshape(x.shape).to(torch.uint8), scale, low
-
-
-def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-    """codes [..., m], scale/low [..., m/g] -> float32 [..., m]."""
-    g = codes.reshape(*scale.shape, -1).float()                            # [..., m/g, g]
-    return (g * scale.float().unsqueeze(-1) + low.float().unsqueeze(-1)).reshape(codes.shape)
+    codes = torch.round((xg - low) / scale).clamp_(0, 2 ** bits - 1)
+    return codes.reshape(x.shape).to(torch.uint8), scale.squeeze(ax), low.squeeze(ax)
 
 
 # ---------------------------------------------------------------------------------------------
-# the three pieces, on matrices M [..., rows, cols] (rows = quantization vectors)
+# the three pieces
 
-def select_outliers(m: torch.Tensor, k: int):
-    """m [..., rows, cols] -> (index [..., k] into the flattened rows*cols matrix, value [..., k]):
-    the k entries farthest from the mean of their row (their quantization vector)."""
-    score = (m - m.mean(-1, keepdim=True)).abs().flatten(-2)              # [..., rows*cols]
+def select_outliers(x: torch.Tensor, per_channel: bool, g: int, k: int):
+    """x [..., n, d] -> (index [..., k] into the flattened n*d chunk, value [..., k]): the k
+    entries farthest from the mean of their quantization group."""
+    xg = grouped(x, per_channel, g)
+    score = (xg - xg.mean(group_axis(per_channel), keepdim=True)).abs().reshape(*x.shape[:-2], -1)
     index = score.topk(k, dim=-1, sorted=False).indices
-    return index, m.flatten(-2).gather(-1, index)
+    return index, x.reshape(*x.shape[:-2], -1).gather(-1, index)
 
 
-def start_matrix(cols: int, rank: int, seed: int) -> torch.Tensor:
-    """The seeded Gaussian start [cols, rank] of the power iteration (on CPU; one for every head and
+def start_matrix(d: int, rank: int, seed: int) -> torch.Tensor:
+    """The seeded Gaussian start [d, rank] of the power iteration (on CPU; one for every head and
     chunk, so a chunk compresses the same whether it arrived in a long prompt or token by token)."""
-    return torch.randn(cols, rank, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(d, rank, generator=torch.Generator().manual_seed(seed))
 
 
 def power_iteration(r: torch.Tensor, q: torch.Tensor, iters: int):
-    """Rank-k approximation r [..., rows, cols] ~= a [..., rows, k] @ b [..., k, cols] by subspace
-    (power) iteration from the start q [cols, k], as in PowerSGD and the GEAR paper."""
+    """Rank-k approximation r [..., n, d] ~= a [..., n, k] @ b [..., k, d] by subspace (power)
+    iteration from the start q [d, k], as in PowerSGD and the GEAR paper."""
     r = r.float()
-    q = q.to(device=r.device, dtype=torch.float32).expand(*r.shape[:-2], *q.shape)  # [..., cols, k]
+    q = q.to(device=r.device, dtype=torch.float32).expand(*r.shape[:-2], *q.shape)  # [..., d, k]
     for _ in range(iters):
-        p = torch.linalg.qr(r @ q).Q                                      # [..., rows, k] orthonormal
-        q = r.transpose(-1, -2) @ p                                        # [..., cols, k]
-    return p, q.transpose(-1, -2)                                         # a [..., rows, k], b [..., k, cols]
+        p = torch.linalg.qr(r @ q).Q                                      # [..., n, k] orthonormal
+        q = r.transpose(-1, -2) @ p                                        # [..., d, k]
+    return p, q.transpose(-1, -2)                                         # a [..., n, k], b [..., k, d]
 
 
-def as_matrix(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
-    """Chunks [B, H, C, n, d] -> the matrices GEAR works on: K^T [B, H, C, d, n] for keys (per
-    channel), V [B, H, C, n, d] for values (per token)."""
-    return x.transpose(-1, -2) if per_channel else x
+def group_size(spec: GEARSpec, per_channel: bool, n: int, d: int) -> int:
+    g = spec.key_group(n) if per_channel else spec.value_group(d)
+    if not per_channel and d % g:
+        raise ValueError(f"GEAR group_size={spec.group_size} must divide head_dim={d} for values "
+                         "(quantized per token in groups of channels)")
+    return g
 
 
 def compress(x: torch.Tensor, spec: GEARSpec, per_channel: bool, seed: int = 0):
     """GEAR-compress chunks x [B, H, C, n, d]: keys with per_channel=True (groups of group_size
     tokens of one channel), values with per_channel=False (groups of group_size channels of one
-    token). Returns a dict of tensors, the only state the cache keeps (M = as_matrix(x)):
-    codes [B, H, C, rows*cols*bits/8] uint8, scale / low [B, H, C, rows, cols/g],
-    lowrank_a [B, H, C, rows, r] / lowrank_b [B, H, C, r, cols], outlier_index / outlier_value [B, H, C, k]
-    (positions in the chunk's [n, d] layout)."""
+    token). Returns a dict of tensors, the only state the cache keeps: codes [B, H, C, n*d*bits/8]
+    uint8, scale / low (keys [B, H, C, n/g, d], values [B, H, C, n, d/g]), lowrank_a [B, H, C, n, r] /
+    lowrank_b [B, H, C, r, d], outlier_index / outlier_value [B, H, C, k] (positions in the n*d chunk)."""
     dtype = x.dtype
-    m = as_matrix(x, per_channel).float()                                 # [B, H, C, rows, cols]
-    rows, cols = m.shape[-2:]
-    g = spec.key_group(cols) if per_channel else spec.value_group(cols)
-    if cols % g:
-        raise ValueError(f"GEAR group_size={spec.group_size} must divide head_dim={cols} for values "
-                         "(quantized per token in groups of channels)")
+    B, H, C, n, d = x.shape
+    g = group_size(spec, per_channel, n, d)
+    xf = x.detach().float()   # the compressed past carries no autograd graph
     out: dict[str, torch.Tensor] = {}
 
-    # 1. S = Filter_s(M): outliers kept exactly; their places take their row's mean, so they no
+    # 1. S = Filter_s(X): outliers kept exactly; their places take their group's mean, so they no
     #    longer stretch the quantization range
-    k = spec.n_outliers(rows, cols)
+    k = spec.n_outliers(n, d)
     if k:
-        index, value = select_outliers(m, k)
-        center = m.mean(-1, keepdim=True).expand_as(m).flatten(-2)
-        m = m.flatten(-2).scatter(-1, index, center.gather(-1, index)).reshape(m.shape)
-        if per_channel:  # stored as positions in the chunk's own [n, d] layout (token * d + channel)
-            index = index % cols * rows + index // cols
-        out["outlier_index"] = index.to(torch.int16 if rows * cols <= 2 ** 15 else torch.int32)
+        index, value = select_outliers(xf, per_channel, g, k)
+        ax = group_axis(per_channel)
+        center = grouped(xf, per_channel, g).mean(ax, keepdim=True).expand_as(grouped(xf, per_channel, g))
+        xf = xf.reshape(B, H, C, n * d).scatter(-1, index, center.reshape(B, H, C, n * d).gather(-1, index))
+        xf = xf.reshape(B, H, C, n, d)
+        out["outlier_index"] = index.to(torch.int16 if n * d <= 2 ** 15 else torch.int32)
         out["outlier_value"] = value.to(dtype)
 
-    # 2. D = Quant_b(M - S), along rows in groups of g columns
-    codes, scale, low = quantize_groups(m, spec.bits, g)                 # [.., rows, cols], [.., rows, cols/g]
-    out["codes"] = pack(codes.flatten(-2), spec.bits)                      # [B, H, C, rows*cols*bits/8]
+    # 2. D = Quant_b(X - S): keys per channel, values per token, in groups of g
+    codes, scale, low = quantize_groups(xf, spec.bits, per_channel, g)
+    out["codes"] = pack(codes.flatten(-2), spec.bits)                      # [B, H, C, n*d*bits/8]
     out["scale"], out["low"] = scale.to(dtype), low.to(dtype)
 
-    # 3. L = A @ B ~= (M - S) - D: the quantization residual, rank r per head and chunk, by power
+    # 3. L = A @ B ~= (X - S) - D: the quantization residual, rank r per head and chunk, by power
     #    iteration; taken against what decompression produces (statistics rounded to dtype)
-    r = spec.effective_rank(rows, cols)
+    r = spec.effective_rank(n, d)
     if r:
-        residual = m - dequantize(out, spec, m.shape)                     # [B, H, C, rows, cols]
-        a, b = power_iteration(residual, start_matrix(cols, r, seed), spec.power_iters)
-        out["lowrank_a"], out["lowrank_b"] = a.to(dtype), b.to(dtype)     # [.., rows, r], [.., r, cols]
+        residual = xf - decompress({"codes": out["codes"], "scale": out["scale"], "low": out["low"]},
+                                   spec, per_channel, x.shape)
+        a, b = power_iteration(residual, start_matrix(d, r, seed), spec.power_iters)
+        out["lowrank_a"], out["lowrank_b"] = a.to(dtype), b.to(dtype)     # [.., n, r], [.., r, d]
     return out
-
-
-def dequantize(state: dict, spec: GEARSpec, shape) -> torch.Tensor:
-    """D: the quantized part alone, float32 in the matrix layout [B, H, C, rows, cols] (shape)."""
-    codes = unpack(state["codes"], spec.bits).reshape(shape)
-    return dequantize_groups(codes, state["scale"], state["low"])
 
 
 def decompress(state: dict, spec: GEARSpec, per_channel: bool, shape, out: torch.Tensor | None = None) -> torch.Tensor:
     """X^ = D + A @ B, with the outliers S put back exactly, as chunks [B, H, C, n, d] (shape), written
-    into ``out`` (any dtype; e.g. a view of the tensor attention reads: one pass, cast included) or
-    a new float32 tensor. The math runs in float32 (bf16 elementwise math is several times slower
-    on CPUs); the last addition casts into ``out``."""
+    into ``out`` (any dtype; e.g. a view of the tensor attention reads: the cast happens in the
+    last addition) or a new float32 tensor. The math runs in float32 (bf16 elementwise math is
+    several times slower on CPUs)."""
     B, H, C, n, d = shape
     if out is None:
         out = torch.empty(shape, dtype=torch.float32, device=state["codes"].device)
-    rows, cols = (d, n) if per_channel else (n, d)
-    scale = state["scale"].float().unsqueeze(-1)                          # [B, H, C, rows, cols/g, 1]
-    g = cols // scale.shape[-2]
-    m = unpack(state["codes"], spec.bits).view(B, H, C, rows, cols // g, g) * scale   # D - low
+    ax = group_axis(per_channel)
+    scale = state["scale"].float().unsqueeze(ax)                          # [.., n/g, 1, d] or [.., n, d/g, 1]
+    g = n // scale.shape[-3] if per_channel else d // scale.shape[-2]
+    x = grouped(unpack(state["codes"], spec.bits).view(shape), per_channel, g) * scale   # D - low, float32
+    low = state["low"].float().unsqueeze(ax)
     if "lowrank_a" in state:                                              # + L = A @ B
-        a, b = state["lowrank_a"], state["lowrank_b"]                      # [.., rows, k], [.., k, cols]
-        m.view(-1, rows, cols).add_(torch.bmm(a.reshape(-1, rows, a.shape[-1]).float(),
-                                              b.reshape(-1, b.shape[-2], cols).float()))
-    out_m = as_matrix(out, per_channel)                                   # K^T is a transposed view of out
-    torch.add(m, state["low"].float().unsqueeze(-1), out=out_m.view(B, H, C, rows, cols // g, g))  # + low
+        a, b = state["lowrank_a"], state["lowrank_b"]                      # [.., n, k], [.., k, d]
+        x = torch.baddbmm(x.view(-1, n, d), a.reshape(-1, n, a.shape[-1]).float(),
+                          b.reshape(-1, b.shape[-2], d).float()).view(x.shape)
+    torch.add(x, low, out=grouped(out, per_channel, g))                   # + low, cast into out
     if "outlier_index" in state:                                          # S, exactly
         out.view(B, H, C, n * d).scatter_(-1, state["outlier_index"].long(), state["outlier_value"].to(out.dtype))
     return out
