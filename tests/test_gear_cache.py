@@ -256,3 +256,16 @@ def test_bf16_model():
     got = feed(model, ids, cache, 10).float()
     assert cache.layers[0].keys.dtype == torch.bfloat16 and cache.layers[0].compressed["k"]["scale"].dtype == torch.bfloat16
     assert sqnr_db(ref, got) > 15
+
+
+def test_forward_with_autograd_on():
+    """A forward outside no_grad (e.g. scoring with gradients) works: the compressed past is
+    detached, the current tokens keep their graph."""
+    model = llama_gqa(seed=5)
+    ids = inputs(batch=1, seq=40, seed=5)
+    cache = hfcompress.GEARCache(bits=4, group_size=8, rank=2, buffer_size=16)
+    model(ids[:, :30], cache=cache, use_cache=True)
+    out = model(ids[:, 30:], cache=cache, use_cache=True).logits
+    out.float().pow(2).mean().backward()
+    assert model.model.layers[0].self_attn.v_proj.weight.grad.abs().sum() > 0
+    assert not any(t.requires_grad for layer in cache.layers for s in layer.compressed.values() for t in s.values())
