@@ -192,20 +192,20 @@ def compress(x: torch.Tensor, spec: GEARSpec, per_channel: bool, seed: int = 0):
     r = spec.effective_rank(n, d)
     if r:
         residual = xf - decompress({"codes": out["codes"], "scale": out["scale"], "low": out["low"]},
-                                   spec, per_channel, x.shape)
+                                   spec, per_channel, x.shape)           # float32
         a, b = power_iteration(residual, start_matrix(d, r, seed), spec.power_iters)
         out["lowrank_a"], out["lowrank_b"] = a.to(dtype), b.to(dtype)     # [.., n, r], [.., r, d]
     return out
 
 
-def decompress(state: dict, spec: GEARSpec, per_channel: bool, shape, out: torch.Tensor | None = None) -> torch.Tensor:
-    """X^ = D + A @ B, with the outliers S put back exactly, as chunks [B, H, C, n, d] (shape), written
-    into ``out`` (any dtype; e.g. a view of the tensor attention reads: the cast happens in the
-    last addition) or a new float32 tensor. The math runs in float32 (bf16 elementwise math is
-    several times slower on CPUs)."""
+def decompress(state: dict, spec: GEARSpec, per_channel: bool, shape, out: torch.Tensor | None = None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """X^ = D + A @ B, with the outliers S put back exactly, as chunks [B, H, C, n, d] (shape).
+    Written into ``out`` if given (any dtype; e.g. a view of the tensor attention reads: the cast
+    happens in the last addition), else returned as a new tensor of ``dtype`` (this form has no
+    in-place writes, so torch.compile can fuse it). The math runs in float32 (bf16 elementwise math
+    is several times slower on CPUs)."""
     B, H, C, n, d = shape
-    if out is None:
-        out = torch.empty(shape, dtype=torch.float32, device=state["codes"].device)
     ax = group_axis(per_channel)
     scale = state["scale"].float().unsqueeze(ax)                          # [.., n/g, 1, d] or [.., n, d/g, 1]
     g = n // scale.shape[-3] if per_channel else d // scale.shape[-2]
@@ -215,6 +215,11 @@ def decompress(state: dict, spec: GEARSpec, per_channel: bool, shape, out: torch
         a, b = state["lowrank_a"], state["lowrank_b"]                      # [.., n, k], [.., k, d]
         x = torch.baddbmm(x.view(-1, n, d), a.reshape(-1, n, a.shape[-1]).float(),
                           b.reshape(-1, b.shape[-2], d).float()).view(x.shape)
+    if out is None:                                                       # + low, S: functional form
+        x = (x + low).to(dtype).view(B, H, C, n * d)
+        if "outlier_index" in state:
+            x = x.scatter(-1, state["outlier_index"].long(), state["outlier_value"].to(dtype))
+        return x.view(shape)
     torch.add(x, low, out=grouped(out, per_channel, g))                   # + low, cast into out
     if "outlier_index" in state:                                          # S, exactly
         out.view(B, H, C, n * d).scatter_(-1, state["outlier_index"].long(), state["outlier_value"].to(out.dtype))
