@@ -252,6 +252,8 @@ def main() -> None:
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--ppl", action="store_true", help="perplexity of every checkpoint on the evaluation domains")
+    ap.add_argument("--results", default=None, metavar="JSON",
+                    help="results file (default: results/distributed.json, results/distributed_gpu.json for cuda)")
     ap.add_argument("--keep", default=None, metavar="DIR",
                     help="write the checkpoints under DIR and keep them (then --compare-only DIR later)")
     ap.add_argument("--compare-only", default=None, metavar="DIR",
@@ -281,9 +283,9 @@ def main() -> None:
             print(r)
         return
     if args.table:
-        print(table())
+        print(table(args.results or RESULTS))
         return
-    results = RESULTS if args.device == "cpu" else RESULTS.replace(".json", "_gpu.json")
+    results = args.results or (RESULTS if args.device == "cpu" else RESULTS.replace(".json", "_gpu.json"))
     if args.device == "cuda":
         import torch
 
