@@ -338,7 +338,7 @@ def table(path: str = RESULTS) -> str:
     with open(path) as f:
         data = json.load(f)
     lines = ["| processes | blocks | calibration | quantize wall s (slowest rank) | job wall s | CPU s per rank | "
-             "peak RSS MB per rank | sent MB per rank | load avg (1 min) |", "|---|---|---|---|---|---|---|---|---|"]
+             "peak RSS MB per rank | sent MiB per rank | load avg (1 min) |", "|---|---|---|---|---|---|---|---|---|"]
     for e in data["entries"]:
         if "error" in e:
             lines.append(f"| {e['procs']} | {e['blocks']} | {e['size']} | failed | | | | | |")
