@@ -216,3 +216,28 @@ def test_kernels_cpu_eager_call_skips_the_dispatcher_but_not_autograd():
     finally:
         BACKENDS.register("cpu", saved)
     assert calls == [1] and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [(4, 32, False, False, 70, 96), (4, 64, True, False, 64, 576),
+                                  (4, -1, False, False, 40, 160), (4, 128, False, False, 48, 320)], ids=_id)
+def test_kernels_cpu_prefill_rows_take_the_dense_path(case, dtype):
+    """Many rows (prefill): 4-bit layers without act-order unpack their bf16 weight from the stored
+    words and run a dense matmul; same tolerance against the reference as the int4 op."""
+    import hfcompress.kernels.cpu as cpu
+
+    layer = _layer(*case)
+    x = torch.randn(2, cpu.DENSE_MIN_ROWS // 2 + 3, case[-1]).to(dtype)  # rows counted over the batch too
+    prep = cpu._prepared(*_args(layer, x)[1:5], *_args(layer, x)[6:])
+    ragged = case[1] != -1 and case[-1] % case[1]
+    assert (prep[-1] is None) == bool(ragged)  # a ragged last group keeps the int4 op at any size
+    y = int_group_mm_cpu(*_args(layer, x))
+    assert y.dtype == dtype and y.shape == (*x.shape[:-1], case[4])
+    ref = int_group_mm_ref(*_args(layer, x.float()))
+    assert sqnr_db(ref, y.float()) >= CPU_MIN_SQNR_DB
+    if not ragged:  # the unpacked weight is the dequantized weight, rounded once to bf16
+        w = cpu._dense_bf16(layer.weight, prep[-1], case[-1])
+        torch.testing.assert_close(w, layer.dequantize(torch.float32).bfloat16(), rtol=0, atol=0)
+        few = x[:, :3]  # few rows: the int4 op, a different kernel with the same numbers up to rounding
+        assert sqnr_db(int_group_mm_ref(*_args(layer, few.float())), int_group_mm_cpu(*_args(layer, few)).float()) \
+            >= CPU_MIN_SQNR_DB
