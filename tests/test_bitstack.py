@@ -182,3 +182,15 @@ def test_lora_trains_on_top_of_bitstack_layers(saved):
     grads = [p.grad for n, p in peft.named_parameters() if "lora_" in n]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_eora_compensates_a_bitstack_model():
+    orig = llama_gqa()
+    q = hfcompress.quantize_(llama_gqa(), BitStackConfig(rank=4, n_blocks=1), batches=_batches())
+    ids = inputs(batch=4, seq=31, seed=99)
+    with torch.no_grad():
+        ref, base = orig(ids).logits, q(ids).logits
+    pm = hfcompress.compensate(q, orig, hfcompress.EoRAConfig(rank=8, dataset=inputs(batch=16, seq=48, seed=11)))
+    with torch.no_grad():
+        comp = pm(ids).logits
+    assert sqnr_db(ref, comp) > sqnr_db(ref, base) + 0.3

@@ -227,3 +227,18 @@ def test_lora_on_top_of_an_evopress_model():
     peft(ids, labels=ids).loss.backward()
     grads = [p.grad for n, p in peft.named_parameters() if "lora_" in n]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_eora_compensates_an_evopress_model():
+    orig = llama_gqa()
+    q = hfcompress.quantize_(llama_gqa(), EvoPressConfig(target_bits_per_weight=2.6, levels=[2, 3, 4], **_small()),
+                             batches=_batches())
+    ids = inputs(batch=4, seq=31, seed=99)
+    with torch.no_grad():
+        ref, base = orig(ids).logits, q(ids).logits
+    pm = hfcompress.compensate(q, orig, hfcompress.EoRAConfig(rank=8, dataset=inputs(batch=16, seq=48, seed=11)))
+    with torch.no_grad():
+        comp = pm(ids).logits
+    from tiny_models import sqnr_db
+
+    assert sqnr_db(ref, comp) > sqnr_db(ref, base) + 0.3
