@@ -215,6 +215,12 @@ def _sizes(path: str) -> dict:
             "float_kept_layers": len(kept)}
 
 
+def _generations(name: str) -> int | None:
+    """Generations searched so far for an EvoPress entry (its cached search log), else None."""
+    log = os.path.join(CACHE, f"{name}.log.json")
+    return len(json.load(open(log))["log"]) if name.startswith("evopress") and os.path.isfile(log) else None
+
+
 def step_eval(args) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -233,7 +239,8 @@ def step_eval(args) -> None:
     if names == ["all"]:  # every cached entry not measured yet, float first
         done = (json.load(open(RESULTS)).get("entries", {}) if os.path.isfile(RESULTS) else {})
         names = [n for n in ["fp32", *DB_UNIFORM, *GPTQ_BASELINES, "evopress-3.0", "evopress-3.5"]
-                 if n not in done and (n == "fp32" or os.path.isdir(os.path.join(CACHE, n)))]
+                 if (n not in done or _generations(n) != done[n].get("search_generations"))
+                 and (n == "fp32" or os.path.isdir(os.path.join(CACHE, n)))]
     for name in names:
         if time.perf_counter() - start > args.seconds:
             print(f"{name}: not started (time budget of this run spent; run again)")
@@ -241,7 +248,7 @@ def step_eval(args) -> None:
         path = src if name == "fp32" else os.path.join(CACHE, name)
         t0 = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
-        row = {"entry": name, "eval_dtype": args.dtype, **({"bits_per_weight": 16.0} if name == "fp32" else _sizes(path))}
+        row = {"entry": name, "eval_dtype": args.dtype, "search_generations": _generations(name), **({"bits_per_weight": 16.0} if name == "fp32" else _sizes(path))}
         row.update({f"ppl_{k}": v for k, v in _perplexities(model, evals).items()})
         row["eval_s"] = round(time.perf_counter() - t0, 1)
         row["load"] = _uptime()
