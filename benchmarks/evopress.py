@@ -165,6 +165,7 @@ def _search(target: float, args) -> None:
     seconds = time.perf_counter() - t0
     log = cfg.search_log
     start = 0 if previous is None else len(previous["log"])
+    ran = len(log["log"])
     for r in log["log"]:
         r["generation"] += start
     if previous is not None:
@@ -178,7 +179,7 @@ def _search(target: float, args) -> None:
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(os.path.join(HERE, "results", f"{name}.search.json"), "w") as f:
         json.dump(log, f, indent=1)
-    print(f"{name}: chunk {chunk + 1}, {args.generations} generations in {seconds:.0f} s, KL {log['final_kl']:.4f}, "
+    print(f"{name}: chunk {chunk + 1}, {ran} generations in {seconds:.0f} s, KL {log['final_kl']:.4f}, "
           f"{log['achieved_bits_per_weight']:.4f} bits per weight")
 
 
