@@ -269,3 +269,20 @@ def test_forward_with_autograd_on():
     out.float().pow(2).mean().backward()
     assert model.model.layers[0].self_attn.v_proj.weight.grad.abs().sum() > 0
     assert not any(t.requires_grad for layer in cache.layers for s in layer.compressed.values() for t in s.values())
+
+
+def test_ablation_switches_on_a_model():
+    """Each switch does what it says through a real forward: 2-bit logits get closer to the full
+    cache's with outliers, closer still with the low-rank residual, closest with both; memory
+    moves the other way."""
+    model = llama_gqa(seed=1)
+    ids = inputs(batch=2, seq=96, seed=1)
+    with torch.no_grad():
+        ref = model(ids).logits
+    sq, nb = {}, {}
+    for name, kw in {"quant": dict(rank=0, outlier_ratio=0.0), "outliers": dict(rank=0, outlier_ratio=0.02),
+                     "lowrank": dict(rank=4, outlier_ratio=0.0), "gear": dict(rank=4, outlier_ratio=0.02)}.items():
+        cache = hfcompress.GEARCache(bits=2, group_size=16, buffer_size=16, **kw)
+        sq[name], nb[name] = sqnr_db(ref, feed(model, ids, cache, 8)), cache.nbytes()
+    assert sq["quant"] + 0.5 < sq["outliers"] < sq["gear"] and sq["quant"] + 2 < sq["lowrank"] < sq["gear"]
+    assert nb["quant"] < nb["outliers"] < nb["gear"] and nb["quant"] < nb["lowrank"] < nb["gear"]
