@@ -220,9 +220,10 @@ def test_kernels_cpu_eager_call_skips_the_dispatcher_but_not_autograd():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", [(4, 32, False, False, 70, 96), (4, 64, True, False, 64, 576),
-                                  (4, -1, False, False, 40, 160), (4, 128, False, False, 48, 320)], ids=_id)
+                                  (4, -1, False, False, 40, 160), (4, 128, False, False, 48, 320),
+                                  (4, 64, False, True, 64, 192), (4, 32, True, True, 48, 96)], ids=_id)
 def test_kernels_cpu_prefill_rows_take_the_dense_path(case, dtype):
-    """Many rows (prefill): 4-bit layers without act-order unpack their bf16 weight from the stored
+    """Many rows (prefill): 4-bit layers (act-order too) unpack their bf16 weight from the stored
     words and run a dense matmul; same tolerance against the reference as the int4 op."""
     import hfcompress.kernels.cpu as cpu
 
@@ -237,7 +238,10 @@ def test_kernels_cpu_prefill_rows_take_the_dense_path(case, dtype):
     assert sqnr_db(ref, y.float()) >= CPU_MIN_SQNR_DB
     if not ragged:  # the unpacked weight is the dequantized weight, rounded once to bf16
         w = cpu._dense_bf16(layer.weight, prep[-1], case[-1])
-        torch.testing.assert_close(w, layer.dequantize(torch.float32).bfloat16(), rtol=0, atol=0)
+        expected = layer.dequantize(torch.float32)
+        if prep[4] is not None:  # act-order: columns in group order, as the activations are permuted
+            expected = expected[:, prep[4]]
+        torch.testing.assert_close(w, expected.bfloat16(), rtol=0, atol=0)
         few = x[:, :3]  # few rows: the int4 op, a different kernel with the same numbers up to rounding
         assert sqnr_db(int_group_mm_ref(*_args(layer, few.float())), int_group_mm_cpu(*_args(layer, few)).float()) \
             >= CPU_MIN_SQNR_DB

@@ -7,7 +7,7 @@
   A group size that is a multiple of 32 (or per-channel) maps onto sub-groups of 32..256 with
   repeated scales; act-order layers whose ``g_idx`` sorts into equal contiguous groups permute
   the activations instead of the weight.
-- 4-bit without act-order, from ``DENSE_MIN_ROWS`` rows on (prefill, perplexity windows): the
+- 4-bit, from ``DENSE_MIN_ROWS`` rows on (prefill, perplexity windows): the
   layer's bf16 weight is unpacked from the stored words on the fly and a dense bf16 matmul runs
   (the native int4 op is compute-bound there; nothing is cached, memory stays at 4 bits).
 - 8-bit, one group per output channel, K % 16 == 0: ``aten._weight_int8pack_mm`` on ``q - 128`` (int8)
@@ -95,10 +95,13 @@ def _prepare_int4(qweight, scale, qzero, g_idx, group_size, sym, k, bits=4):
     else:
         z = _unpack(qzero, bits, n).t().to(torch.float32)[:, group_of_sub]  # [N, K/sub]
     dense = None
-    if bits == 4 and perm is None and k % gs == 0:  # what the prefill path needs (see _dense_bf16)
+    if bits == 4 and k % gs == 0:  # what the prefill path needs (see _dense_bf16)
         s_g = scale.to(torch.float32)  # [N, G]
         z_g = torch.full_like(s_g, 8.0) if sym else _unpack(qzero, bits, n).t().to(torch.float32)  # [N, G]
-        dense = (s_g.unsqueeze(-1).contiguous(), z_g.unsqueeze(-1).contiguous(), gs)  # [N, G, 1] each
+        if g_idx is None:
+            dense = (s_g.unsqueeze(-1).contiguous(), z_g.unsqueeze(-1).contiguous(), gs, None)  # [N, G, 1] each
+        else:  # act-order: columns sorted by group (perm), so the weight comes out in x[:, perm] order
+            dense = (s_g.unsqueeze(-1).contiguous(), z_g.unsqueeze(-1).contiguous(), gs, perm)
     pad = -n % 16  # the packing op wants N % 16 == 0: pad with zero-scale rows, sliced off after
     codes = torch.nn.functional.pad(codes, (0, 0, 0, pad))
     s, c = torch.nn.functional.pad(s, (0, 0, 0, pad)), torch.nn.functional.pad((8.0 - z) * s, (0, 0, 0, pad))
@@ -112,14 +115,16 @@ DENSE_MIN_ROWS = 256  # from this many rows (prefill, perplexity windows) the de
 
 
 def _dense_bf16(qweight: torch.Tensor, dense: tuple, k: int) -> torch.Tensor:
-    """The bf16 weight ``[N, K]`` of a 4-bit layer without act-order, unpacked straight from the
+    """The bf16 weight ``[N, K]`` of a 4-bit layer, unpacked straight from the
     stored words: ``(q - z) * s`` per group, in fp32 as the reference computes it, rounded once to bf16 (about 1 ms for 0.9 M
     weights, where the generic reference unpacking takes about 9). With many rows the native int4
     matmul is slower than this unpacking plus a dense bf16 matmul (2x at 512 rows)."""
-    s, z, gs = dense  # [N, G, 1] scales and zero points
+    s, z, gs, perm = dense  # [N, G, 1] scales and zero points; act-order: the column order by group
     n = qweight.shape[0]
-    codes = (qweight.unsqueeze(-1) >> _SHIFTS) & 0xF  # [N, K/8, 8]: code i is bits 4i..4i+3 of the row
-    codes = codes.view(n, k // gs, gs).to(torch.float32)  # [N, G, gs]
+    codes = ((qweight.unsqueeze(-1) >> _SHIFTS) & 0xF).view(n, k).to(torch.float32)  # code i: bits 4i..4i+3
+    if perm is not None:  # act-order: columns in group order (the caller permutes x the same way)
+        codes = codes.index_select(1, perm)
+    codes = codes.view(n, k // gs, gs)  # [N, G, gs]
     return ((codes - z) * s).view(n, k).to(torch.bfloat16)  # the reference's fp32 numbers, rounded once
 
 
@@ -176,11 +181,11 @@ def int_group_mm_cpu(x, qweight, scale, qzero, g_idx, bias, bits, group_size, sy
     x2 = x.reshape(-1, in_features)
     if prep[0] == "int4":
         _, packed, scale_zero, sub, perm, n, dense = prep
+        if perm is not None:
+            x2 = x2[:, perm]
         if dense is not None and x2.shape[0] >= DENSE_MIN_ROWS:
             y = torch.matmul(x2.to(torch.bfloat16), _dense_bf16(qweight, dense, in_features).t())
         else:
-            if perm is not None:
-                x2 = x2[:, perm]
             y = _INT4_MM(x2.to(torch.bfloat16).contiguous(), packed, sub, scale_zero)
             if y.shape[-1] != n:
                 y = y[:, :n]
