@@ -324,8 +324,9 @@ class BlockStep:
 
         # a group of layers that read one tensor (q/k/v, gate/up: sequential_groups' probe) needs the
         # first one's input only: the forward stops before the first of them runs
-        shared = names[0] if len(names) > 1 and names in self.sequential_groups() else None
-        tails = set(self.tail_layers().values()) & wanted  # their inputs are kept for later replays
+        shared = names[0] if len(names) > 1 and self._groups is not None and names in self._groups else None
+        # the inputs of tail layers are kept for later replays (only once some layers are final)
+        tails = set(self.tail_layers().values()) & wanted if self._final else set()
         kept: dict[str, list] = {}
         cur = [0]  # index of the input being run
 
@@ -415,13 +416,15 @@ class BlockStep:
 
             handles = [self.module(n).register_forward_hook(on_linear(n)) for n in linear]
             handles += [c.register_forward_hook(on_child(n)) for n, c in self.block.named_children()]
+            self._tails = {}
             try:
                 with torch.no_grad():
                     self.block(self.inputs[0][:1], *self.args[0], **_first_row(self.kwargs[0]))
+            except Exception:  # a block that cannot run on one row: no shortcut (everything recomputed)
+                got.clear()
             finally:
                 for h in handles:
                     h.remove()
-            self._tails = {}
             for name, out in got.items():
                 if isinstance(out, (tuple, list)) and out and all(o is None for o in out[1:]):
                     structure, y = type(out), out[0]
