@@ -197,7 +197,7 @@ def _perplexities(model, evals) -> dict:
 def _sizes(path: str) -> dict:
     """Stored bits per weight over every linear layer the search allocates (float-kept ones at
     their stored 16 bits, scales/zeros counted) and the checkpoint's size on disk."""
-    from hfcompress.inspect import read_safetensors_header, summarize
+    from hfcompress.inspect import _linear_shapes, read_safetensors_header, summarize
 
     s = summarize(path)
     header = {}
@@ -205,7 +205,9 @@ def _sizes(path: str) -> dict:
     for f in files:
         header.update(read_safetensors_header(os.path.join(path, f)))
     q = s.quantization_config or {}
-    kept = [n for n in (q.get("modules_to_not_convert") or []) if n != "lm_head" and f"{n}.weight" in header]
+    linears = _linear_shapes(path)  # float-kept *linear* layers the search allocated (not embeddings, lm_head)
+    kept = [n for n in (q.get("modules_to_not_convert") or []) if n in linears and n != "lm_head"
+            and f"{n}.weight" in header]
     bits = sum(lay.stored_bits for lay in s.layers)
     n = sum(lay.in_features * lay.out_features for lay in s.layers)
     for k in kept:
@@ -220,6 +222,16 @@ def _generations(name: str) -> int | None:
     """Generations searched so far for an EvoPress entry (its cached search log), else None."""
     log = os.path.join(CACHE, f"{name}.log.json")
     return len(json.load(open(log))["log"]) if name.startswith("evopress") and os.path.isfile(log) else None
+
+
+def step_sizes(args) -> None:
+    """Recompute the size columns of every measured entry from its cached checkpoint."""
+    data = json.load(open(RESULTS))
+    for name, row in data.get("entries", {}).items():
+        if name != "fp32" and os.path.isdir(os.path.join(CACHE, name)):
+            row.update(_sizes(os.path.join(CACHE, name)))
+    with open(RESULTS, "w") as f:
+        json.dump(data, f, indent=1)
 
 
 def step_eval(args) -> None:
@@ -323,11 +335,13 @@ def main() -> None:
     e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="compute dtype of every entry (bf16: the checkpoint's own, 2.5x faster on this CPU)")
     sub.add_parser("table")
+    sub.add_parser("sizes")
     args = p.parse_args()
     if args.step == "table":
         print(table())
         return
-    {"db": step_db, "baselines": step_baselines, "search": step_search, "eval": step_eval}[args.step](args)
+    {"db": step_db, "baselines": step_baselines, "search": step_search, "eval": step_eval,
+     "sizes": step_sizes}[args.step](args)
 
 
 if __name__ == "__main__":
