@@ -53,3 +53,16 @@ def test_quality_notebook_runs_on_a_tiny_model(tmp_path, monkeypatch):
     assert any("image/png" in o.get("data", {}) for o in outs)
     table = next(o["data"]["text/markdown"] for o in outs if "text/markdown" in o.get("data", {}))
     assert table.count("\n| rtn |") == 4 and table.count("\n| gptq |") == 4 and "| float (" in table
+
+
+def test_adapters_notebook_runs_without_a_hub(tmp_path, monkeypatch):
+    """The default path (nothing pushed: base and adapter go through local folders) runs too; its
+    card has no Hub base to link (it failed on that once, on the real model)."""
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(os.path.join(ROOT, "adapters.ipynb"), as_version=4)
+    monkeypatch.setenv("HFCOMPRESS_NOTEBOOK_MODEL", "tiny")
+    monkeypatch.delenv("HFCOMPRESS_NOTEBOOK_PUSH", raising=False)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    text = _text(nb)
+    assert "push to a Hub: False" in text and "adapter round trip bit-identical: True" in text
