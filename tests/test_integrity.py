@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import struct
+import time
 
 import pytest
 import torch
@@ -235,3 +236,35 @@ def test_integrity_killed_save_temp_folders_cleaned_by_next_save(tmp_path):
         os.close(fd)
     assert clean_stale_(d) == [str(live)]
     assert verify(d).ok
+
+
+def test_integrity_save_temp_folder_is_locked_before_clean_up_can_see_it(tmp_path, monkeypatch):
+    """A save's temporary folder is made under a ``.new`` name the clean-up leaves alone while young,
+    locked, then renamed to ``.tmp``: a concurrent save's clean-up never finds it unlocked. An
+    unlocked ``.new`` folder older than a minute (a save killed in that instant) is removed."""
+    from hfcompress.hub import atomic
+
+    d = tmp_path / "ckpt"
+    young = tmp_path / ".ckpt.abc.new"
+    young.mkdir()
+    old = tmp_path / ".ckpt.def.new"
+    old.mkdir()
+    past = time.time() - 2 * atomic._NEW_STALE_S
+    os.utime(old, (past, past))
+    assert atomic.clean_stale_(d) == [str(old)]
+    assert young.is_dir()
+
+    seen = {}
+    real_rename = os.rename
+
+    def spy(src, dst):  # a concurrent clean-up at the moment of the rename: the folder is locked
+        if str(src).endswith(atomic._NEW):
+            seen["locked"] = atomic._try_lock(src) is None
+            seen["cleaned"] = atomic.clean_stale_(d)
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(atomic.os, "rename", spy)
+    atomic.atomic_save(d, lambda tmp: open(os.path.join(tmp, "a.txt"), "w").write("x"))
+    assert seen == {"locked": True, "cleaned": []}
+    assert (d / "a.txt").read_text() == "x"
+    assert young.is_dir()  # still young: not ours to remove

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from typing import Callable
 
 from .card_data import ORIGINAL_CARD
@@ -22,6 +23,10 @@ from .cards import is_generated_card
 _WEIGHT_FILE = re.compile(
     r"^(model|pytorch_model|tf_model|flax_model|adapter_model)(-\d{5}-of-\d{5})?"
     r"\.(safetensors|bin|h5|msgpack|pt)(\.index\.json)?$|\.(safetensors|bin)\.index\.json$")
+
+
+_NEW = ".new"  # suffix of a temporary directory in the instant before its writer locks it
+_NEW_STALE_S = 60.0  # an unlocked ``.new`` directory older than this was left by a killed save
 
 
 def _exchange(a: str, b: str) -> bool:
@@ -87,11 +92,18 @@ def clean_stale_(directory: str | os.PathLike) -> list[str]:
     except OSError:
         return removed
     for entry in entries:
-        if not (entry.startswith(f".{name}.") and entry.endswith(".tmp")):
+        young = entry.endswith(_NEW)  # made by a save that may not have locked it yet
+        if not (entry.startswith(f".{name}.") and (entry.endswith(".tmp") or young)):
             continue
         path = os.path.join(parent, entry)
         if not os.path.isdir(path) or os.path.islink(path):
             continue
+        if young:
+            try:
+                if time.time() - os.stat(path).st_mtime < _NEW_STALE_S:
+                    continue
+            except OSError:
+                continue
         fd = _try_lock(path)
         if fd is None:
             continue  # a save in progress
@@ -119,8 +131,18 @@ def atomic_save(directory: str | os.PathLike, write: Callable[[str], None],
     parent, name = os.path.split(directory)
     os.makedirs(parent, exist_ok=True)
     clean_stale_(directory)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
-    lock = _try_lock(tmp)  # held until the swap: a concurrent save's clean-up leaves this one alone
+    # Made under a name the clean-up above ignores while young, locked, and only then renamed to
+    # its ``.tmp`` name: a concurrent save's clean-up never sees it unlocked.
+    fresh = tempfile.mkdtemp(prefix=f".{name}.", suffix=_NEW, dir=parent)
+    lock = _try_lock(fresh)  # held until the swap: a concurrent save's clean-up leaves this one alone
+    tmp = fresh[: -len(_NEW)] + ".tmp"
+    try:
+        os.rename(fresh, tmp)
+    except OSError:
+        if lock is not None:
+            os.close(lock)
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise
     try:
         return _write_and_swap(directory, tmp, write, finish)
     finally:
