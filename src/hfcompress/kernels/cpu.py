@@ -29,6 +29,7 @@ import weakref
 
 import torch
 
+from .bitstream import unpack_stream
 from .cache_key import tensor_versions as _versions
 
 _SUBGROUPS = (256, 128, 64, 32)
@@ -61,17 +62,8 @@ def available() -> bool:
 
 
 def _unpack(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
-    """int32 bit streams ``[R, ceil(L/32)*bits]`` -> int32 codes ``[R, L]``. Code ``i`` of a row
-    starts at bit ``i*bits`` of the row's stream; 3-bit codes may straddle two words."""
-    words = packed.to(torch.int64) & 0xFFFFFFFF  # [R, W] as unsigned
-    pos = torch.arange(length, dtype=torch.int64) * bits  # [L] first bit of each code
-    word, offset = pos // 32, pos % 32
-    val = words[:, word] >> offset
-    if 32 % bits:
-        spill = offset + bits > 32
-        nxt = torch.clamp(word + 1, max=words.shape[1] - 1)
-        val = torch.where(spill, val | (words[:, nxt] << (32 - offset)), val)
-    return (val & ((1 << bits) - 1)).to(torch.int32)
+    """int32 bit streams ``[R, ceil(L/32)*bits]`` -> int32 codes ``[R, L]``."""
+    return unpack_stream(packed, bits, length).to(torch.int32)
 
 
 def _prepare_int4(qweight, scale, qzero, g_idx, group_size, sym, k, bits=4):

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .bitstream import unpack_stream as _unpack_stream
 from .cache_key import tensor_versions as _versions
 
 K_ALIGN = 256  # codes per row are padded to a multiple of this
@@ -97,19 +98,6 @@ def block_width(bits: int, sg: int) -> int:
     four words stay in one block and the tile is at most 128 columns."""
     per = 32 // (2 if bits == 3 else bits)
     return min(max(sg, 4 * per), 128)
-
-
-def _unpack_stream(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
-    """v1 bit stream int32 ``[R, ceil(L/32)*bits]`` -> int64 codes ``[R, L]`` (any device)."""
-    words = packed.to(torch.int64) & 0xFFFFFFFF
-    pos = torch.arange(length, dtype=torch.int64, device=packed.device) * bits
-    word, offset = pos // 32, pos % 32
-    val = words[:, word] >> offset
-    if 32 % bits:
-        spill = offset + bits > 32
-        nxt = torch.clamp(word + 1, max=words.shape[1] - 1)
-        val = torch.where(spill, val | (words[:, nxt] << (32 - offset)), val)
-    return val & ((1 << bits) - 1)
 
 
 def _pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
