@@ -82,6 +82,18 @@ def _try_lock(path: str) -> int | None:
     return fd
 
 
+def remove_if_unlocked(path: str) -> bool:
+    """Remove the directory ``path`` unless a live process holds it locked; True if removed."""
+    fd = _try_lock(path)
+    if fd is None:
+        return False
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    finally:
+        os.close(fd)
+    return True
+
+
 def clean_stale_(directory: str | os.PathLike) -> list[str]:
     """Remove the temporary directories that killed saves to ``directory`` left beside it (those
     no live writer holds locked). Returns the removed paths."""
@@ -104,14 +116,8 @@ def clean_stale_(directory: str | os.PathLike) -> list[str]:
                     continue
             except OSError:
                 continue
-        fd = _try_lock(path)
-        if fd is None:
-            continue  # a save in progress
-        try:
-            shutil.rmtree(path, ignore_errors=True)
+        if remove_if_unlocked(path):  # else: a save in progress
             removed.append(path)
-        finally:
-            os.close(fd)
     return removed
 
 

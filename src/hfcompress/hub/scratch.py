@@ -20,7 +20,7 @@ import tempfile
 import time
 from typing import Callable, Iterator
 
-from .atomic import _try_lock
+from .atomic import _try_lock, remove_if_unlocked
 
 PREFIX = "hfcompress-"
 SUFFIX = ".scratch"
@@ -51,14 +51,8 @@ def clean_stale_scratch() -> list[str]:
             continue
         if not public and now - st.st_mtime < _NEW_STALE_S:
             continue
-        fd = _try_lock(path)
-        if fd is None:
-            continue  # in use
-        try:
-            shutil.rmtree(path, ignore_errors=True)
+        if remove_if_unlocked(path):  # else: in use
             removed.append(path)
-        finally:
-            os.close(fd)
     return removed
 
 
