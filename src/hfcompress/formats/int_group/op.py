@@ -17,20 +17,9 @@ from .reference import dequantize, int_group_mm_ref
 from .spec import IntGroupSpec
 
 
-@torch.library.custom_op("hfcompress::int_group_mm", mutates_args=())
-def int_group_mm(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scale: torch.Tensor,
-    qzero: torch.Tensor | None,
-    g_idx: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-    sym: bool,
-    in_features: int,
-) -> torch.Tensor:
-    return int_group_mm_ref(x, qweight, scale, qzero, g_idx, bias, bits, group_size, sym, in_features)
+#: the op itself: the reference is its default implementation (same signature, the schema is read
+#: from the reference's annotations)
+int_group_mm = torch.library.custom_op("hfcompress::int_group_mm", int_group_mm_ref, mutates_args=())
 
 
 @int_group_mm.register_fake
