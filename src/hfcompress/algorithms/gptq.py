@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 
 from ..formats.int_group import IntGroupSpec
-from .grid import fit_grid
+from .grid import fit_grid, search_grid
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -57,7 +57,10 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, spec: IntGroupSpec, damp: float 
     scales = torch.zeros(n, n_groups, device=W.device)
     zeros = torch.zeros(n, n_groups, device=W.device)
     if static_groups or spec.group_size == -1:
-        static = [fit_grid(W[:, j * g:(j + 1) * g], spec.bits, spec.sym, mse_clip=mse_clip) for j in range(n_groups)]
+        # (weighted by diag(H): no column is quantized yet, so no conditional inverse applies)
+        h_diag = torch.diag(H)
+        static = [group_grid(W[:, j * g:(j + 1) * g], h_diag[j * g:(j + 1) * g].rsqrt(), spec, mse_clip)
+                  for j in range(n_groups)]
         for j, (s_j, z_j) in enumerate(static):
             scales[:, j], zeros[:, j] = s_j, z_j
 
@@ -99,7 +102,7 @@ def _column_loop_(W, U, codes, scales, zeros, col_group, perm, static, spec, g, 
                 scale, zero = static[grp]
             elif col % g == 0:                # a new group starts (i == 0): fit its grid on current values
                 grp = col // g
-                scale, zero = fit_grid(W[:, col:col + g], spec.bits, spec.sym, mse_clip=mse_clip)
+                scale, zero = group_grid(W[:, col:col + g], U.diagonal()[col:col + g], spec, mse_clip)
                 scales[:, grp], zeros[:, grp] = scale, zero
             col_group[col] = grp
             w = W1[:, i]                                             # [N]
@@ -109,6 +112,16 @@ def _column_loop_(W, U, codes, scales, zeros, col_group, perm, static, spec, g, 
             W1[:, i:].addr_(err, U1[i, i:], alpha=-1)                # spread it over the block's rest
             E1[:, i] = err
         W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1)                # lazy batch update of later columns
+
+
+def group_grid(Wg: torch.Tensor, u_diag: torch.Tensor, spec: IntGroupSpec, mse_clip: bool):
+    """Grid of one group ``Wg [N, g]`` (current, error-updated values). With ``mse_clip`` (asymmetric),
+    the searched grid minimising ``sum_j (w_j - w_q,j)^2 / [H^-1]_jj``: quantizing column j with error
+    ``d`` raises GPTQ's objective by ``d^2 / [H^-1]_jj`` (``[H^-1]_jj = u_diag[j]^2``, the diagonal
+    of the Cholesky factor of the inverse Hessian over the columns not yet quantized)."""
+    if not mse_clip or spec.sym:
+        return fit_grid(Wg, spec.bits, spec.sym, mse_clip=mse_clip)
+    return search_grid(Wg, spec.bits, importance=(1.0 / u_diag.square())[None, :])
 
 
 @contextmanager

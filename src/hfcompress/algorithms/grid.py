@@ -70,3 +70,69 @@ def fit_grid(w: torch.Tensor, bits: int, sym: bool, mse_clip: bool = False, mask
         best_scale = torch.where(better, s, best_scale)
         best_zero = torch.where(better, z, best_zero)
     return best_scale, best_zero
+
+
+def _grid_error(w, scale, zero, bits, importance, p):
+    """``sum_j d_j |w_j - w_q,j|^p`` per row of ``w [..., R, g]`` on grids ``scale, zero [..., R]``."""
+    q = torch.clamp(torch.round(w / scale[..., None]) + zero[..., None], 0, (1 << bits) - 1)
+    r = (q - zero[..., None]) * scale[..., None] - w
+    r = r * r if p == 2.0 else r.abs().pow(p)
+    return (r * importance).sum(dim=-1)
+
+
+def search_grid(w: torch.Tensor, bits: int, importance: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                p: float = 2.0, shrink: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85), refine: int = 2):
+    """Asymmetric grid for ``w [R, g]`` (fp32) with an integer zero, minimising
+    ``sum_j d_j |w_j - (q_j - z) s|^p`` per row (``d = importance [R, g]`` or ``[g]``, ones if None).
+
+    1. candidates: the min-max grid, and for each range ``r * [lo, hi]`` (``r`` in ``shrink``) the
+       two integer zeros next to ``-lo / s`` with the least scale whose grid covers the range;
+       each row keeps its best;
+    2. ``refine`` alternating steps (Lloyd on a uniform grid, half-quadratic for ``p < 2``): with
+       the codes fixed, the (``|r|^(p-2)``-reweighted) least-squares scale, then the best integer
+       zero; a row keeps a step only if its error drops.
+    Scales are rounded to the stored fp16 before every evaluation. Returns ``scale, zero [R]``.
+    """
+    w = w.to(torch.float32)
+    maxq = (1 << bits) - 1
+    d = torch.ones_like(w) if importance is None else importance.to(torch.float32).expand_as(w)
+    if mask is not None:
+        d = d * mask
+        big = torch.finfo(torch.float32).max
+        lo = torch.where(mask, w, big).min(dim=1).values
+        hi = torch.where(mask, w, -big).max(dim=1).values
+    else:
+        lo, hi = w.min(dim=1).values, w.max(dim=1).values
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # an integer zero in [0, maxq] puts 0 on every grid
+    best_s, best_z = _minmax_grid(lo, hi, bits, sym=False)
+    best_e = _grid_error(w, best_s, best_z, bits, d, p)
+    # [C, R] candidates: shrunk ranges, both integer zeros around the continuous one
+    r = torch.tensor(shrink, dtype=torch.float32, device=w.device)[:, None]      # [S, 1]
+    lo_r, hi_r = lo[None] * r, hi[None] * r                                        # [S, R]
+    z_real = -lo_r / ((hi_r - lo_r) / maxq).clamp(min=torch.finfo(torch.float32).tiny)
+    z = torch.cat([z_real.floor(), z_real.ceil()]).clamp(0, maxq)                  # [C, R]
+    lo_r, hi_r = torch.cat([lo_r, lo_r]), torch.cat([hi_r, hi_r])
+    s = torch.maximum(torch.where(z > 0, -lo_r / z.clamp(min=1), 0.0),
+                      torch.where(z < maxq, hi_r / (maxq - z).clamp(min=1), 0.0))
+    s = _round_scale(s)
+    for c in range(z.shape[0]):  # one candidate at a time: [R, g] temporaries only
+        e = _grid_error(w, s[c], z[c], bits, d, p)
+        better = e < best_e
+        best_e = torch.where(better, e, best_e)
+        best_s = torch.where(better, s[c], best_s)
+        best_z = torch.where(better, z[c], best_z)
+    for _ in range(refine):
+        q = quantize_to_codes(w, best_s, best_z, bits)
+        c = q - best_z[:, None]                                                    # [R, g] integer levels
+        dd = d
+        if p != 2.0:  # half-quadratic / IRLS weight of an L_p residual
+            res = (c * best_s[:, None] - w).abs().clamp(min=1e-3 * best_s[:, None])
+            dd = d * res.pow(p - 2.0)
+        s_new = _round_scale((dd * w * c).sum(1) / (dd * c * c).sum(1).clamp(min=1e-30))
+        z_new = torch.round((dd * (q - w / s_new[:, None])).sum(1) / dd.sum(1).clamp(min=1e-30)).clamp(0, maxq)
+        e = _grid_error(w, s_new, z_new, bits, d, p)
+        better = e < best_e
+        best_e = torch.where(better, e, best_e)
+        best_s = torch.where(better, s_new, best_s)
+        best_z = torch.where(better, z_new, best_z)
+    return best_s, best_z
