@@ -73,11 +73,14 @@ def fit_grid(w: torch.Tensor, bits: int, sym: bool, mse_clip: bool = False, mask
 
 
 def _grid_error(w, scale, zero, bits, importance, p):
-    """``sum_j d_j |w_j - w_q,j|^p`` per row of ``w [..., R, g]`` on grids ``scale, zero [..., R]``."""
-    q = torch.clamp(torch.round(w / scale[..., None]) + zero[..., None], 0, (1 << bits) - 1)
-    r = (q - zero[..., None]) * scale[..., None] - w
-    r = r * r if p == 2.0 else r.abs().pow(p)
-    return (r * importance).sum(dim=-1)
+    """``sum_j d_j |w_j - w_q,j|^p`` per row of ``w [R, g]`` on grids ``scale, zero [R]`` (``d``:
+    ``importance [R, g]``, or None for ones). In place on one temporary: this runs per candidate."""
+    s, z = scale[:, None], zero[:, None]
+    r = torch.div(w, s).round_().add_(z).clamp_(0, (1 << bits) - 1).sub_(z).mul_(s).sub_(w)
+    r = r.square_() if p == 2.0 else r.abs_().pow_(p)
+    if importance is not None:
+        r.mul_(importance)
+    return r.sum(dim=-1)
 
 
 def search_grid(w: torch.Tensor, bits: int, importance: torch.Tensor | None = None, mask: torch.Tensor | None = None,
@@ -95,9 +98,9 @@ def search_grid(w: torch.Tensor, bits: int, importance: torch.Tensor | None = No
     """
     w = w.to(torch.float32)
     maxq = (1 << bits) - 1
-    d = torch.ones_like(w) if importance is None else importance.to(torch.float32).expand_as(w)
+    d = None if importance is None else importance.to(torch.float32).expand_as(w)
     if mask is not None:
-        d = d * mask
+        d = mask.to(torch.float32) if d is None else d * mask
         big = torch.finfo(torch.float32).max
         lo = torch.where(mask, w, big).min(dim=1).values
         hi = torch.where(mask, w, -big).max(dim=1).values
@@ -124,10 +127,10 @@ def search_grid(w: torch.Tensor, bits: int, importance: torch.Tensor | None = No
     for _ in range(refine):
         q = quantize_to_codes(w, best_s, best_z, bits)
         c = q - best_z[:, None]                                                    # [R, g] integer levels
-        dd = d
+        dd = torch.ones_like(w) if d is None else d
         if p != 2.0:  # half-quadratic / IRLS weight of an L_p residual
             res = (c * best_s[:, None] - w).abs().clamp(min=1e-3 * best_s[:, None])
-            dd = d * res.pow(p - 2.0)
+            dd = dd * res.pow(p - 2.0)
         s_new = _round_scale((dd * w * c).sum(1) / (dd * c * c).sum(1).clamp(min=1e-30))
         z_new = torch.round((dd * (q - w / s_new[:, None])).sum(1) / dd.sum(1).clamp(min=1e-30)).clamp(0, maxq)
         e = _grid_error(w, s_new, z_new, bits, d, p)
