@@ -10,7 +10,9 @@ zeroed (exact: a zeroed input column contributes nothing whatever its scale). Th
 is ``(q - 8) * s + c`` per group, ours ``(q - z) * s``, so ``c = (8 - z) * s``. Like int_group's
 CPU path this multiplies in bf16 (fp32 activations only with ``set_cpu_fast_path("always")``);
 the two halves and the outliers are summed in fp32, or in bf16 for bf16 activations (as a bf16
-model's reference computes). Re-packed once per layer into a cache keyed by the packed
+model's reference computes). A single input row (decoding) takes the same steps on 1-D views
+(``index_select`` / ``index_add`` on vectors cost about half their 2-D forms at this size).
+Re-packed once per layer into a cache keyed by the packed
 tensor (``state_dict`` never sees it). Covers ``group_size`` 16 or any multiple of 32 with
 ``K % 32 == 0``; anything else returns ``None`` (the reference runs).
 """
@@ -52,6 +54,7 @@ class _Prepared:
     packed: torch.Tensor                 # int4pack of the codes [N+pad, K] (stored column order)
     scale_zeros: tuple                   # per int4 call: [K/sub, N+pad, 2] bf16 (s, (8 - z) * s)
     masks: torch.Tensor | None           # [calls, 1, K] bf16: the input columns each call sees (16-wide groups)
+    masks_1d: torch.Tensor | None        # the same [calls, K]
     sub: int                             # the int4 op's group size
     perm: torch.Tensor | None            # [K] long: stored column j reads input column perm[j]
     rows: torch.Tensor                   # [nnz] long: output row of each outlier
@@ -88,7 +91,7 @@ def _prepare(qweight, qzero, scale_code, scale_scale, scale_zero, perm, ptr, col
         sub = next(x for x in (256, 128, 64, 32) if gs % x == 0 and k % x == 0)
         group_of_sub = torch.arange(0, k, sub) // gs
         halves, masks = (scale_zeros(s[:, group_of_sub], z[:, group_of_sub]),), None
-    return _Prepared(packed, halves, masks, sub, None if perm is None else perm.long(),
+    return _Prepared(packed, halves, masks, None if masks is None else masks[:, 0].contiguous(), sub, None if perm is None else perm.long(),
                      outlier_rows(ptr), col.long(), val.to(torch.float32), val.to(torch.bfloat16), n)
 
 
@@ -123,11 +126,14 @@ def spqr_mm_cpu(x, qweight, qzero, scale_code, scale_scale, scale_zero, perm, ou
                      bits, group_size, stat_bits, stat_group_size, in_features)
     if prep is None:
         return None
+    bf16 = x.dtype == torch.bfloat16  # a bf16 model sums in bf16 (as its reference does), others in fp32
+    n = prep.n
+    if x.numel() == in_features:  # one row (decoding): 1-D gathers, cheaper than their 2-D forms
+        return _one_row(x, prep, bias, mm, bf16)
     x2 = x.reshape(-1, in_features)
     if prep.perm is not None:
         x2 = x2.index_select(1, prep.perm)                             # stored column order
     xb = x2.to(torch.bfloat16)
-    bf16 = x.dtype == torch.bfloat16  # a bf16 model sums in bf16 (as its reference does), others in fp32
     if prep.masks is None:
         y = mm(xb.contiguous(), prep.packed, prep.sub, prep.scale_zeros[0])
         y = y if bf16 else y.to(torch.float32)
@@ -136,7 +142,6 @@ def spqr_mm_cpu(x, qweight, qzero, scale_code, scale_scale, scale_zero, perm, ou
         y = mm(xab[0], prep.packed, prep.sub, prep.scale_zeros[0])
         y = y if bf16 else y.to(torch.float32)
         y += mm(xab[1], prep.packed, prep.sub, prep.scale_zeros[1])
-    n = prep.n
     if y.shape[-1] != n:
         y = y[:, :n]
     if prep.vals.numel():                                              # outliers: y[:, r] += v * x[:, c]
@@ -145,3 +150,29 @@ def spqr_mm_cpu(x, qweight, qzero, scale_code, scale_scale, scale_zero, perm, ou
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y.reshape(*x.shape[:-1], n)
+
+
+def _one_row(x, prep: _Prepared, bias, mm, bf16: bool):
+    """:func:`spqr_mm_cpu` for a single input row: the same operations on 1-D views."""
+    x1 = x.reshape(-1)                                                 # [K]
+    if prep.perm is not None:
+        x1 = x1.index_select(0, prep.perm)                             # stored column order
+    xb = x1 if bf16 else x1.to(torch.bfloat16)
+    if prep.masks is None:
+        y = mm(xb.view(1, -1), prep.packed, prep.sub, prep.scale_zeros[0])
+        y = y if bf16 else y.to(torch.float32)
+    else:
+        xab = xb * prep.masks_1d                                       # [2, K]
+        y = mm(xab[:1], prep.packed, prep.sub, prep.scale_zeros[0])
+        y = y if bf16 else y.to(torch.float32)
+        y += mm(xab[1:], prep.packed, prep.sub, prep.scale_zeros[1])
+    y1 = y.view(-1)
+    if y1.shape[0] != prep.n:
+        y1 = y1[:prep.n]
+    if prep.vals.numel():
+        y1 = y1.index_add(0, prep.rows, x1.index_select(0, prep.cols) * (prep.vals_bf16 if bf16 else prep.vals))
+    if not bf16:
+        y1 = y1.to(x.dtype)
+    if bias is not None:
+        y1 = y1 + bias.to(x.dtype)
+    return y1.view(*x.shape[:-1], prep.n)

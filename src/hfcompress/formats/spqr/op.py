@@ -73,13 +73,20 @@ spqr_mm.register_autograd(_backward, setup_context=_setup_context)
 BACKENDS = DeviceBackends(spqr_mm, spqr_mm_ref)
 
 
-def _cpu_impl(*args):
-    from ...ops.backends import cpu_fast_path_serves
-    from .cpu import spqr_mm_cpu
+_CPU = None  # (cpu_fast_path_serves, spqr_mm_cpu), imported on the first CPU call (not at import time)
 
-    if not cpu_fast_path_serves(args[0].dtype):  # fp32 models included (no 50x cliff), "off": the reference
+
+def _cpu_impl(*args):
+    global _CPU
+    if _CPU is None:
+        from ...ops.backends import cpu_fast_path_serves
+        from .cpu import spqr_mm_cpu
+
+        _CPU = (cpu_fast_path_serves, spqr_mm_cpu)
+    serves, impl = _CPU
+    if not serves(args[0].dtype):  # fp32 models included (no 50x cliff), "off": the reference
         return None
-    return spqr_mm_cpu(*args)
+    return impl(*args)
 
 
 def _cuda_impl(*args):
