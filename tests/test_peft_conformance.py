@@ -256,6 +256,28 @@ def test_peft_conformance_every_parameter_trains(m, model):
     assert set(adapter_params(peft_model, m.prefix)) == {n for n, p in peft_model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("m", ROWS)
+def test_peft_conformance_trained_params_survive_reload(m, seed, tmp_path):
+    """PEFT's test_parameters_after_loading_model: adapters on both linears of its MLP, three SGD steps at
+    lr 0.5 on its unnormalised inputs (0..89), then save and reload: the parameters stay finite and reload
+    equal. (Compacter with S_i ~ N(0, 1/n) overflowed here: tests/test_compacter.py.)"""
+    peft_model = get_peft_model(peft_mlp(seed), m.config("mlp"))  # the default init, as PEFT's check
+    peft_model.train()
+    opt = torch.optim.SGD(peft_model.parameters(), lr=0.5)
+    x = torch.arange(90, dtype=torch.float32).view(9, 10)
+    for _ in range(3):
+        opt.zero_grad()
+        peft_model(X=x).sum().backward()
+        opt.step()
+    trained = {n: p.detach().clone() for n, p in peft_model.named_parameters() if m.prefix in n}
+    assert trained and not [n for n, p in trained.items() if not torch.isfinite(p).all()]
+    peft_model.save_pretrained(tmp_path)
+    loaded = dict(PeftModel.from_pretrained(peft_mlp(seed), tmp_path).named_parameters())
+    for n, p in trained.items():
+        assert torch.allclose(loaded[n], p, atol=1e-4, rtol=1e-4), n
+
+
 # --- disable / merge / unmerge -----------------------------------------------------------------
 
 

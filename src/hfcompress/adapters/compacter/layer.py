@@ -97,12 +97,14 @@ class CompacterLayer(BaseTunerLayer):
         up_s, up_t = torch.empty(n, d // n, r, **fp32), torch.empty(n, k // n, r, **fp32)
         down_b, up_b = torch.zeros(d, **fp32), torch.zeros(k, **fp32)
         if down_s.device.type != "meta":  # loading with low_cpu_mem_usage: values come from the checkpoint
-            for t in (down_s, down_t, up_s):
+            for t in (down_s, down_t, up_s, up_t):
                 glorot_uniform_(t)
-            if config.init_weights:  # t of the up-projection zero: up(.) = 0, the adapter starts as identity
-                up_t.zero_()
+            if config.init_weights:
+                # s of the down-projection zero: W_down = 0, so down(h) = act(0) = 0 and up(0) = 0 (zero
+                # biases): the adapter starts as the identity. Every bottleneck unit starts at the
+                # activation's origin (GELU's slope 1/2 there), so none starts dead whatever the input scale
+                down_s.zero_()
             else:  # non-identity start (tests): every factor and bias random
-                glorot_uniform_(up_t)
                 down_b.normal_(std=0.02)
                 up_b.normal_(std=0.02)
         self.compacter_down_s[adapter_name] = nn.Parameter(down_s)
