@@ -8,6 +8,7 @@ forgetting). Each method runs in its own fresh process so peak memory (max RSS) 
 
     python benchmarks/adapters.py                 # SmolLM2; writes benchmarks/results/adapters.json
     python benchmarks/adapters.py --tiny          # tiny Llama; writes benchmarks/results/adapters_tiny.json
+    python benchmarks/adapters.py --methods compacter --merge ...   # re-measure one row, keep the others
 
 ``--tiny``: when SmolLM2 training is out of reach (CPU-only and shared here: ~70-110 s per step),
 a tiny Llama (4 layers, hidden 256, vocabulary = the 4096 most frequent SmolLM2 tokens of the
@@ -247,6 +248,8 @@ def main():
     p.add_argument("--mos-pool-ratio", type=float, default=1 / 8, help="MoSConfig.pool_ratio")
     p.add_argument("--pretrain-steps", type=int, default=400, help="--tiny: pre-training steps of the tiny base")
     p.add_argument("--out")
+    p.add_argument("--merge", action="store_true",
+                   help="replace only the --methods rows in an existing --out (same settings required), keep the others")
     args = p.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
@@ -267,8 +270,23 @@ def main():
             sys.exit(f"{method} failed:\n{proc.stderr[-4000:]}")
         r = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
         r["wall_s"] = time.time() - t0
+        r["loadavg_after"] = os.getloadavg()  # the shared machine's load (step times depend on it)
         results.append(r)
         print(json.dumps(r), flush=True)
+    settings = {k: getattr(args, k) for k in ("steps", "batch", "seq", "eval_windows", "threads", "tiny", "device",
+                                              "pretrain_steps", "mos_pool_ratio")}
+    remeasured = []
+    if args.merge and Path(args.out).exists():
+        old = json.loads(Path(args.out).read_text())
+        if old["settings"] != settings or old["lr"] != LR:
+            sys.exit(f"--merge: {args.out} was measured with settings {old['settings']} lr {old['lr']}, "
+                     f"this run has {settings} lr {LR}; run every method instead")
+        ran = {r["method"] for r in results}
+        remeasured = old.get("remeasured", []) + [{"methods": sorted(ran), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                   "loadavg": os.getloadavg()}]
+        results = [r for r in old["results"] if r["method"] not in ran] + results
+        order = ["base"] + METHODS
+        results.sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
     by = {r["method"]: r for r in results}
     targets = {}
     if "lora" in by and "mos" in by:
@@ -277,9 +295,10 @@ def main():
         targets["mos_param_reduction_vs_lora"] = ratio
         targets["mos_eval_loss_gap_vs_lora"] = gap
         targets["mos_target_met"] = bool(ratio >= 7.5 and gap <= 0.02)
-    summary = {"settings": {k: getattr(args, k) for k in ("steps", "batch", "seq", "eval_windows", "threads", "tiny",
-                                                          "device", "pretrain_steps", "mos_pool_ratio")},
-               "lr": LR, "results": results, "targets": targets, "table": table(results) if "lora" in by else ""}
+    summary = {"settings": settings, "lr": LR, "results": results, "targets": targets,
+               "table": table(results) if "lora" in by else ""}
+    if remeasured:
+        summary["remeasured"] = remeasured
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2))
     print(summary["table"])
