@@ -8,7 +8,8 @@ import torch
 from transformers import DynamicCache, Qwen2Config
 
 import hfcompress
-from hfcompress.kv.gear import GEARSpec, compress, decompress, pack, roundtrip as gear_roundtrip, unpack
+from hfcompress.kv.gear import (GEARSpec, compress, decompress, pack, quantize_groups, roundtrip as gear_roundtrip,
+                                unpack)
 from tiny_models import inputs, llama_gqa, sqnr_db
 
 
@@ -93,6 +94,39 @@ def test_compression_is_deterministic_and_independent_of_batching():
     one = compress(x[:, :, 1:2], spec, True, seed=11)       # chunk 1 alone
     torch.testing.assert_close(decompress(one, spec, True, x[:, :, 1:2].shape),
                                decompress(a, spec, True, x.shape)[:, :, 1:2], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("per_channel", [True, False], ids=["keys", "values"])
+def test_compact_storage(per_channel):
+    """compact=True: int8 log-coded scales (keys keep a float zero point, values an int8 one), int8
+    low-rank factors; at 4 bits within 1 dB of the float statistics' error, smaller."""
+    x = kv_like(seed=9, n=64, d=64, C=2).to(torch.bfloat16)
+    kw = dict(bits=4, group_size=64, rank=2, outlier_ratio=0.01, chunk_size=64)
+    plain, compact = GEARSpec(**kw), GEARSpec(**kw, compact=True)
+    state = compress(x, compact, per_channel)
+    assert state["scale"].dtype == state["lowrank_a"].dtype == state["lowrank_b"].dtype == torch.int8
+    assert ("low" in state) == per_channel and ("zero" in state) == (not per_channel)
+    size = {name: sum(t.nbytes for t in compress(x, spec, per_channel).values())
+            for name, spec in (("plain", plain), ("compact", compact))}
+    assert size["compact"] < size["plain"]
+    err = {name: sqnr_db(x.float(), gear_roundtrip(x, spec, per_channel).float())
+           for name, spec in (("plain", plain), ("compact", compact))}
+    assert err["compact"] > err["plain"] - 1.0, err
+
+
+def test_compact_scale_is_rounded_up_and_int_zero_fits_far_groups():
+    """The 8-bit log scale never narrows the grid (no clipping beyond rounding), and a group far from 0
+    (low > 127 steps) gets a wider scale rather than a clipped zero point."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 1, 1, 8, 64, generator=g)
+    x[0] += 1000.0                                        # one token's values all near 1000
+    codes, code, zero = quantize_groups(x, 4, False, 64, log_scale=True, int_zero=True)
+    scale = torch.exp2(code.float() / 8).unsqueeze(-1)
+    y = ((codes.view(2, 1, 1, 8, 1, 64).float() + zero.float().unsqueeze(-1)) * scale).view_as(x)
+    step = scale.view(2, 1, 1, 8, 1).expand(2, 1, 1, 8, 64).reshape_as(x)
+    assert ((y - x).abs() <= step * 0.5 + 1e-4).all()     # within half a step: nothing clipped
+    plain = (x.amax(-1, keepdim=True) - x.amin(-1, keepdim=True)) / 15
+    assert (step[1, ..., :1] >= plain[1]).all() and (step[1, ..., :1] <= plain[1] * 2 ** (1 / 8) + 1e-6).all()
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -217,7 +251,9 @@ def _all_tensors(obj, seen):
     return seen
 
 
-@pytest.mark.parametrize("cfg", [dict(rank=2, outlier_ratio=0.02), dict(rank=0, outlier_ratio=0.0)], ids=["gear", "quant"])
+@pytest.mark.parametrize("cfg", [dict(rank=2, outlier_ratio=0.02), dict(rank=0, outlier_ratio=0.0),
+                                 dict(rank=2, outlier_ratio=0.02, compact=True), dict(rank=0, outlier_ratio=0.0, compact=True)],
+                         ids=["gear", "quant", "gear-compact", "quant-compact"])
 def test_nbytes_counts_every_tensor(cfg):
     model = llama_gqa()
     ids = inputs(batch=2, seq=45)
@@ -225,12 +261,16 @@ def test_nbytes_counts_every_tensor(cfg):
     feed(model, ids, cache, 45)
     tensors = _all_tensors(cache, {})
     assert cache.nbytes() == sum(t.untyped_storage().nbytes() for t in tensors.values())
-    if cfg["rank"] == 0:     # the formula: 4-bit codes + (scale, low) per group + the float buffer
-        B, H, d, L, C, n = 2, 2, 16, 2, 2, 16
-        elem = 4  # fp32 model
-        per_layer = 2 * B * H * C * n * d // 2 + B * H * C * (d * n // 8 + n * d // 8) * 2 * elem \
-            + 2 * B * H * (45 - C * n) * d * elem
-        assert cache.nbytes() == L * per_layer
+    parts = cache.nbytes_by_part()
+    assert sum(parts.values()) == cache.nbytes() and (parts["lowrank"] > 0) == (cfg["rank"] > 0)
+    B, H, d, L, C, n = 2, 2, 16, 2, 2, 16
+    elem = 4  # fp32 model
+    assert parts["codes"] == L * 2 * B * H * C * n * d // 2 and parts["float_buffer"] == L * 2 * B * H * (45 - C * n) * d * elem
+    groups = B * H * C * n * d // 8          # per tensor: keys n/8 x d, values n x d/8
+    if cfg.get("compact"):                   # keys: int8 scale + float low; values: int8 scale + int8 zero
+        assert parts["statistics"] == L * groups * ((1 + elem) + (1 + 1))
+    else:                                    # (scale, low) in the model's dtype, keys and values
+        assert parts["statistics"] == L * groups * 2 * 2 * elem
     full = DynamicCache(config=model.config)
     feed(model, ids, full, 45)
     full_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in full.layers)

@@ -47,6 +47,7 @@ class GEARSpec:
     outlier_ratio: float = 0.01
     power_iters: int = 2
     chunk_size: int = 64       # n: tokens per compressed chunk (the streaming buffer's size)
+    compact: bool = False      # 8-bit statistics and low-rank factors (see compress)
 
     def __post_init__(self):
         if self.bits not in _SUPPORTED_BITS:
@@ -110,15 +111,41 @@ def group_axis(per_channel: bool) -> int:
     return -2 if per_channel else -1
 
 
-def quantize_groups(x: torch.Tensor, bits: int, per_channel: bool, g: int):
+def quantize_groups(x: torch.Tensor, bits: int, per_channel: bool, g: int, log_scale: bool = False,
+                    int_zero: bool = False):
     """x [..., n, d] -> codes [..., n, d] uint8 and scale, low (keys [..., n/g, d], values [..., n, d/g]).
-    Asymmetric min-max per group: x ~= codes * scale + low."""
+    Asymmetric min-max per group: x ~= codes * scale + low. ``log_scale``: the scale is rounded *up* to a
+    power of 2**(1/8) and returned as its int8 exponent code (scale = 2**(code / 8)): each step at most 9%
+    wider. ``int_zero``: low = zero * scale with an int8 ``zero`` (returned in place of low; a group whose
+    low is beyond 127 steps from 0 gets a wider scale so that it fits)."""
     ax = group_axis(per_channel)
+    levels = 2 ** bits - 1
     xg = grouped(x.float().contiguous(), per_channel, g)
     low, high = xg.amin(ax, keepdim=True), xg.amax(ax, keepdim=True)
-    scale = ((high - low) / (2 ** bits - 1)).clamp_min(1e-8)
-    codes = torch.round((xg - low) / scale).clamp_(0, 2 ** bits - 1)
-    return codes.reshape(x.shape).to(torch.uint8), scale.squeeze(ax), low.squeeze(ax)
+    scale = ((high - low) / levels).clamp_min(1e-8)
+    if int_zero:
+        scale = torch.maximum(scale, low.abs() / 127)
+    if log_scale:
+        code = torch.ceil(torch.log2(scale) * 8).clamp_(-128, 127)
+        scale = torch.exp2(code / 8)
+    if int_zero:
+        zero = torch.round(low / scale).clamp_(-128, 127)
+        low = zero * scale
+    codes = torch.round((xg - low) / scale).clamp_(0, levels)
+    return (codes.reshape(x.shape).to(torch.uint8), (code.to(torch.int8) if log_scale else scale).squeeze(ax),
+            (zero.to(torch.int8) if int_zero else low).squeeze(ax))
+
+
+def stored_scale(state: dict) -> torch.Tensor:
+    """The float32 scale of a compressed state (int8 log codes or floats)."""
+    s = state["scale"]
+    return torch.exp2(s.float() / 8) if s.dtype == torch.int8 else s.float()
+
+
+def quantize_int8_rows(b: torch.Tensor):
+    """b [..., r, d] -> (int8 codes [..., r, d], scale [..., r, 1]): symmetric, one scale per row."""
+    scale = (b.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-12)
+    return torch.round(b / scale).clamp_(-127, 127).to(torch.int8), scale
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,20 +209,42 @@ def compress(x: torch.Tensor, spec: GEARSpec, per_channel: bool, seed: int = 0):
         out["outlier_index"] = index.to(torch.int16 if n * d <= 2 ** 15 else torch.int32)
         out["outlier_value"] = value.to(dtype)
 
-    # 2. D = Quant_b(X - S): keys per channel, values per token, in groups of g
-    codes, scale, low = quantize_groups(xf, spec.bits, per_channel, g)
+    # 2. D = Quant_b(X - S): keys per channel, values per token, in groups of g. compact: the scale as an
+    #    8-bit log code; values' zero point an int8 multiple of the scale (a token's values straddle 0;
+    #    a key channel can sit far from 0, its low stays a float)
+    int_zero = spec.compact and not per_channel
+    codes, scale, low = quantize_groups(xf, spec.bits, per_channel, g, log_scale=spec.compact, int_zero=int_zero)
     out["codes"] = pack(codes.flatten(-2), spec.bits)                      # [B, H, C, n*d*bits/8]
-    out["scale"], out["low"] = scale.to(dtype), low.to(dtype)
+    out["scale"] = scale if spec.compact else scale.to(dtype)
+    out["zero" if int_zero else "low"] = low if int_zero else low.to(dtype)
 
     # 3. L = A @ B ~= (X - S) - D: the quantization residual, rank r per head and chunk, by power
     #    iteration; taken against what decompression produces (statistics rounded to dtype)
     r = spec.effective_rank(n, d)
     if r:
-        residual = xf - decompress({"codes": out["codes"], "scale": out["scale"], "low": out["low"]},
-                                   spec, per_channel, x.shape)           # float32
+        residual = xf - decompress(dict(out, outlier_index=None), spec, per_channel, x.shape)   # float32
         a, b = power_iteration(residual, start_matrix(d, r, seed), spec.power_iters)
-        out["lowrank_a"], out["lowrank_b"] = a.to(dtype), b.to(dtype)     # [.., n, r], [.., r, d]
+        if not spec.compact:
+            out["lowrank_a"], out["lowrank_b"] = a.to(dtype), b.to(dtype)     # [.., n, r], [.., r, d]
+            return out
+        # compact: A's columns scaled to max |a| = 1 and stored as int8 (a = code / 127); B refitted to the
+        # rounded A by least squares, then int8 with one scale per row
+        a = torch.round(a / a.abs().amax(-2, keepdim=True).clamp_min(1e-12) * 127).clamp_(-127, 127)
+        a_hat = a / 127                                                    # [.., n, r]
+        gram = a_hat.transpose(-1, -2) @ a_hat + 1e-6 * torch.eye(r, device=a.device)   # [.., r, r]
+        b = torch.linalg.solve(gram, a_hat.transpose(-1, -2) @ residual)    # [.., r, d]
+        out["lowrank_a"] = a.to(torch.int8)
+        out["lowrank_b"], b_scale = quantize_int8_rows(b)
+        out["lowrank_b_scale"] = b_scale.to(dtype)                         # [.., r, 1]
     return out
+
+
+def lowrank_factors(state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [.., n, r], B [.., r, d]) in float32, from float or compact (int8) storage."""
+    a, b = state["lowrank_a"].float(), state["lowrank_b"].float()
+    if "lowrank_b_scale" in state:
+        a, b = a / 127, b * state["lowrank_b_scale"].float()
+    return a, b
 
 
 def decompress(state: dict, spec: GEARSpec, per_channel: bool, shape, out: torch.Tensor | None = None,
@@ -207,21 +256,23 @@ def decompress(state: dict, spec: GEARSpec, per_channel: bool, shape, out: torch
     is several times slower on CPUs)."""
     B, H, C, n, d = shape
     ax = group_axis(per_channel)
-    scale = state["scale"].float().unsqueeze(ax)                          # [.., n/g, 1, d] or [.., n, d/g, 1]
+    scale = stored_scale(state).unsqueeze(ax)                             # [.., n/g, 1, d] or [.., n, d/g, 1]
     g = n // scale.shape[-3] if per_channel else d // scale.shape[-2]
     x = grouped(unpack(state["codes"], spec.bits).view(shape), per_channel, g) * scale   # D - low, float32
-    low = state["low"].float().unsqueeze(ax)
+    low = (state["low"].float() if "low" in state else state["zero"].float()).unsqueeze(ax)
+    if "zero" in state:                                                   # compact values: low = zero * scale
+        low = low * scale
     if "lowrank_a" in state:                                              # + L = A @ B
-        a, b = state["lowrank_a"], state["lowrank_b"]                      # [.., n, k], [.., k, d]
-        x = torch.baddbmm(x.view(-1, n, d), a.reshape(-1, n, a.shape[-1]).float(),
-                          b.reshape(-1, b.shape[-2], d).float()).view(x.shape)
+        a, b = lowrank_factors(state)                                      # [.., n, k], [.., k, d]
+        x = torch.baddbmm(x.view(-1, n, d), a.reshape(-1, n, a.shape[-1]), b.reshape(-1, b.shape[-2], d)).view(x.shape)
+    has_outliers = state.get("outlier_index") is not None
     if out is None:                                                       # + low, S: functional form
         x = (x + low).to(dtype).view(B, H, C, n * d)
-        if "outlier_index" in state:
+        if has_outliers:
             x = x.scatter(-1, state["outlier_index"].long(), state["outlier_value"].to(dtype))
         return x.view(shape)
     torch.add(x, low, out=grouped(out, per_channel, g))                   # + low, cast into out
-    if "outlier_index" in state:                                          # S, exactly
+    if has_outliers:                                                      # S, exactly
         out.view(B, H, C, n * d).scatter_(-1, state["outlier_index"].long(), state["outlier_value"].to(out.dtype))
     return out
 
