@@ -19,8 +19,8 @@ from hfcompress.adapters.mos import MoSConfig
 # The method id is what the summary counts (Compacter++ = Compacter with placement="pfeiffer").
 # Compacter: reduction_factor 2 gives lin0's adapter a 10-unit bottleneck (the default 32 leaves 2 units on a
 # 20-wide layer, and on PEFT's unnormalised inputs (up to 89) both GELU units are dead for every sample in
-# ~17% of draws: the adapter then gets no gradient and PEFT's unseeded "every parameter moved" check fails by
-# chance; measured over 100-300 seeds, see benchmarks/README.md). lin1 (2 outputs) gets d = 2 whatever the factor.
+# 9-18% of draws: the adapter then gets no gradient and PEFT's "every parameter moved" check fails on such a
+# draw; measured over 100-300 draws, see benchmarks/README.md). lin1 (2 outputs) gets d = 2 whatever the factor.
 METHODS = {
     "compacter": (CompacterConfig, {"n": 2, "placement": "houlsby", "reduction_factor": 2}),
     "compacter++": (CompacterConfig, {"n": 2, "placement": "pfeiffer", "reduction_factor": 2}),
