@@ -62,6 +62,8 @@ ENTRIES = {
                                              "outlier_threshold": 0.7}),
     "spqr-w3-g16-sg32-t0.7-damp0.1": ("hfcompress", {"method": "spqr", "bits": 3, "group_size": 16,
                                                      "stat_group_size": 32, "outlier_threshold": 0.7, "damp": 0.1}),
+    "spqr-w3-g16-sg64-t0.5-damp0.1": ("hfcompress", {"method": "spqr", "bits": 3, "group_size": 16,
+                                                     "stat_group_size": 64, "outlier_threshold": 0.5, "damp": 0.1}),
     "gptqmodel-w4-g64": ("gptqmodel", {"bits": 4, "group_size": 64}),
     "gptqmodel-w3-g64": ("gptqmodel", {"bits": 3, "group_size": 64}),
     "hqq-w4-g64": ("hqq", {"bits": 4, "group_size": 64}),

@@ -99,6 +99,27 @@ def test_stored_grid_is_never_worse_than_min_max_on_the_same_statistics(seed):
     assert float(err(s, z).sum()) < 0.97 * float(err(scale, z1).sum())                  # and better in total
 
 
+def test_grid_options_unclipped_and_unweighted():
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(64, 16, generator=g) * torch.rand(64, 1, generator=g)
+    w[5, 3] = 4.0                                                            # a weight MSE-optimal grids clip
+    d = torch.rand(16, generator=g) + 0.5
+    s1, _ = minmax_grid(w, 3)
+    sc, ss, sz, _ = quantize_stats(s1, 3, 16)
+    c, z, s = fit_stored_grid(w, d, sc, ss, sz, 3, 3, 16)
+    cn, zn, sn = fit_stored_grid(w, d, sc, ss, sz, 3, 3, 16, clip=False)
+    r = torch.round(w / s[:, None]) + z[:, None]
+    rn = torch.round(w / sn[:, None]) + zn[:, None]
+    assert bool(((r < 0) | (r > 7)).any())                                   # the default clips some rows
+    assert bool(((rn >= 0) & (rn <= 7)).all())                              # clip=False: every weight on the grid
+    # grid_weighting="uniform": the same algorithm with every column weighted alike (d = 1 for the grid fits)
+    w2, x2, H2 = _problem(seed=8)
+    hs = prepare_hessian(H2, 0.01, True)
+    a = spqr(w2, hs, outlier_threshold=1.0)
+    b = spqr(w2, hs, outlier_threshold=1.0, grid_weighting="uniform")
+    assert not torch.equal(a.scale_code, b.scale_code) and torch.equal(a.perm, b.perm)
+
+
 def test_reference_follows_the_documented_formula():
     from hfcompress.formats.int_group import unpack_codes
 
