@@ -12,6 +12,7 @@ into phases (block forwards, X^T X accumulation, Cholesky/inverse, column loop, 
 
     python benchmarks/gptq_speed.py --sizes 32x256 128x512        # GPTQModel needs gptqmodel==7.6.0
     python benchmarks/gptq_speed.py --sizes 256x1024 --kinds mem stream   # ours only (say so)
+    python benchmarks/gptq_speed.py --sizes 128x512 --kinds gptqmodel --gptqmodel-python /work/venv-gptq/bin/python
     python benchmarks/gptq_speed.py --table
 Writes benchmarks/results/gptq_speed.json (entries are merged into it, keyed by kind and size).
 """
@@ -163,9 +164,28 @@ def _phases(prof: cProfile.Profile) -> dict:
     return {k: round(v, 2) for k, v in out.items()}
 
 
-def run_entry(kind: str, size: str, profile: bool, blocks: int = 0) -> dict:
+def _save_tokens(size: str, blocks: int, folder: str) -> str:
+    """The token windows of ``size`` as one safetensors file (every entry reads the very same tokens,
+    whatever interpreter runs it); returns its path."""
+    import torch
+    from safetensors.torch import save_file
+
     n_samples, seq_len = (int(v) for v in size.split("x"))
-    src, batches = _batches(n_samples, seq_len, blocks)
+    _, batches = _batches(n_samples, seq_len, blocks)
+    path = os.path.join(folder, f"tokens-{size}.safetensors")
+    save_file({"ids": torch.cat(batches).contiguous()}, path)
+    return path
+
+
+def run_entry(kind: str, size: str, profile: bool, blocks: int, src: str, tokens: str) -> dict:
+    from safetensors.torch import load_file
+
+    n_samples, seq_len = (int(v) for v in size.split("x"))
+    batches = list(load_file(tokens)["ids"].split(8))  # batches of 8 windows, as get_calibration_batches makes
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401 - imports are not the job's memory
+
+    if kind != "gptqmodel":
+        import hfcompress  # noqa: F401
     base_rss = _rss_mb()
     work = tempfile.mkdtemp(prefix=f"hfc-speed-{kind}-{size}-")
     load0 = os.getloadavg()
@@ -184,13 +204,26 @@ def run_entry(kind: str, size: str, profile: bool, blocks: int = 0) -> dict:
            "peak_rss_mb": round(_rss_mb(), 1), "rss_before_mb": round(base_rss, 1),
            "loadavg_before": [round(v, 2) for v in load0], "loadavg_after": [round(v, 2) for v in os.getloadavg()],
            "torch_threads": __import__("torch").get_num_threads(), "profiled": profile,
-           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+           "measured_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "commit": _commit()}
     if prof:
         out["phases_cpu_s"] = _phases(prof)
     if kind != "gptqmodel":
         out["digest"] = _digest(work)
     shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def _commit() -> str:
+    """The git commit of the code measured (``+`` when the work tree had changes)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=HERE).stdout.strip()
+        return head + ("+" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def _key(r: dict) -> str:
@@ -205,7 +238,8 @@ def table(path: str = RESULTS) -> str:
     rows = {_key(r): r for r in data["entries"] if "error" not in r}
     bf16_mb = data["bf16_model_mb"]
     lines = ["| model | calibration | tokens | entry | wall s | CPU s | peak RSS MB (above start) | load avg (1 min) | "
-             "wall / GPTQModel | CPU / GPTQModel | wall / in-memory |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "wall / GPTQModel | CPU / GPTQModel | wall / in-memory | measured (UTC, commit) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     targets = []
     cuts = sorted({(r.get("blocks", 30), r.get("omp_wait_policy", "default")) for r in rows.values()},
                   key=lambda c: (-c[0], c[1]))
@@ -219,7 +253,7 @@ def table(path: str = RESULTS) -> str:
             for kind, r in (("mem", mem), ("gptqmodel", gm), ("stream", st)):
                 if r is None:
                     if kind == "gptqmodel" and mem is not None:
-                        lines.append(f"| {model} | {size} | | GPTQModel | not run (time budget) | | | | | | |")
+                        lines.append(f"| {model} | {size} | | GPTQModel | not run (time budget) | | | | | | | |")
                     continue
                 name = {"mem": "hfcompress in memory", "stream": "hfcompress streaming",
                         "gptqmodel": "GPTQModel 7.6.0"}[kind]
@@ -227,9 +261,10 @@ def table(path: str = RESULTS) -> str:
                 cpu_gm = f"{r['cpu_s'] / gm['cpu_s']:.2f}x" if gm and kind != "gptqmodel" else ""
                 vs_mem = f"{r['wall_s'] / mem['wall_s']:.2f}x" if mem and kind == "stream" else ""
                 load = f"{r['loadavg_before'][0]:.1f} -> {r['loadavg_after'][0]:.1f}"
+                when = f"{r['measured_utc']}, {r['commit']}" if "measured_utc" in r else "earlier engine (fp32 sums, tail budget 4x the inputs)"
                 lines.append(f"| {model} | {size} | {r['tokens']} | {name} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | "
                              f"{r['peak_rss_mb']:.0f} ({r['peak_rss_mb'] - r['rss_before_mb']:.0f}) | {load} | "
-                             f"{vs_gm} | {cpu_gm} | {vs_mem} |")
+                             f"{vs_gm} | {cpu_gm} | {vs_mem} | {when} |")
             if mem:
                 mems.append(mem)
             if mem and gm:
@@ -279,7 +314,10 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="also run ours under cProfile (phase breakdown)")
     ap.add_argument("--omp-passive", action="store_true",
                     help="run every entry with OMP_WAIT_POLICY=PASSIVE (OpenMP threads sleep instead of spinning)")
-    ap.add_argument("--entry", nargs=4, default=None, help=argparse.SUPPRESS)  # child: kind size profile blocks
+    ap.add_argument("--gptqmodel-python", default=None, metavar="PYTHON",
+                    help="interpreter for the GPTQModel entries (one with gptqmodel==7.6.0, e.g. /work/venv-gptq/bin/"
+                         "python); ours run in this interpreter (default: this one for every entry)")
+    ap.add_argument("--entry", nargs=6, default=None, help=argparse.SUPPRESS)  # child: kind size profile blocks src tokens
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = ap.parse_args(argv)
@@ -287,8 +325,8 @@ def main(argv=None) -> int:
         print(table(args.out))
         return 0
     if args.entry:
-        kind, size, prof, blocks = args.entry
-        print("RESULT " + json.dumps(run_entry(kind, size, prof == "1", int(blocks))), flush=True)
+        kind, size, prof, blocks, src, tokens = args.entry
+        print("RESULT " + json.dumps(run_entry(kind, size, prof == "1", int(blocks), src, tokens)), flush=True)
         return 0
     from hfcompress.smollm2 import smollm2_checkpoint
 
@@ -303,6 +341,8 @@ def main(argv=None) -> int:
     running: list = []
 
     logs = tempfile.mkdtemp(prefix="hfc-speed-logs-")
+    source = _source(args.blocks)
+    tokens = {size: _save_tokens(size, args.blocks, logs) for size in args.sizes}
 
     def finish(kind, size, prof, proc, log):
         proc.wait()
@@ -344,8 +384,10 @@ def main(argv=None) -> int:
         print(f"== {kind} {size}{' (profile)' if prof else ''}", flush=True)
         log = os.path.join(logs, f"{kind}-{size}-{int(prof)}")
         with open(log + ".out", "w") as out, open(log + ".err", "w") as err:  # files: a full pipe would block
-            proc = subprocess.Popen([sys.executable, __file__, "--entry", kind, size, "1" if prof else "0",
-                                     str(args.blocks)], stdout=out, stderr=err, text=True, env=env)
+            python = args.gptqmodel_python if kind == "gptqmodel" and args.gptqmodel_python else sys.executable
+            proc = subprocess.Popen([python, __file__, "--entry", kind, size, "1" if prof else "0",
+                                     str(args.blocks), source, tokens[size]], stdout=out, stderr=err, text=True,
+                                    env=env)
         running.append((kind, size, prof, proc, log))
     for job in running:
         finish(*job)

@@ -3,7 +3,7 @@ WORLD_SIZE, MASTER_ADDR, MASTER_PORT set, as torchrun sets them).
 
     python distributed_worker.py SCENARIO OUT_DIR [SRC_DIR]
 
-``equal``: GPTQ (one and two calibration batches per rank), SpQR and EoRA in memory; every
+``equal``: GPTQ (one, two, and three / two calibration batches per rank), SpQR and EoRA in memory; every
 rank saves what it ended with to OUT_DIR/rank{r}-*.safetensors; then a job whose config differs
 between the ranks, whose error each rank saves to OUT_DIR/rank{r}-mismatch.json. ``raise`` / ``die`` / ``hang``:
 GPTQ streaming SRC_DIR into OUT_DIR/model where rank 1 raises, exits or stops answering when it
@@ -85,7 +85,7 @@ def main() -> None:
     rank = dist.get_rank()
     if scenario == "equal":
         for name, result in (("gptq-1batch", lambda: gptq_model(4, 2)), ("gptq-2batches", lambda: gptq_model(8, 2)),
-                             ("spqr", spqr_model), ("eora", eora_adapter)):
+                             ("gptq-5batches", lambda: gptq_model(10, 2)), ("spqr", spqr_model), ("eora", eora_adapter)):
             save_file(tensors(result()), os.path.join(out, f"rank{rank}-{name}.safetensors"))
         try:  # ranks that disagree on the job (here: the group size) are refused before any work
             hfcompress.quantize_(llama_gqa(), hfcompress.GPTQConfig(bits=4, group_size=32 if rank == 0 else 16),

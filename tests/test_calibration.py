@@ -102,7 +102,8 @@ def test_calibration_groups_and_input_stats(arch):
     norm = step.block.input_layernorm if arch != "gpt2" else step.block.ln_1
     x = norm(step.inputs[0]).reshape(-1, stats.xtx.shape[0]).float()
     assert stats.n_tokens == 22
-    torch.testing.assert_close(stats.xtx, x.t() @ x, rtol=1e-5, atol=1e-5)
+    assert stats.xtx.dtype == torch.float64  # fp32 batch products summed exactly (order-independent)
+    torch.testing.assert_close(stats.xtx.float(), x.t() @ x, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(stats.hessian(), 2 * x.t() @ x / 22, rtol=1e-5, atol=1e-5)
     # layers reading the same tensor share one InputStats; step.run(hooks) sees the same inputs
     shared = step.collect_input_stats(groups[0])
@@ -147,21 +148,58 @@ def test_calibration_input_stats_half_filled_sum_is_full_xtx_and_merges():
     g = torch.Generator().manual_seed(0)
     k = 2 * InputStats.BLOCK + 37
     x = torch.randn(3, 50, k, generator=g)
-    a = InputStats(torch.zeros(k, k))
+    a = InputStats.zeros(k)
     for chunk in x:
         a.add_(chunk)
     flat = x.reshape(-1, k).double()
-    ref = (flat.t() @ flat).float()
+    ref = flat.t() @ flat
     torch.testing.assert_close(a.xtx, ref, rtol=1e-5, atol=1e-3)
     assert torch.equal(a.xtx, a.xtx.t()) and a.n_tokens == 150
     a.add_(x[0])  # reading in between and adding more keeps the sum right
-    torch.testing.assert_close(a.xtx, ref + (x[0].t() @ x[0]), rtol=1e-5, atol=1e-3)
-    b, c = InputStats(torch.zeros(k, k)), InputStats(torch.zeros(k, k))
+    torch.testing.assert_close(a.xtx, ref + (x[0].double().t() @ x[0].double()), rtol=1e-5, atol=1e-3)
+    b, c = InputStats.zeros(k), InputStats.zeros(k)
     b.add_(x[:2])
     c.add_(x[2:])
     torch.testing.assert_close(b.merge_(c).xtx, ref, rtol=1e-5, atol=1e-3)
     assert b.n_tokens == 150
-    torch.testing.assert_close(b.hessian(), 2 * ref / 150, rtol=1e-5, atol=1e-5)
+    H = b.hessian()
+    assert H.dtype == torch.float32
+    torch.testing.assert_close(H, (2 * ref / 150).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_input_stats_sum_does_not_depend_on_grouping():
+    """The sum over batches is the same bit for bit however the batches are grouped and merged
+    (one process adding 6 batches in turn, or 2 / 3 ranks each summing a contiguous run and then
+    merged as a reduce does): each batch's fp32 product is added exactly in float64. An fp32 running
+    sum does depend on the grouping (that is what flipped GPTQ codes between 1 and 2 processes)."""
+    from hfcompress.calibration import InputStats
+
+    g = torch.Generator().manual_seed(1)
+    k = InputStats.BLOCK + 61
+    batches = [torch.randn(40, k, generator=g) * torch.rand(k, generator=g) * 5 for _ in range(6)]
+
+    def summed(parts):
+        stats = []
+        for part in parts:
+            s = InputStats.zeros(k)
+            for x in part:
+                s.add_(x)
+            stats.append(s)
+        total = stats[0]
+        for s in stats[1:]:
+            total.merge_(s)
+        return total.xtx
+
+    one = summed([batches])
+    assert torch.equal(one, summed([batches[:3], batches[3:]]))
+    assert torch.equal(one, summed([batches[:2], batches[2:4], batches[4:]]))
+    assert torch.equal(one, summed([batches[:4], batches[4:]]))
+    run = torch.zeros(k, k)
+    for x in batches:
+        run += x.t() @ x
+    halves = (sum((x.t() @ x for x in batches[:3]), torch.zeros(k, k))
+              + sum((x.t() @ x for x in batches[3:]), torch.zeros(k, k)))
+    assert not torch.equal(run, halves)  # the fp32 way: the grouping shows
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -244,3 +282,45 @@ def test_calibration_runs_each_layer_once_per_batch_and_matches_full_passes(arch
     assert torch.equal(fast_logits, slow_logits)
     probes = 2  # sequential_groups' and tail_layers' one-row forwards
     assert counts and all(c == len(batches) + probes for c in counts.values()), counts
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_calibration_kept_tail_inputs_are_bounded_relative_to_the_model(fits, monkeypatch):
+    """The inputs kept for replaying a child's last layer (down_proj's: the MLP is not recomputed)
+    may take at most ``TAIL_BUDGET`` x the model's weight bytes: when down_proj's inputs fit, gate/up
+    run once per batch; when they do not, the MLP is recomputed (gate/up run again); the quantized
+    model is the same either way."""
+    import hfcompress
+    from hfcompress.calibration import BlockStep
+    from hfcompress.calibration.apply import quantize_blocks_
+
+    ids = tm.inputs(6, 19)
+    batches = [ids[:2], ids[2:4], ids[4:]]
+    probe = tm.llama_gqa().to(torch.bfloat16)
+    model_bytes = sum(p.numel() * p.element_size() for p in probe.parameters())
+    down_in = ids.numel() * probe.config.intermediate_size * 2  # bf16 inputs of down_proj, every batch
+    o_in = ids.numel() * probe.config.hidden_size * 2
+    # room for o_proj's and down_proj's inputs, or for o_proj's (released once the attention's output is
+    # recorded, before down_proj's are kept) but not down_proj's
+    budget = o_in + 1.1 * down_in if fits else 0.9 * down_in
+    assert o_in < 0.9 * down_in
+    monkeypatch.setattr(BlockStep, "TAIL_BUDGET", budget / model_bytes)
+
+    def quantized():
+        model = tm.llama_gqa().to(torch.bfloat16)
+        counts: dict[str, int] = {}
+        for name in ("mlp.up_proj", "mlp.down_proj"):
+            model.model.layers[0].get_submodule(name).register_forward_hook(
+                lambda m, a, o, n=name: counts.__setitem__(n, counts.get(n, 0) + 1))
+        quantize_blocks_(model, hfcompress.GPTQConfig(bits=4, group_size=32), batches)
+        return model.state_dict(), counts
+
+    sd, counts = quantized()
+    probes = 2
+    if fits:
+        assert counts["mlp.up_proj"] == len(batches) + probes
+    else:
+        assert counts["mlp.up_proj"] == 2 * len(batches) + probes  # stats pass, then the block's final run
+    monkeypatch.setattr(BlockStep, "TAIL_BUDGET", 0.0)
+    ref, _ = quantized()
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in sd)

@@ -12,7 +12,7 @@ Usage (what GPTQ and EoRA do)::
         # step.inputs / step.args / step.kwargs: what the model passed the block per batch,
         # step.linear_names: block-relative linear layers in execution order
         for group in step.sequential_groups():          # e.g. [q,k,v], [o], [gate,up], [down]
-            stats = step.collect_input_stats(group)     # name -> InputStats (.xtx fp32, .n_tokens; merge_)
+            stats = step.collect_input_stats(group)     # name -> InputStats (.xtx float64, .n_tokens; merge_)
             for name in group:
                 H = stats[name].hessian()               # 2 X^T X / n   [K, K]
                 ...                                     # replace step.module(name) in step.block

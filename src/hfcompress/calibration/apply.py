@@ -29,22 +29,46 @@ def gptq_group(modules: dict[str, nn.Module], H: torch.Tensor, config, where: st
     Their weights are stacked along out_features and quantized in one GPTQ call: rows are
     independent given ``H``, so this is exactly per-layer GPTQ, with one column loop instead of
     one per layer."""
-    weights = {name: linear_weight(m) for name, m in modules.items()}  # name -> [N_i, K]
-    k = next(iter(weights.values())).shape[1]
-    spec = config.spec_for(next(iter(weights)))  # quantize_blocks_ groups layers of one spec
+    return gptq_layers(modules, gptq_rows(modules, H, config, where), config)
+
+
+def gptq_rows(modules: dict[str, nn.Module], H: torch.Tensor, config, where: str,
+              rows: slice | None = None) -> dict[str, torch.Tensor]:
+    """GPTQ of ``rows`` of the layers' stacked weights ``[sum N_i, K]`` (default: all of them):
+    ``{"codes" [n, K], "scale" [n, G], "zero" [n, G] (asymmetric), "g_idx" [K] (act-order)}``.
+    Rows are independent given ``H`` (the column order and ``H^-1`` are shared): the rows of a
+    split, concatenated, are the rows of the whole (a distributed run splits large layers so)."""
+    weights = [linear_weight(m) for m in modules.values()]  # [N_i, K]
+    k = weights[0].shape[1]
+    spec = config.spec_for(next(iter(modules)))  # quantize_blocks_ groups layers of one spec
+    stacked = torch.cat(weights)  # [sum N_i, K]
     try:
         spec.check_layer(k, where=where)
-        codes, scale, zero, g_idx = gptq(torch.cat(list(weights.values())), H, spec, damp=config.damp,
+        codes, scale, zero, g_idx = gptq(stacked if rows is None else stacked[rows], H, spec, damp=config.damp,
                                          static_groups=config.static_groups, mse_clip=config.mse_clip)
     except (ValueError, RuntimeError) as e:  # torch.linalg errors are RuntimeErrors
         raise type(e)(f"{where}: {e}") from None
+    out = {"codes": codes, "scale": scale}
+    if zero is not None:
+        out["zero"] = zero
+    if g_idx is not None:
+        out["g_idx"] = g_idx
+    return out
+
+
+def gptq_layers(modules: dict[str, nn.Module], result: dict[str, torch.Tensor], config) -> dict[str, QuantLinear]:
+    """:func:`gptq_rows` of every stacked row -> one QuantLinear per layer."""
+    spec = config.spec_for(next(iter(modules)))
+    zero, g_idx = result.get("zero"), result.get("g_idx")
     out, row = {}, 0
-    for name, w in weights.items():
+    for name, m in modules.items():
+        w = linear_weight(m)
         rows = slice(row, row + w.shape[0])
         row += w.shape[0]
-        out[name] = QuantLinear.from_codes(codes[rows], scale[rows], None if zero is None else zero[rows],
+        out[name] = QuantLinear.from_codes(result["codes"][rows], result["scale"][rows],
+                                           None if zero is None else zero[rows],
                                            None if g_idx is None else g_idx.clone(),
-                                           spec, bias=modules[name].bias, compute_dtype=w.dtype)
+                                           spec, bias=m.bias, compute_dtype=w.dtype)
     return out
 
 
@@ -136,10 +160,14 @@ def guarded(dist, fn: Callable, where: str):
 
 def _solve_distributed(dist, step, config, stats: dict, units: list[list[str]], run_load: list[float]) -> dict:
     """One group of layers on every rank: ``X^T X`` summed into each layer's owner, owners solve
-    (layers of one input on one rank stacked, as a single process does), results exchanged."""
+    (layers of one input on one rank stacked, as a single process does), results exchanged.
+    A group of one input solved by GPTQ (q/k/v, o, gate/up, down under true-sequential) is split
+    by rows instead: every rank gets the whole ``X^T X`` and solves its share of the stacked rows."""
     from ..distributed import assign, gptq_cost
     from ..distributed.layers import layer_item, rebuild_layer
 
+    if len(units) == 1 and _rows_split(config, step, units[0]):
+        return _solve_rows_distributed(dist, step, config, stats[units[0][0]], units[0], run_load)
     shapes = {n: tuple(linear_weight(step.module(n)).shape) for u in units for n in u}  # [N, K]
     cost = getattr(config, "solve_cost", gptq_cost)
     owner = assign({n: cost(*shapes[n]) for n in shapes}, dist.world, run_load)
@@ -164,6 +192,50 @@ def _solve_distributed(dist, step, config, stats: dict, units: list[list[str]], 
     got = dist.exchange({n: layer_item(q) for n, q in mine.items()}, "layers")
     return {n: mine[n] if n in mine else rebuild_layer(got[n], linear_weight(step.module(n)).device)
             for u in units for n in u}
+
+
+def _rows_split(config, step, names: list[str]) -> bool:
+    """Layers solved by :func:`gptq_group` (GPTQConfig's own ``quantize_group``, not one a caller put
+    in its place) with one spec: their stacked rows may be split over ranks."""
+    from ..config import GPTQConfig
+
+    return (getattr(config.quantize_group, "__func__", None) is GPTQConfig.quantize_group
+            and len(_same_spec(config, step.name, names)) == 1)
+
+
+def _solve_rows_distributed(dist, step, config, stats, names: list[str], run_load: list[float]) -> dict:
+    """Layers ``names`` reading one input, on every rank: ``X^T X`` summed on every rank
+    (``all_reduce``), each rank runs GPTQ on its contiguous share of the stacked rows (every rank
+    factors the same ``H``: same column order, same ``H^-1``), the row results (codes, scales,
+    zeros) are exchanged and every rank builds the same layers: those of one process."""
+    from ..distributed import gptq_cost
+
+    modules = {f"{step.name}.{n}": step.module(n) for n in names}
+    n_rows = sum(linear_weight(m).shape[0] for m in modules.values())
+    k = linear_weight(next(iter(modules.values()))).shape[1]
+    dist.reduce_(stats.xtx, list(range(dist.world)), "xtx")
+    stats.n_tokens = dist.all_sum([stats.n_tokens])[0]
+    share = torch.arange(n_rows).tensor_split(dist.world)[dist.rank]
+    where = f"{step.name}.{'/'.join(names)}"
+    for r in range(dist.world):  # the load each rank takes (the factorization is paid by every rank)
+        run_load[r] += gptq_cost(n_rows / dist.world, k)
+
+    def solve():
+        if share.numel() == 0:
+            return {}
+        part = gptq_rows(modules, stats.hessian(), config, where, slice(int(share[0]), int(share[-1]) + 1))
+        return {str(dist.rank): {"meta": None, "tensors": part}}
+
+    mine = guarded(dist, solve, f"{step.name}: solving")
+    stats.release_()
+    got = dist.exchange(mine, "rows")
+    parts = [got[str(r)]["tensors"] for r in range(dist.world) if str(r) in got]
+    whole = {key: torch.cat([p[key] for p in parts]) for key in ("codes", "scale", "zero") if key in parts[0]}
+    if "g_idx" in parts[0]:
+        whole["g_idx"] = parts[0]["g_idx"]  # the same on every rank (from H alone)
+    device = linear_weight(next(iter(modules.values()))).device
+    layers = gptq_layers(modules, {key: t.to(device) for key, t in whole.items()}, config)
+    return {full[len(step.name) + 1:]: q for full, q in layers.items()}
 
 
 def _quantize_names(config, step, names: list[str], H: torch.Tensor) -> dict:

@@ -105,24 +105,32 @@ def capture_block_inputs(model: nn.Module, batches: list[torch.Tensor], device=N
 
 
 class InputStats:
-    """Running ``X^T X`` (fp32, ``[K, K]``) and token count of one linear layer's inputs.
+    """Running ``X^T X`` (``[K, K]``) and token count of one linear layer's inputs.
 
     A plain sum: the stats of two disjoint sets of tokens are ``a.merge_(b)`` (what a
-    distributed run reduces). ``add_`` fills only the blocks on and above the diagonal (the sum
-    is symmetric: about 0.6x the multiply-adds of a full ``X^T X``); ``xtx`` mirrors them into
-    the lower blocks when read."""
+    distributed run reduces). Each ``add_`` computes its batch's product in fp32 on its own and
+    adds it to a float64 sum: a sum of fp32 products is exact in float64 (short of extreme
+    cancellation), so it does not depend on the order of the additions, and ranks that each
+    sum their own batches reduce to the very sum one process gets (same checkpoint, same codes).
+    ``add_`` fills only the blocks on and above the diagonal (the sum is symmetric: about 0.6x
+    the multiply-adds of a full ``X^T X``); ``xtx`` mirrors them into the lower blocks when read."""
 
     #: width of the column blocks of the half-filled sum
     BLOCK = 256
 
     def __init__(self, xtx: torch.Tensor, n_tokens: int = 0):
-        self._sum = xtx  # [K, K] fp32; blocks below the diagonal stale while _half
+        self._sum = xtx.to(torch.float64)  # [K, K] fp64; blocks below the diagonal stale while _half
         self._half = False
         self.n_tokens = n_tokens
 
+    @classmethod
+    def zeros(cls, k: int, device=None) -> "InputStats":
+        """Empty stats of a layer with ``k`` inputs."""
+        return cls(torch.zeros(k, k, dtype=torch.float64, device=device))
+
     @property
     def xtx(self) -> torch.Tensor:
-        """``X^T X`` summed over every token seen (``[K, K]``, fp32, symmetric)."""
+        """``X^T X`` summed over every token seen (``[K, K]``, float64, symmetric)."""
         if self._half:
             k, b = self._sum.shape[0], self.BLOCK
             for i in range(b, k, b):  # lower block rows <- transposed upper block columns
@@ -131,21 +139,21 @@ class InputStats:
         return self._sum
 
     def add_(self, x: torch.Tensor) -> None:
-        """Add the tokens of ``x [..., K]``."""
+        """Add the tokens of ``x [..., K]`` (one calibration batch)."""
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)  # [tokens, K]
         k, b = x.shape[1], self.BLOCK
         if k <= b:
-            self._sum.addmm_(x.t(), x)
+            self._sum.add_(torch.mm(x.t(), x))  # this batch's fp32 product, then the exact fp64 add
         else:
             xt = x.t()
             for i in range(0, k, b):  # block row i, columns i.. (the diagonal block and right of it)
-                self._sum[i:i + b, i:].addmm_(xt[i:i + b], x[:, i:])
+                self._sum[i:i + b, i:].add_(torch.mm(xt[i:i + b], x[:, i:]))  # [b, K - i]
             self._half = True
         self.n_tokens += x.shape[0]
 
     def merge_(self, other: "InputStats") -> "InputStats":
         """Add another run's sums (same layer, other tokens)."""
-        self.xtx.add_(other.xtx.to(self._sum.device))
+        self.xtx.add_(other.xtx.to(device=self._sum.device, dtype=torch.float64))
         self.n_tokens += other.n_tokens
         return self
 
@@ -156,7 +164,7 @@ class InputStats:
 
     def hessian(self) -> torch.Tensor:
         """GPTQ's ``H = 2 X X^T / n`` (``[K, K]``, fp32)."""
-        return self.xtx * (2.0 / max(self.n_tokens, 1))
+        return (self.xtx * (2.0 / max(self.n_tokens, 1))).to(torch.float32)
 
 
 @dataclass
@@ -175,6 +183,7 @@ class BlockStep:
     args: list[tuple]
     kwargs: list[dict]
     linear_names: list[str]
+    model_bytes: int = 0  # bytes of the whole model's weights (as stored): what TAIL_BUDGET is relative to
     _groups: list[list[str]] | None = field(default=None, repr=False)
     _final: set[str] = field(default_factory=set, repr=False)
     _replay: dict[str, list] = field(default_factory=dict, repr=False)  # child name -> its output per input
@@ -183,8 +192,9 @@ class BlockStep:
     _tail_inputs: dict[str, list] = field(default_factory=dict, repr=False)  # that layer -> its input per input
     _tainted: list = field(default_factory=lambda: [False], repr=False)  # a changing layer ran in this forward
 
-    #: recorded inputs of tail layers may take at most this many times the bytes of the block inputs
-    TAIL_BUDGET = 4.0
+    #: recorded inputs of tail layers may take at most this fraction of the model's bytes (its weights
+    #: as stored: ``model_bytes``); 0 turns the shortcut off (less memory, the MLP recomputed)
+    TAIL_BUDGET = 0.5
 
     def module(self, name: str) -> nn.Module:
         """The module now at block-relative ``name`` (a QuantLinear once the caller replaced it)."""
@@ -334,7 +344,7 @@ class BlockStep:
             """Keep the input of a tail layer, while it depends on final layers only and fits."""
             outs = kept.get(name)
             if outs is None:
-                budget = self.TAIL_BUDGET * sum(t.numel() * t.element_size() for t in self.inputs)
+                budget = self.TAIL_BUDGET * self.model_bytes
                 used = sum(r[0].numel() * r[0].element_size()
                            for o in list(self._tail_inputs.values()) + list(kept.values()) for r in o if r)
                 if used + x.numel() * x.element_size() * len(self.inputs) > budget:
@@ -357,7 +367,7 @@ class BlockStep:
                         stats[name] = stats[last[0]]
                     else:
                         k = _in_features(module)
-                        stats[name] = InputStats(torch.zeros(k, k, dtype=torch.float32, device=x.device))
+                        stats[name] = InputStats.zeros(k, device=x.device)
                         owners.add(name)
                 if name in owners:
                     stats[name].add_(x)
@@ -568,6 +578,7 @@ def iterate_blocks(model: nn.Module, batches: list[torch.Tensor], skip: list[str
         return out
 
     hidden, args, kwargs = guarded(lambda: capture_block_inputs(model, batches, device=device), "capturing inputs")
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # meta blocks count too
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -581,7 +592,8 @@ def iterate_blocks(model: nn.Module, batches: list[torch.Tensor], skip: list[str
             block = blocks[i]
             home = next((p.device for p in block.parameters()), device)
             block.to(device)
-            return home, BlockStep(i, name, block, hidden, args, kwargs, block_linear_names(block, name, skip))
+            return home, BlockStep(i, name, block, hidden, args, kwargs, block_linear_names(block, name, skip),
+                                   model_bytes=weight_bytes)
 
         home, step = guarded(load, f"{name}: loading")
         yield step

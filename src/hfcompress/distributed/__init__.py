@@ -5,12 +5,16 @@ Launch the CLI with ``torchrun --nproc-per-node N -m hfcompress.cli.main quantiz
 ``hfcompress.compensate`` in a program whose process group is initialised: calibration is then
 distributed on its own. Per decoder block and per group of layers (q/k/v, o, gate/up, down):
 
-1. each rank runs its share of the calibration windows through the block (``shard_batches``);
+1. each rank runs its share of the calibration batches (whole batches) through the block
+   (``shard_batches``), summing each layer's ``XᵀX`` exactly (fp32 batch products, float64 sum:
+   the reduced sum is the single process's, so is the checkpoint);
 2. each layer's ``XᵀX`` is summed over the ranks into the layer's owner (``reduce``; an
    ``all_reduce`` when layers sharing one input have several owners);
 3. layers are given to ranks by solve cost (:func:`plan.assign`, greedy LPT bin-packing); each
    owner solves its layers and broadcasts the result (the compressed layer's stored tensors:
-   codes/scales/zeros..., or EoRA's ``B``/``A``);
+   codes/scales/zeros..., or EoRA's ``B``/``A``). GPTQ instead splits a group of layers reading
+   one input by output rows over all ranks (every rank gets the summed ``XᵀX``; rows are
+   independent given it) and exchanges the rows' codes, scales and zeros;
 4. every rank puts the same results in its block and advances its inputs through it.
 
 Streaming (``hfcompress.quantize(dir, ...)``) composes: every rank reads the block it needs from

@@ -309,23 +309,23 @@ def shutdown(started: bool) -> None:
 
 
 def shard_batches(batches: list[torch.Tensor], rank: int, world: int) -> list[torch.Tensor]:
-    """This rank's share of the calibration batches: the rows (windows) split into ``world``
-    contiguous, near-equal parts, re-batched at the original batch size. Batches of unequal
-    lengths are split as whole batches instead."""
+    """This rank's share of the calibration batches: whole batches, in contiguous runs of
+    near-equal count (rank ``r`` gets the ``r``-th run). Every rank then sums ``X^T X`` over the very
+    batches a single process uses, and the float64 sums (:class:`~hfcompress.calibration.InputStats`)
+    reduce to the single process's sum: the same checkpoint. With fewer batches than ranks, the
+    rows (windows) of equal-length batches are split instead (each rank one batch of its rows):
+    that batching differs from a single process's, so its statistics differ by fp32 rounding."""
     if not batches:
         raise ValueError("distributed calibration: no calibration batches")
-    lengths = {b.shape[1] for b in batches}
-    if len(lengths) == 1:
-        rows = torch.cat(list(batches))  # [n, s]
-        parts = [len(p) for p in torch.arange(rows.shape[0]).tensor_split(world)]
-        if min(parts) == 0:
-            raise ValueError(f"distributed calibration: {rows.shape[0]} calibration samples for {world} ranks; "
-                             "every rank needs at least one (raise n_samples or use fewer processes)")
-        start = sum(parts[:rank])
-        mine = rows[start:start + parts[rank]]
-        return list(mine.split(batches[0].shape[0]))
-    if len(batches) < world:
+    if len(batches) >= world:
+        idx = torch.arange(len(batches)).tensor_split(world)[rank].tolist()
+        return [batches[i] for i in idx]
+    if len({b.shape[1] for b in batches}) != 1:
         raise ValueError(f"distributed calibration: {len(batches)} calibration batches of unequal lengths for "
                          f"{world} ranks; every rank needs at least one")
-    idx = torch.arange(len(batches)).tensor_split(world)[rank].tolist()
-    return [batches[i] for i in idx]
+    rows = torch.cat(list(batches))  # [n, s]
+    parts = torch.arange(rows.shape[0]).tensor_split(world)
+    if min(len(p) for p in parts) == 0:
+        raise ValueError(f"distributed calibration: {rows.shape[0]} calibration samples for {world} ranks; "
+                         "every rank needs at least one (raise n_samples or use fewer processes)")
+    return [rows[parts[rank]]]
