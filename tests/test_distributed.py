@@ -108,8 +108,8 @@ def test_layers_travel_bit_for_bit(method):
     assert b"pickle" not in header and header.startswith(b"{")
 
 
-@pytest.mark.parametrize("act_order", [True, False])
-def test_gptq_rows_of_a_split_are_the_rows_of_the_whole(act_order):
+@pytest.mark.parametrize("act_order, mse_clip", [(True, False), (False, False), (True, True)])
+def test_gptq_rows_of_a_split_are_the_rows_of_the_whole(act_order, mse_clip):
     """What lets a distributed run split a layer's rows over ranks: GPTQ of a row range of the
     stacked weights (gate/up here) equals those rows of GPTQ of the whole, bit for bit."""
     import hfcompress
@@ -121,7 +121,7 @@ def test_gptq_rows_of_a_split_are_the_rows_of_the_whole(act_order):
     g = torch.Generator().manual_seed(7)
     x = torch.randn(300, mlp.gate_proj.in_features, generator=g) * torch.rand(mlp.gate_proj.in_features, generator=g)
     H = 2 * x.t() @ x / 300
-    cfg = hfcompress.GPTQConfig(bits=4, group_size=32, act_order=act_order)
+    cfg = hfcompress.GPTQConfig(bits=4, group_size=32, act_order=act_order, mse_clip=mse_clip)
     whole = gptq_rows(modules, H, cfg, "block 0")
     n = whole["codes"].shape[0]
     cuts = [0, 37, n // 2 + 5, n]  # ragged, one cut inside a layer, one across the gate/up boundary
