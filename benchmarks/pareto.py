@@ -29,7 +29,8 @@ def points() -> dict[str, list[tuple[float, float, str]]]:
     for name, r in evo.items():
         if name == "fp32" or "ppl_geomean" not in r:
             continue
-        method = "EvoPress (GPTQ levels)" if name.startswith("evopress") else (
+        method = "EvoPress (GPTQ levels)" if name.startswith("evopress") and "-fisher-" not in name else (
+            "EvoPress, Fisher warm start" if name.startswith("evopress") else
             "uniform GPTQ (database levels)" if name.startswith("db-") else "uniform GPTQ")
         out.setdefault(method, []).append((r["bits_per_weight"], r["ppl_geomean"], name))
     for r in load("bitstack.json").get("budgets", {}).values():
@@ -37,7 +38,7 @@ def points() -> dict[str, list[tuple[float, float, str]]]:
             out.setdefault("BitStack", []).append((r["bits_per_weight"], r["ppl_geomean"], ""))
     for r in load("quality.json").get("entries", []):
         if r.get("ppl_geomean") and r.get("bits_per_weight") and r["bits_per_weight"] < 16 and "+" not in r["entry"]:
-            out.setdefault("quality.py entries", []).append((r["bits_per_weight"], r["ppl_geomean"], r["entry"]))
+            out.setdefault("quality.py entries (fp32 compute)", []).append((r["bits_per_weight"], r["ppl_geomean"], r["entry"]))
     return out
 
 
@@ -51,14 +52,14 @@ def main() -> None:
     for method, pts in sorted(points().items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method,
-                linestyle="-" if method in ("BitStack", "EvoPress (GPTQ levels)") else "none")
+                linestyle="-" if method == "BitStack" else "none")
         for x, y, label in pts:
             if label:
                 ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     fp = json.load(open(os.path.join(RES, "evopress.json"))).get("entries", {}).get("fp32") \
         if os.path.isfile(os.path.join(RES, "evopress.json")) else None
     if fp:
-        ax.axhline(fp["ppl_geomean"], color="gray", linestyle="--", linewidth=1, label="float (bf16 weights, fp32 compute)")
+        ax.axhline(fp["ppl_geomean"], color="gray", linestyle="--", linewidth=1, label="float (bf16)")
     ax.set_yscale("log")
     ax.set_xlabel("stored bits per weight of the linear layers (everything counted)")
     ax.set_ylabel("perplexity, geometric mean of 4 domains")

@@ -18,6 +18,7 @@ from hfcompress.algorithms.evopress import (
     evopress_search,
     initial_allocation,
     level_switch_mutation,
+    proxy_allocation,
 )
 from hfcompress.evopress import parse_size
 from hfcompress.formats import is_compressed
@@ -72,6 +73,28 @@ def test_search_finds_the_optimum_of_a_separable_problem():
     assert fits[-1] < fits[0]
 
 
+def test_proxy_allocation_is_the_knapsack_optimum_of_additive_scores():
+    """For additive scores the Lagrangian allocation (plus the greedy fill) must fit the budget and
+    be optimal or within one level step of it; checked by brute force on random problems."""
+    import itertools
+
+    g = torch.Generator().manual_seed(5)
+    for trial in range(20):
+        err = (torch.rand(4, 4, generator=g) * 10).sort(dim=1, descending=True).values.tolist()
+        budget = float(torch.randint(9 + 20, 120, (1,), generator=g))
+        a = proxy_allocation(err, COST, budget)
+        assert allocation_cost(a, COST) <= budget
+        feasible = [b for b in itertools.product(range(4), repeat=4) if allocation_cost(b, COST) <= budget]
+        best = min(sum(err[i][j] for i, j in enumerate(b)) for b in feasible)
+        got = sum(err[i][j] for i, j in enumerate(a))
+        worst = max(sum(err[i][j] for i, j in enumerate(b)) for b in feasible)
+        assert got <= best + 0.25 * (worst - best), (trial, a, got, best)
+    # a budget that holds every layer at its best level takes it; one below the smallest is refused
+    assert proxy_allocation(err, COST, 1e9) == [3, 3, 3, 3]
+    with pytest.raises(ValueError, match="below the smallest allocation"):
+        proxy_allocation(err, COST, 10.0)
+
+
 def test_config_validation_names_the_field():
     with pytest.raises(ConfigError, match="target_size='70 parsecs'"):
         EvoPressConfig(target_size="70 parsecs")
@@ -83,6 +106,8 @@ def test_config_validation_names_the_field():
         EvoPressConfig(target_bits_per_weight=3.0, target_size="1MB")
     with pytest.raises(ConfigError, match="selection"):
         EvoPressConfig(target_bits_per_weight=3.0, selection=[[64, 2]])
+    with pytest.raises(ConfigError, match="init='best'"):
+        EvoPressConfig(target_bits_per_weight=3.0, init="best")
     with pytest.raises(ConfigError, match="needs a budget"):
         hfcompress.quantize_(llama_gqa(), EvoPressConfig())
     assert parse_size("70MB") == 70_000_000 and parse_size("1.5MiB") == 1_572_864 and parse_size(123) == 123
@@ -152,6 +177,39 @@ def test_evopress_kl_not_worse_than_its_uniform_start(exact_cpu_reference):
     res = evopress_search(cost, budget, fit, 6, 4, [(64, 2), (256, 1)], torch.Generator().manual_seed(0),
                           initial=uniform3)
     assert fit(res.allocation, 256, 0) <= kl3
+
+
+def test_fisher_warm_start_fits_the_budget_and_beats_the_uniform_start(exact_cpu_reference):
+    """The Fisher proxy scores the float level 0 and fewer bits worse; the warm start it gives fits
+    the budget and, on the search's own windows, has a lower KL than the uniform start."""
+    from hfcompress.evopress.database import build_database, level_config
+    from hfcompress.evopress.fitness import KLFitness, fisher_scores
+
+    torch.manual_seed(0)
+    model = llama_gqa()
+    batches = _batches()
+    config = EvoPressConfig(target_bits_per_weight=3.0, levels=[2, 3, 4, 8, "float"], **_small())
+    cfgs = [None if s is None else level_config(lv, "gptq", 32, 0.01)
+            for lv, s in zip(config.levels, config.level_specs())]
+    db = build_database(model, config.levels, config.level_specs(), cfgs, "gptq", batches, ["lm_head"])
+    fit = KLFitness(model, db, torch.cat(batches)[:8])
+    before = [(p.clone(), p.requires_grad) for p in model.parameters()]
+    scores = fisher_scores(fit)
+    assert all((p.requires_grad == r) and torch.equal(p, b) for (b, r), p in zip(before, model.parameters()))
+    assert all(row[-1] == 0.0 and row[0] > row[1] > row[2] > row[3] > 0 for row in scores)
+    cost = db.cost_bits(32)
+    n = sum(k * o for k, o in db.shapes.values())
+    budget = 3.0 * n
+    warm = proxy_allocation(scores, cost, budget)
+    cold = initial_allocation(cost, budget, torch.Generator().manual_seed(0))
+    assert allocation_cost(warm, cost) <= budget and allocation_cost(warm, cost) >= 0.99 * budget
+    assert fit(warm, 256, 0) < fit(cold, 256, 0)
+    # through the config: the search starts there and records it
+    model2 = llama_gqa()
+    model2.load_state_dict(model.state_dict())
+    cfg = EvoPressConfig(target_bits_per_weight=3.0, levels=[2, 3, 4, 8, "float"], init="fisher", **_small())
+    hfcompress.quantize_(model2, cfg, batches=batches)
+    assert cfg.search_log["init"] == "fisher" and cfg.search_log["achieved_bits"] <= cfg.search_log["budget_bits"]
 
 
 def test_target_size_counts_every_tensor_and_the_database_cache(tmp_path):

@@ -11,7 +11,9 @@ scored, never layers alone.
 The search (Algorithm 1 of the paper), a (1 + lambda) evolutionary algorithm:
 
 1. start from a uniform allocation (here: the uniform level nearest the budget, with random
-   layers moved one level down until it fits, then one level up while it fits);
+   layers moved one level down until it fits, then one level up while it fits), or, for a short
+   search, from the allocation that is optimal for an *additive* per-layer error proxy
+   (:func:`proxy_allocation`; the search then corrects what the proxy's additivity gets wrong);
 2. each generation draws ``offspring`` children of the parent by *level-switch mutation*: one
    layer goes one level up and other layers go one level down until the allocation fits the
    budget again, so every candidate stays on budget;
@@ -63,6 +65,49 @@ def initial_allocation(cost: Sequence[Sequence[float]], budget: float, generator
             a[layer] -= 1
     _fill_(a, cost, budget, generator, frozen=set())
     return a
+
+
+def proxy_allocation(scores: Sequence[Sequence[float]], cost: Sequence[Sequence[float]], budget: float,
+                     iters: int = 100) -> list[int]:
+    """The allocation minimising ``sum_l scores[l][a_l]`` (an additive per-layer error estimate,
+    ``[L][levels]``) within ``budget``: Lagrangian relaxation, each layer takes
+    ``argmin_j scores[l][j] + lam * cost[l][j]``, ``lam`` bisected to the smallest price that fits;
+    the budget left over is then spent greedily (the largest score drop per bit, one level up at
+    a time, while it fits)."""
+    s = torch.tensor(scores, dtype=torch.float64)                               # [L, J]
+    c = torch.tensor(cost, dtype=torch.float64)                                 # [L, J]
+    if float(c[:, 0].sum()) > budget:
+        raise ValueError(f"the budget ({budget:.0f} bits) is below the smallest allocation "
+                         f"({float(c[:, 0].sum()):.0f} bits: every layer at its lowest level)")
+
+    def pick(lam: float) -> torch.Tensor:                                       # [L] level per layer
+        return (s + lam * c).argmin(dim=1)
+
+    def total(a: torch.Tensor) -> float:
+        return float(c.gather(1, a[:, None]).sum())
+
+    lo, hi = 0.0, 1.0
+    if total(pick(lo)) <= budget:                                               # every layer at its best fits
+        hi = lo
+    while total(pick(hi)) > budget:                                             # a price that fits (at a
+        lo, hi = hi, hi * 4                                                     # high price: lowest levels)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if total(pick(mid)) <= budget else (mid, hi)
+    a = pick(hi).tolist()
+    spent = total(torch.tensor(a))
+    while True:                                                                 # spend what is left
+        best, gain = None, 0.0
+        for layer, j in enumerate(a):
+            if j + 1 < len(cost[layer]):
+                step = cost[layer][j + 1] - cost[layer][j]
+                drop = scores[layer][j] - scores[layer][j + 1]
+                if spent + step <= budget and step > 0 and drop / step > gain:
+                    best, gain = layer, drop / step
+        if best is None:
+            return a
+        spent += cost[best][a[best] + 1] - cost[best][a[best]]
+        a[best] += 1
 
 
 def _fill_(a: list[int], cost, budget: float, generator: torch.Generator, frozen: set[int]) -> None:

@@ -31,7 +31,10 @@ class EvoPressConfig(HfCompressConfig):
     calibration windows (of ``seq_len`` tokens; ``dataset``/``n_samples`` as in GPTQConfig).
     ``database``: a safetensors file caching the level database (built there if missing);
     ``resume``: a saved search log to continue from; ``time_limit``: seconds after which no new
-    generation starts.
+    generation starts. ``init``: the starting allocation, ``"uniform"`` (the paper's: the uniform
+    level nearest the budget, random layers moved to fit it) or ``"fisher"`` (the allocation that is
+    optimal for an additive per-layer proxy, the Fisher-weighted squared error of each level, on
+    the first ``search_samples`` windows: a warm start for short searches).
     """
 
     algorithm = "evopress"
@@ -56,6 +59,7 @@ class EvoPressConfig(HfCompressConfig):
         "search_seq_len": ((int,), True),
         "resume": ((str,), True),
         "time_limit": ((float, int), True),
+        "init": ((str,), False),
     }
 
     def __init__(self, target_bits_per_weight: float | None = None, target_size: str | int | None = None,
@@ -63,7 +67,7 @@ class EvoPressConfig(HfCompressConfig):
                  dataset=None, n_samples: int = 128, seq_len: int = 512, search_samples: int = 16,
                  generations: int = 50, offspring: int = 16, selection=((512, 4), (2048, 1)), seed: int = 0,
                  database: str | None = None, search_seq_len: int | None = None, resume: str | None = None,
-                 time_limit: float | None = None,
+                 time_limit: float | None = None, init: str = "uniform",
                  bits: int = 4, modules_to_not_convert: list[str] | None = None,
                  tokenizer=None, **kwargs):
         self.tokenizer = tokenizer
@@ -78,10 +82,12 @@ class EvoPressConfig(HfCompressConfig):
                          database=os.fspath(database) if isinstance(database, os.PathLike) else database,
                          search_seq_len=search_seq_len,
                          resume=os.fspath(resume) if isinstance(resume, os.PathLike) else resume,
-                         time_limit=time_limit, **kwargs)
+                         time_limit=time_limit, init=init, **kwargs)
         _check_dataset(self.dataset)
         if self.base not in ("gptq", "rtn"):
             raise ConfigError(f"quantization_config.base={self.base!r}: the levels are built by 'gptq' or 'rtn'")
+        if self.init not in ("uniform", "fisher"):
+            raise ConfigError(f"quantization_config.init={self.init!r}: the starting allocation is 'uniform' or 'fisher'")
         if self.target_bits_per_weight is not None and not self.target_bits_per_weight > 0:
             raise ConfigError(f"quantization_config.target_bits_per_weight={self.target_bits_per_weight!r} must be > 0")
         if self.target_size is not None:
@@ -139,7 +145,7 @@ class EvoPressConfig(HfCompressConfig):
 
     def calibrate_(self, model, progress: bool = False, tokenizer=None, batches=None, device=None, **kwargs):
         """Build (or load) the level database, search the allocation, swap the chosen layers in."""
-        from ..algorithms.evopress import evopress_search
+        from ..algorithms.evopress import evopress_search, proxy_allocation
         from .apply import apply_allocation_, budget_bits
         from .database import LevelDatabase, build_database, level_config, searched_layers
         from .fitness import KLFitness
@@ -167,6 +173,10 @@ class EvoPressConfig(HfCompressConfig):
         pool = pool[: self.search_samples]
         initial = self._resume_allocation(shapes) if self.resume else None
         fitness = KLFitness(model, db, pool)
+        if initial is None and self.init == "fisher":
+            from .fitness import fisher_scores
+
+            initial = proxy_allocation(fisher_scores(fitness), cost, budget)
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -193,7 +203,7 @@ class EvoPressConfig(HfCompressConfig):
         self.extra = {**self.extra, "evopress": summary}
         self.search_log = {**summary, "levels": self.levels, "target_bits_per_weight": self.target_bits_per_weight,
                            "target_size": self.target_size, "selection": self.selection, "offspring": self.offspring,
-                           "seed": self.seed, "log": result.log,
+                           "seed": self.seed, "init": "resume" if self.resume else self.init, "log": result.log,
                            "allocation": {name: self.levels[j] for name, j in zip(shapes, result.allocation)}}
         return model
 

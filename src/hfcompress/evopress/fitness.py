@@ -70,3 +70,43 @@ class KLFitness:
             count += kl.numel()
         self.restore_()
         return total / count
+
+
+def fisher_scores(fitness: KLFitness, n_windows: int | None = None) -> list[list[float]]:
+    """An additive per-layer error proxy ``[layer][level]`` for a warm start
+    (``hfcompress.algorithms.evopress.proxy_allocation``): the second-order estimate of the loss a
+    level adds, ``1/2 sum_i F_ii (W_level - W)_i^2``, with ``F`` the diagonal empirical Fisher of
+    the float model's next-token loss (squared gradients of each window's loss, summed over the
+    first ``n_windows`` windows of the pool; all of them by default). The float level scores 0."""
+    model, pool = fitness.model, fitness.pool[:n_windows]
+    params = {name: m.weight for name, m in fitness.modules.items()}
+    was = {name: p.requires_grad for name, p in params.items()}
+    others = [p for p in model.parameters() if all(p is not q for q in params.values())]
+    was_others = [p.requires_grad for p in others]
+    fisher = {name: torch.zeros(p.shape, dtype=torch.float32) for name, p in params.items()}
+    try:
+        for p in others:
+            p.requires_grad_(False)
+        for p in params.values():
+            p.requires_grad_(True)
+        device = next(model.parameters()).device
+        with torch.enable_grad():
+            for row in pool:                                                     # [T] token ids
+                ids = row[None].to(device)
+                logits = model(input_ids=ids).logits.float()                     # [1, T, V]
+                loss = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
+                grads = torch.autograd.grad(loss, list(params.values()))
+                for name, g in zip(params, grads):
+                    fisher[name] += g.float().cpu().pow(2)
+    finally:
+        for name, p in params.items():
+            p.requires_grad_(was[name])
+        for p, w in zip(others, was_others):
+            p.requires_grad_(w)
+    scores = []
+    for name in fitness.modules:
+        w = fitness.float_weights[name].float().cpu()
+        f = fisher[name]
+        scores.append([0.0 if spec is None else 0.5 * float((f * (q.float().cpu() - w).pow(2)).sum())
+                       for spec, q in zip(fitness.db.specs, fitness.weights[name])])
+    return scores
