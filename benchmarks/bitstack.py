@@ -85,7 +85,7 @@ def step_eval(args) -> None:
     from transformers import AutoTokenizer
 
     import hfcompress
-    from evopress import _perplexities
+    from evopress import _hoist_dequantized_, _perplexities
     from hfcompress.calibration import eval_texts, tokenize_text
     from hfcompress.formats.bitstack import load_under_budget
 
@@ -113,6 +113,7 @@ def step_eval(args) -> None:
         _, _, stored = _linear_info(model)
         row = {"eval_dtype": args.dtype, "budget_bits_per_weight": bits, "budget_bytes": budget, "bits_per_weight": round(8 * stored / n, 4),
                "blocks": sum(m.n_blocks for m in model.modules() if hasattr(m, "n_blocks")), "load_s": round(load_s, 2)}
+        row["dequantized_once"] = _hoist_dequantized_(model, next(iter(evals.values())).reshape(-1)[:512])
         row.update({f"ppl_{k}": v for k, v in _perplexities(model, evals).items()})
         row["eval_s"] = round(time.perf_counter() - t0, 1)
         row["load"] = open("/proc/loadavg").read().split()[:3]

@@ -185,6 +185,61 @@ def _search(target: float, args) -> None:
           f"{log['achieved_bits_per_weight']:.4f} bits per weight")
 
 
+class _Dequantized:
+    """A compressed layer's reference matmul with its weight dequantized once, not per call:
+    int_group's reference (``matmul(x, dequantize(dtype=x.dtype).t())``) or bitstack's (fp32
+    weight, fp32 matmul, output cast to x's dtype), the same operations on the same tensors."""
+
+    @staticmethod
+    def build(layer):
+        import torch
+        from torch import nn
+
+        from hfcompress.formats.bitstack import BitStackLinear
+        from hfcompress.formats.int_group.layer import QuantLinear
+
+        fp32 = isinstance(layer, BitStackLinear)
+        if not fp32 and not isinstance(layer, QuantLinear):
+            raise TypeError(f"no hoisted reference for {type(layer).__name__}")
+
+        class Hoisted(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.w = layer.dequantize(torch.float32 if fp32 else layer.compute_dtype)  # [out, in]
+                self.b = layer.bias
+
+            def forward(self, x):
+                if fp32:
+                    y = x.float() @ self.w.t()
+                    return (y if self.b is None else y + self.b.float()).to(x.dtype)
+                y = torch.matmul(x, self.w.t())
+                return y if self.b is None else y + self.b.to(y.dtype)
+
+        return Hoisted()
+
+
+def _hoist_dequantized_(model, check_ids) -> bool:
+    """Every compressed layer swapped for :class:`_Dequantized` (the reference path without
+    dequantizing on every forward: 2x faster evaluation); the logits of ``check_ids`` must stay
+    bit-identical, else ``RuntimeError``. Returns whether anything was swapped."""
+    import torch
+
+    from hfcompress.formats import is_compressed
+    from hfcompress.modules import set_submodule
+
+    layers = [(n, m) for n, m in model.named_modules() if is_compressed(m)]
+    if not layers:
+        return False
+    with torch.no_grad():
+        before = model(input_ids=check_ids[None]).logits
+        for name, layer in layers:
+            set_submodule(model, name, _Dequantized.build(layer))
+        after = model(input_ids=check_ids[None]).logits
+    if not torch.equal(before, after):
+        raise RuntimeError(f"hoisted dequantization changed the logits (max diff {(before - after).abs().max()})")
+    return True
+
+
 def _perplexities(model, evals) -> dict:
     from quality import EVAL
 
@@ -266,6 +321,7 @@ def step_eval(args) -> None:
         t0 = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
         row = {"entry": name, "eval_dtype": args.dtype, "search_generations": _generations(name), **({"bits_per_weight": 16.0} if name == "fp32" else _sizes(path))}
+        row["dequantized_once"] = _hoist_dequantized_(model, next(iter(evals.values())).reshape(-1)[:512])
         row.update({f"ppl_{k}": v for k, v in _perplexities(model, evals).items()})
         row["eval_s"] = round(time.perf_counter() - t0, 1)
         row["load"] = _uptime()
