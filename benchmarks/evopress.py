@@ -362,15 +362,15 @@ def table(path: str = RESULTS) -> str:
             if not name.startswith("evopress") or "ppl_geomean" not in e:
                 continue
             target = name.rsplit("-", 1)[1]
-            # the comparators: the uniform entries of the smallest size at or above EvoPress's (those within
-            # 1% of it: e.g. both 3-bit g128 kinds); a uniform entry of a much larger size (4 bits against a
-            # 3.5 budget) is a different size class, not "the same or a larger size" the target means
+            # the comparators: the uniform entries of the smallest size at or above EvoPress's (and those within
+            # 0.1 bits per weight of it: both 3-bit g128 kinds); a uniform entry of a much larger size (4 bits
+            # against a 3.5 budget) is another size class, not "the same or a larger size" the target means
             above = [(n, r) for n, r in rows.items() if (n.startswith("gptq") or n.startswith("db-uniform"))
                      and r.get("bits_per_weight", 0) >= e["bits_per_weight"] and "ppl_geomean" in r]
             if not above:
                 continue
             nearest = min(r["bits_per_weight"] for _, r in above)
-            ok = [(n, r) for n, r in above if r["bits_per_weight"] <= nearest * 1.01]
+            ok = [(n, r) for n, r in above if r["bits_per_weight"] <= nearest + 0.1]
             best = min(ok, key=lambda nr: gap(nr[1]))
             red = 1 - gap(e) / gap(best[1])
             others = ", ".join(f"{n} {gap(r):.3f}" for n, r in ok if n != best[0])

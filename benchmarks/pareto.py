@@ -44,6 +44,7 @@ def points() -> dict[str, list[tuple[float, float, str]]]:
 
 def main() -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -61,6 +62,8 @@ def main() -> None:
     if fp:
         ax.axhline(fp["ppl_geomean"], color="gray", linestyle="--", linewidth=1, label="float (bf16)")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("stored bits per weight of the linear layers (everything counted)")
     ax.set_ylabel("perplexity, geometric mean of 4 domains")
     ax.set_title("SmolLM2-135M-Instruct: size vs perplexity")
