@@ -39,7 +39,7 @@ SEARCH = dict(offspring=8, selection=[[128, 2], [512, 1]], search_seq_len=128, s
 # uniform baselines: name -> GPTQConfig fields (the project's GPTQ defaults: act-order, true-sequential)
 GPTQ_BASELINES = {"gptq-w3-g128": dict(bits=3, group_size=128), "gptq-w3-g32": dict(bits=3, group_size=32),
                   "gptq-w4-g128": dict(bits=4, group_size=128)}
-DB_UNIFORM = {"db-uniform-w3": 3, "db-uniform-w4": 4}  # every layer at one level of the database
+DB_UNIFORM = {"db-uniform-w2": 2, "db-uniform-w3": 3, "db-uniform-w4": 4}  # every layer at one level of the database
 
 
 def _setup():
