@@ -92,7 +92,10 @@ def step_eval(args) -> None:
     from hfcompress.calibration import eval_texts, tokenize_text
     from hfcompress.formats.bitstack import load_under_budget
 
+    from hfcompress.formats.bitstack.op import BACKENDS
+
     hfcompress.ops.set_cpu_fast_path("off")  # the reference path, as benchmarks/evopress.py's entries
+    BACKENDS.register("cpu", None)           # bitstack's batched CPU path too: the block-by-block reference
     if not os.path.isdir(CKPT):
         step_build(args)
     start = time.perf_counter()
