@@ -396,7 +396,7 @@ def main() -> None:
     s.add_argument("--generations", type=int, default=1000)
     s.add_argument("--seconds", type=float, default=400, help="start no new generation after this many seconds")
     s.add_argument("--restart", action="store_true")
-    s.add_argument("--init", default="uniform", choices=["uniform", "fisher"],
+    s.add_argument("--init", default="uniform", choices=["uniform", "fisher", "kl"],
                    help="starting allocation of a new search (entry evopress-<init>-<target> unless uniform)")
     e = sub.add_parser("eval")
     e.add_argument("--entries", nargs="+", required=True, help="entry names, or 'all': every cached one not measured")

@@ -106,6 +106,7 @@ def test_config_validation_names_the_field():
         EvoPressConfig(target_bits_per_weight=3.0, target_size="1MB")
     with pytest.raises(ConfigError, match="selection"):
         EvoPressConfig(target_bits_per_weight=3.0, selection=[[64, 2]])
+    assert EvoPressConfig(target_bits_per_weight=3.0, init="kl").init == "kl"
     with pytest.raises(ConfigError, match="init='best'"):
         EvoPressConfig(target_bits_per_weight=3.0, init="best")
     with pytest.raises(ConfigError, match="needs a budget"):
@@ -204,6 +205,22 @@ def test_fisher_warm_start_fits_the_budget_and_beats_the_uniform_start(exact_cpu
     cold = initial_allocation(cost, budget, torch.Generator().manual_seed(0))
     assert allocation_cost(warm, cost) <= budget and allocation_cost(warm, cost) >= 0.99 * budget
     assert fit(warm, 256, 0) < fit(cold, 256, 0)
+    # measured single-layer scores: 0 at the uniform level nearest the budget, a larger KL one level
+    # down and a smaller one up on the whole (not layer by layer: error monotonicity fails), never
+    # two levels away
+    from hfcompress.evopress.fitness import single_layer_scores
+
+    budget = 0.7 * allocation_cost([1] * len(cost), cost) + 0.3 * allocation_cost([2] * len(cost), cost)
+    base = 1  # the uniform level nearest this budget
+    kl_scores = single_layer_scores(fit, cost, budget, 64, 0)
+    inf = float("inf")
+    assert all(r[base] == 0.0 and all(r[j] == inf for j in range(5) if abs(j - base) > 1) for r in kl_scores)
+    assert sum(r[base - 1] for r in kl_scores) > 0 > sum(r[base + 1] for r in kl_scores)
+    kl_warm = proxy_allocation(kl_scores, cost, budget)
+    assert 0.97 * budget <= allocation_cost(kl_warm, cost) <= budget  # coarse steps on a tiny model
+    assert set(kl_warm) <= {base - 1, base, base + 1}
+    cold = initial_allocation(cost, budget, torch.Generator().manual_seed(0))
+    assert fit(kl_warm, 256, 0) < fit(cold, 256, 0)
     # through the config: the search starts there and records it
     model2 = llama_gqa()
     model2.load_state_dict(model.state_dict())

@@ -89,8 +89,12 @@ def proxy_allocation(scores: Sequence[Sequence[float]], cost: Sequence[Sequence[
     lo, hi = 0.0, 1.0
     if total(pick(lo)) <= budget:                                               # every layer at its best fits
         hi = lo
-    while total(pick(hi)) > budget:                                             # a price that fits (at a
-        lo, hi = hi, hi * 4                                                     # high price: lowest levels)
+    for _ in range(2000):                                                       # a price that fits (at a
+        if total(pick(hi)) <= budget:                                           # high price: the cheapest
+            break                                                               # levels of finite score)
+        lo, hi = hi, hi * 4
+    else:
+        raise ValueError("no allocation of finite score fits the budget")
     for _ in range(iters):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if total(pick(mid)) <= budget else (mid, hi)

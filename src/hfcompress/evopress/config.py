@@ -34,7 +34,10 @@ class EvoPressConfig(HfCompressConfig):
     generation starts. ``init``: the starting allocation, ``"uniform"`` (the paper's: the uniform
     level nearest the budget, random layers moved to fit it) or ``"fisher"`` (the allocation that is
     optimal for an additive per-layer proxy, the Fisher-weighted squared error of each level, on
-    the first ``search_samples`` windows: a warm start for short searches).
+    the first ``search_samples`` windows: a warm start for short searches) or ``"kl"`` (the
+    allocation that is optimal for measured single-layer scores: the KL change when one layer alone
+    moves one level down or up from the uniform level nearest the budget, ``2 L + 1`` evaluations on
+    the first selection step's tokens).
     """
 
     algorithm = "evopress"
@@ -86,8 +89,9 @@ class EvoPressConfig(HfCompressConfig):
         _check_dataset(self.dataset)
         if self.base not in ("gptq", "rtn"):
             raise ConfigError(f"quantization_config.base={self.base!r}: the levels are built by 'gptq' or 'rtn'")
-        if self.init not in ("uniform", "fisher"):
-            raise ConfigError(f"quantization_config.init={self.init!r}: the starting allocation is 'uniform' or 'fisher'")
+        if self.init not in ("uniform", "fisher", "kl"):
+            raise ConfigError(f"quantization_config.init={self.init!r}: the starting allocation is 'uniform', 'fisher' "
+                              "or 'kl'")
         if self.target_bits_per_weight is not None and not self.target_bits_per_weight > 0:
             raise ConfigError(f"quantization_config.target_bits_per_weight={self.target_bits_per_weight!r} must be > 0")
         if self.target_size is not None:
@@ -177,6 +181,11 @@ class EvoPressConfig(HfCompressConfig):
             from .fitness import fisher_scores
 
             initial = proxy_allocation(fisher_scores(fitness), cost, budget)
+        elif initial is None and self.init == "kl":
+            from .fitness import single_layer_scores
+
+            scores = single_layer_scores(fitness, cost, budget, self.selection[0][0], self.seed)
+            initial = proxy_allocation(scores, cost, budget)
         bar = None
         if progress:
             from tqdm.auto import tqdm

@@ -110,3 +110,27 @@ def fisher_scores(fitness: KLFitness, n_windows: int | None = None) -> list[list
         scores.append([0.0 if spec is None else 0.5 * float((f * (q.float().cpu() - w).pow(2)).sum())
                        for spec, q in zip(fitness.db.specs, fitness.weights[name])])
     return scores
+
+
+def single_layer_scores(fitness: KLFitness, cost, budget: float, n_tokens: int, seed: int) -> list[list[float]]:
+    """Measured per-layer scores ``[layer][level]`` for a warm start: from the uniform allocation
+    at the level nearest the budget, the change of ``fitness`` (KL, on the same ``n_tokens``
+    tokens for every move) when one layer alone moves one level down or up; ``0`` at the uniform
+    level and ``inf`` (never chosen) two or more levels away. ``2 L + 1`` evaluations."""
+    from ..algorithms.evopress import allocation_cost
+
+    n_layers, n_levels = len(cost), min(len(c) for c in cost)
+    base_level = min(range(n_levels), key=lambda j: abs(allocation_cost([j] * n_layers, cost) - budget))
+    base = [base_level] * n_layers
+    k0 = fitness(base, n_tokens, seed)
+    scores = []
+    for layer in range(n_layers):
+        row = [math.inf] * len(cost[layer])
+        row[base_level] = 0.0
+        for j in (base_level - 1, base_level + 1):
+            if 0 <= j < len(row):
+                moved = list(base)
+                moved[layer] = j
+                row[j] = fitness(moved, n_tokens, seed) - k0
+        scores.append(row)
+    return scores
