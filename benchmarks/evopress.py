@@ -188,18 +188,20 @@ def _search(target: float, args) -> None:
 class _Dequantized:
     """A compressed layer's reference matmul with its weight dequantized once, not per call:
     int_group's reference (``matmul(x, dequantize(dtype=x.dtype).t())``) or bitstack's (fp32
-    weight, fp32 matmul, output cast to x's dtype), the same operations on the same tensors."""
+    weight, fp32 matmul, output cast to x's dtype), the same operations on the same tensors.
+    ``bf16_bitstack``: a bitstack weight rounded to the layer's compute dtype and multiplied there,
+    as every int_group layer is (not what the bitstack layer computes: the caller measures it)."""
 
     @staticmethod
-    def build(layer):
+    def build(layer, bf16_bitstack: bool = False):
         import torch
         from torch import nn
 
         from hfcompress.formats.bitstack import BitStackLinear
         from hfcompress.formats.int_group.layer import QuantLinear
 
-        fp32 = isinstance(layer, BitStackLinear)
-        if not fp32 and not isinstance(layer, QuantLinear):
+        fp32 = isinstance(layer, BitStackLinear) and not bf16_bitstack
+        if not isinstance(layer, (BitStackLinear, QuantLinear)):
             raise TypeError(f"no hoisted reference for {type(layer).__name__}")
 
         class Hoisted(nn.Module):
@@ -218,11 +220,14 @@ class _Dequantized:
         return Hoisted()
 
 
-def _hoist_dequantized_(model, check_ids) -> bool:
+def _hoist_dequantized_(model, check_ids, bf16_bitstack: bool = False):
     """Every compressed layer swapped for :class:`_Dequantized` (the reference path without
-    dequantizing on every forward: 2x faster evaluation); the logits of ``check_ids`` must stay
-    bit-identical, else ``RuntimeError``. Returns whether anything was swapped."""
+    dequantizing on every forward: 2x faster evaluation). Exact (default): the logits of
+    ``check_ids`` must stay bit-identical, else ``RuntimeError``; returns whether anything was
+    swapped. ``bf16_bitstack``: returns the change of the mean next-token NLL of ``check_ids``
+    (hoisted minus reference) instead."""
     import torch
+    import torch.nn.functional as F
 
     from hfcompress.formats import is_compressed
     from hfcompress.modules import set_submodule
@@ -233,8 +238,13 @@ def _hoist_dequantized_(model, check_ids) -> bool:
     with torch.no_grad():
         before = model(input_ids=check_ids[None]).logits
         for name, layer in layers:
-            set_submodule(model, name, _Dequantized.build(layer))
+            set_submodule(model, name, _Dequantized.build(layer, bf16_bitstack))
         after = model(input_ids=check_ids[None]).logits
+    if bf16_bitstack:
+        def nll(logits):
+            return F.cross_entropy(logits[0, :-1].float(), check_ids[1:]).item()
+
+        return round(nll(after) - nll(before), 6)
     if not torch.equal(before, after):
         raise RuntimeError(f"hoisted dequantization changed the logits (max diff {(before - after).abs().max()})")
     return True
