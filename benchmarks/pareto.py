@@ -15,6 +15,7 @@ import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RES = os.path.join(HERE, "results")
+CLIP = 1000.0  # perplexities above this are named, not drawn
 
 
 def points() -> dict[str, list[tuple[float, float, str]]]:
@@ -29,9 +30,12 @@ def points() -> dict[str, list[tuple[float, float, str]]]:
     for name, r in evo.items():
         if name == "fp32" or "ppl_geomean" not in r:
             continue
-        method = "EvoPress (GPTQ levels)" if name.startswith("evopress") and "-fisher-" not in name else (
-            "EvoPress, Fisher warm start" if name.startswith("evopress") else
-            "uniform GPTQ (database levels)" if name.startswith("db-") else "uniform GPTQ")
+        if name.startswith("evopress"):
+            init = name.split("-")[1] if name.count("-") == 2 else "uniform"
+            method = {"uniform": "EvoPress (GPTQ levels)", "fisher": "EvoPress, Fisher warm start",
+                      "kl": "EvoPress, KL-score warm start"}.get(init, f"EvoPress ({init})")
+        else:
+            method = "uniform GPTQ (database levels)" if name.startswith("db-") else "uniform GPTQ"
         out.setdefault(method, []).append((r["bits_per_weight"], r["ppl_geomean"], name))
     for r in load("bitstack.json").get("budgets", {}).values():
         if "ppl_geomean" in r:
@@ -50,7 +54,15 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, pts in sorted(points().items()):
+    off = []  # beyond the chart (e.g. uniform 2-bit): named in a note instead
+    groups = {}
+    for method, pts in points().items():
+        off += [f"{label or method} ({x:.2f} bits: {y:.0f})" for x, y, label in pts if y > CLIP]
+        if any(y <= CLIP for _, y, _ in pts):
+            groups[method] = [p for p in pts if p[1] <= CLIP]
+    if off:
+        ax.text(0.01, 0.01, "off the chart: " + "; ".join(off), transform=ax.transAxes, fontsize=6)
+    for method, pts in sorted(groups.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method,
                 linestyle="-" if method == "BitStack" else "none")
