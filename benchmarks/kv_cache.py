@@ -214,7 +214,7 @@ def part_speed(args, model, rows):
         row = rows.setdefault(name, {})
         row.update({"cache": CACHES[name][0], "kwargs": CACHES[name][1]})
         row.setdefault("decode", {})[f"threads{args.threads}"] = {
-            "tok_s": round(1 / med, 3), "step_ms_median": round(med * 1e3, 2),
+            "tok_s": round(1 / med, 3), "step_ms_median": round(med * 1e3, 2), "run": args.run_date,
             "step_ms_all": [round(t * 1e3, 2) for t in ts], "context": args.decode_context,
             "loadavg": os.getloadavg()}
         print(f"{name:24s} {1 / med:7.2f} tok/s (median of {len(ts)} steps)", flush=True)
@@ -243,9 +243,14 @@ def markdown(results) -> str:
         wr, wt = worst_ratio(r)
 
         def speed(th):
-            tps = r.get("decode", {}).get(th, {}).get("tok_s")
-            ref = full.get("decode", {}).get(th, {}).get("tok_s")
-            return f"{tps:.2f} ({tps / ref:.2f}x)" if tps and ref else "—"
+            """tok/s and the ratio to the full cache measured in the same run (the machine's load changes
+            between runs); a row last measured in another run than the full cache shows its tok/s only."""
+            d, ref = r.get("decode", {}).get(th, {}), full.get("decode", {}).get(th, {})
+            if not d.get("tok_s"):
+                return "—"
+            if ref.get("tok_s") and d.get("run") == ref.get("run"):
+                return f"{d['tok_s']:.2f} ({d['tok_s'] / ref['tok_s']:.2f}x)"
+            return f"{d['tok_s']:.2f} (other run)"
         lines.append(
             f"| {name} | {kw} | " + (f"{r['ppl_geomean']:.3f}" if ppl else "—") + " | "
             + " | ".join(f"{ppl[d]:.3f}" if d in ppl else "—" for d in full.get("ppl", {})) + " | "
@@ -273,7 +278,7 @@ def markdown(results) -> str:
     for th in ("threads1", "threads2"):
         for name in ("gear-4bit", "gear-4bit-lean", "gear-4bit-compact", "gear-2bit"):
             d, ref = rows.get(name, {}).get("decode", {}).get(th), full.get("decode", {}).get(th)
-            if d and ref:
+            if d and ref and d.get("run") == ref.get("run"):
                 x = d["tok_s"] / ref["tok_s"]
                 out.append(f"- {name} decode {x:.2f}x full at {d['context']} tokens, {th[7:]} thread(s) "
                            f"(target >= 0.7x: {'MET' if x >= 0.7 else 'MISSED'})")
@@ -322,8 +327,8 @@ def main():
         "bf16_cache_bytes_per_token": cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 2,
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
     }
-    run = {"part": args.part, "caches": args.caches, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "loadavg_before": load_before}
+    args.run_date = time.strftime("%Y-%m-%d %H:%M:%S")
+    run = {"part": args.part, "caches": args.caches, "date": args.run_date, "loadavg_before": load_before}
     results.setdefault("runs", []).append(run)
 
     def save():
