@@ -6,8 +6,10 @@ tokens of each evaluation domain that the quality benchmark does not score (its 
 first 2048 tokens; these are tokens 3072..4096). Each grid method quantizes the layer's weight
 (int_group, asymmetric, integer zeros, fp16 scales) and is scored by
 ``e_{l,d} = tr(dW H_d dW^T) / tr(W H_d W^T)``; the summary is the geometric mean over layers and
-domains (and per domain). Methods that use activation statistics ("oracle") read a *different*
-token range (6144..7168) of the same domains; data-free ones read only the weights.
+domains (and per domain). Methods that use activation statistics ("oracle", and GPTQ's Hessian)
+read a *different* token range (6144..7168) of the same domains; data-free ones read only the
+weights. GPTQ rows (act-order, damp 0.01) compare its grid fits: min-max, the searched grid weighted
+by 1 / [H^-1]_jj (GPTQ's own cost of a column's error), the same search unweighted.
 
     python benchmarks/grid_proxy.py --bits 4 --group-size 64
 Writes benchmarks/results/grid_proxy.json (one entry per bits/group setting).
@@ -167,7 +169,6 @@ def main(argv=None) -> int:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--blocks", type=int, nargs="*", default=[0, 4, 8, 12, 16, 20, 24, 28])
     ap.add_argument("--only", nargs="*", default=None)
-    ap.add_argument("--gptq", action="store_true", help="compare grid fits inside GPTQ instead of data-free grids")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -186,8 +187,7 @@ def main(argv=None) -> int:
     names = list(next(iter(H.values())))
     collect_s = time.perf_counter() - t0
     res = {}
-    todo = (gptq_methods(args.bits, args.group_size, calib_H) if args.gptq
-            else methods(args.bits, args.group_size, model, oracle))
+    todo = {**methods(args.bits, args.group_size, model, oracle), **gptq_methods(args.bits, args.group_size, calib_H)}
     for mname, fn in todo.items():
         if args.only and mname not in args.only:
             continue
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
         print(f"{mname:22s} out-err geomean {res[mname]['rel_out_err_geomean']:.5f}  "
               + " ".join(f"{d} {v:.5f}" for d, v in per.items())
               + f"  w-mse {res[mname]['rel_weight_mse_mean']:.5f}  {res[mname]['seconds']} s", flush=True)
-    key = f"{'gptq-' if args.gptq else ''}w{args.bits}-g{args.group_size}"
+    key = f"w{args.bits}-g{args.group_size}"
     data = {}
     if os.path.isfile(args.out):
         with open(args.out) as f:

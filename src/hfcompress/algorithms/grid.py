@@ -41,9 +41,12 @@ def fit_grid(w: torch.Tensor, bits: int, sym: bool, mse_clip: bool = False, mask
              grid_points: int = 40, max_shrink: float = 0.6, norm: float = 2.0):
     """Per-row grid for ``w [R, g]`` (fp32). ``mask [R, g]`` marks real entries (ragged groups).
 
-    Min-max by default. With ``mse_clip``, the range is shrunk by factors ``1 - i/grid_points *
-    max_shrink`` and, per row, the factor with the least ``sum |w - w_q|^norm`` is kept.
+    Min-max by default. With ``mse_clip``: asymmetric grids come from :func:`search_grid` (least
+    squared error, integer zeros); symmetric ones shrink the range by factors ``1 - i/grid_points *
+    max_shrink`` and keep, per row, the factor with the least ``sum |w - w_q|^norm``.
     """
+    if mse_clip and not sym:
+        return search_grid(w, bits, mask=mask)
     w = w.to(torch.float32)
     if mask is None:
         lo, hi = w.min(dim=1).values, w.max(dim=1).values
@@ -106,9 +109,9 @@ def search_grid(w: torch.Tensor, bits: int, importance: torch.Tensor | None = No
         hi = torch.where(mask, w, -big).max(dim=1).values
     else:
         lo, hi = w.min(dim=1).values, w.max(dim=1).values
-    lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # an integer zero in [0, maxq] puts 0 on every grid
-    best_s, best_z = _minmax_grid(lo, hi, bits, sym=False)
+    best_s, best_z = _minmax_grid(lo, hi, bits, sym=False)  # min-max (fit_grid's) is the first candidate
     best_e = _grid_error(w, best_s, best_z, bits, d, p)
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # an integer zero in [0, maxq] puts 0 on every grid
     # [C, R] candidates: shrunk ranges, both integer zeros around the continuous one
     r = torch.tensor(shrink, dtype=torch.float32, device=w.device)[:, None]      # [S, 1]
     lo_r, hi_r = lo[None] * r, hi[None] * r                                        # [S, R]
