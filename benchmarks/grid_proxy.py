@@ -114,6 +114,7 @@ def methods(bits: int, g: int, model, oracle: dict):
 
     out = {
         "minmax": lambda name, W: dequant(W, bits, g, lambda b: fit_grid(b, bits, False)),
+        # fit_grid(mse_clip=True): since the searched grid replaced the shrink-factor search, the same as search-p2
         "mse_clip": lambda name, W: dequant(W, bits, g, lambda b: fit_grid(b, bits, False, mse_clip=True)),
         "search-p2": search(),
         "search-p2-noshrink": search(shrink=(1.0,)),
@@ -163,6 +164,30 @@ def gptq_methods(bits: int, g: int, calib_H: dict):
             "gptq-search-uniform": run(True, "uniform")}
 
 
+def table(path: str = RESULTS) -> str:
+    """Markdown table of the results file: per setting, each method's relative output error
+    (geometric mean, per domain) and weight MSE, relative to min-max."""
+    with open(path) as f:
+        data = json.load(f)
+    lines = []
+    for key, v in data.items():
+        doms = [k[len("rel_out_err_"):] for k in next(iter(v["methods"].values())) if k.startswith("rel_out_err_")
+                and k != "rel_out_err_geomean"]
+        ref = v["methods"].get("minmax", {}).get("rel_out_err_geomean")
+        gref = v["methods"].get("gptq-minmax", {}).get("rel_out_err_geomean")
+        lines += [f"{key}: {v['layers']} linear layers of blocks {v['blocks']}, load {v['load'][0]:.1f}", "",
+                  "| method | rel. output error (geomean) | vs min-max | " + " | ".join(doms) + " | rel. weight MSE |",
+                  "|---|---|---|" + "---|" * len(doms) + "---|"]
+        for m, r in v["methods"].items():
+            base = gref if m.startswith("gptq-") else ref
+            rel = f"{r['rel_out_err_geomean'] / base:.3f}x" if base else "n/a"
+            lines.append(f"| {m} | {r['rel_out_err_geomean']:.5f} | {rel} | "
+                         + " | ".join(f"{r['rel_out_err_' + d]:.5f}" for d in doms)
+                         + f" | {r['rel_weight_mse_mean']:.5f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bits", type=int, default=4)
@@ -170,7 +195,11 @@ def main(argv=None) -> int:
     ap.add_argument("--blocks", type=int, nargs="*", default=[0, 4, 8, 12, 16, 20, 24, 28])
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(args.out))
+        return 0
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hfcompress.smollm2 import smollm2_checkpoint
