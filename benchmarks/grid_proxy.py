@@ -164,6 +164,32 @@ def gptq_methods(bits: int, g: int, calib_H: dict):
             "gptq-search-uniform": run(True, "uniform")}
 
 
+def synthetic(bits: int, g: int) -> dict:
+    """Weight MSE relative to min-max on weights that never were quantized (seeded Gaussian and
+    heavy-tailed), for the grids that need no activations: is a gap to HQQ on SmolLM2 the integer
+    zero, or SmolLM2's weights (dequantized from a Q4_1 GGUF: 16 levels per 32 weights at a
+    continuous offset, which a continuous zero can match)?"""
+    from hfcompress.algorithms.grid import fit_grid, search_grid
+
+    gen = torch.Generator().manual_seed(0)
+    cases = {"gaussian": torch.randn(8192, g, generator=gen) * 0.02,
+             "heavy-tailed": torch.randn(8192, g, generator=gen) * torch.exp(0.5 * torch.randn(8192, g, generator=gen))}
+    out = {}
+    for name, W in cases.items():
+        ref = (dequant(W, bits, g, lambda b: fit_grid(b, bits, False)) - W).pow(2).mean().item()
+        row = {"search-p2": (dequant(W, bits, g, lambda b: search_grid(b, bits)) - W).pow(2).mean().item() / ref}
+        try:
+            from hqq.core.quantize import Quantizer
+
+            Wq, meta = Quantizer.quantize(W, nbits=bits, group_size=g, axis=1, optimize=True, round_zero=bits == 4,
+                                          compute_dtype=torch.float32, device="cpu")
+            row["hqq (fp16 zero)"] = (Quantizer.dequantize(Wq, meta).float().reshape(W.shape) - W).pow(2).mean().item() / ref
+        except ImportError:
+            pass
+        out[name] = row
+    return out
+
+
 def table(path: str = RESULTS) -> str:
     """Markdown table of the results file: per setting, each method's relative output error
     (geometric mean, per domain) and weight MSE, relative to min-max."""
@@ -171,6 +197,13 @@ def table(path: str = RESULTS) -> str:
         data = json.load(f)
     lines = []
     for key, v in data.items():
+        if key.startswith("synthetic-"):
+            lines += [f"{key}: weight MSE relative to min-max on never-quantized weights", "",
+                      "| weights | " + " | ".join(next(iter(v.values()))) + " |",
+                      "|---|" + "---|" * len(next(iter(v.values())))]
+            lines += [f"| {w} | " + " | ".join(f"{x:.3f}x" for x in r.values()) + " |" for w, r in v.items()]
+            lines.append("")
+            continue
         doms = [k[len("rel_out_err_"):] for k in next(iter(v["methods"].values())) if k.startswith("rel_out_err_")
                 and k != "rel_out_err_geomean"]
         ref = v["methods"].get("minmax", {}).get("rel_out_err_geomean")
@@ -196,8 +229,19 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
+    ap.add_argument("--synthetic", action="store_true", help="only the seeded never-quantized weights (seconds)")
     args = ap.parse_args(argv)
     if args.table:
+        print(table(args.out))
+        return 0
+    if args.synthetic:
+        data = {}
+        if os.path.isfile(args.out):
+            with open(args.out) as f:
+                data = json.load(f)
+        data[f"synthetic-w{args.bits}-g{args.group_size}"] = synthetic(args.bits, args.group_size)
+        with open(args.out, "w") as f:
+            json.dump(data, f, indent=1)
         print(table(args.out))
         return 0
     from transformers import AutoModelForCausalLM, AutoTokenizer
