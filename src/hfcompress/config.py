@@ -211,17 +211,19 @@ class HfCompressConfig(QuantizationConfigMixin):
 class RTNConfig(HfCompressConfig):
     """Round-to-nearest, data-free: quantizes each weight as it loads.
 
-    ``mse_clip=True`` (default) searches, per group, the grid (scale and integer zero) with the
-    least squared rounding error (``algorithms.grid.search_grid``: clipped ranges, both zeros
-    next to min-max's, least-squares refinement; min-max is one candidate, so no group gets
-    worse); ``mse_clip=False`` is plain min-max.
+    Plain min-max grids by default. ``mse_clip=True`` searches, per group, the grid (scale and
+    integer zero) with the least squared rounding error (``algorithms.grid.search_grid``: clipped
+    ranges, both zeros next to min-max's, least-squares refinement; min-max is one candidate). It
+    is off by default because, although its weight error and per-layer output error are lower,
+    it measured worse in perplexity on a real model (SmolLM2-135M, 4-bit g64, geometric mean of
+    four domains: benchmarks/README.md).
     """
 
     algorithm = "rtn"
     data_free = True
     options = {"mse_clip": ((bool,), False)}
 
-    def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, mse_clip: bool = True,
+    def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, mse_clip: bool = False,
                  modules_to_not_convert: list[str] | None = None, **kwargs):
         self.mse_clip = mse_clip
         super().__init__(bits=bits, group_size=group_size, sym=sym, modules_to_not_convert=modules_to_not_convert,
