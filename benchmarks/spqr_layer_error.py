@@ -3,7 +3,8 @@
 GPTQ 3-bit g64 on the same Hessians, with bits per weight everything counted.
 
 Layers: q_proj, o_proj, up_proj, down_proj of SmolLM2-135M's blocks 0, 9, 19 and 29 (16 layers),
-Hessians from 32 x 256 tokens of the default calibration set through the float model: every
+Hessians from 32 x 256 tokens of the bundled Shakespeare calibration text (``--calibration``; the
+default set of benchmarks/quality.py when these were measured) through the float model: every
 method quantizes on these. The error is measured twice: on the same Hessians (in domain), and on
 the Hessians of 32 x 256 tokens of a held-out set the quantizers never see (``--held-out``, by
 default the bundled ``mixed`` set: Shakespeare, Node.js docs, Rust release notes; none of the
@@ -122,11 +123,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", nargs="*", default=None, help=f"SpQR configurations (default all: {list(CONFIGS)})")
     ap.add_argument("--held-out", default="mixed", help="bundled text whose Hessians score generalisation")
+    ap.add_argument("--calibration", default="shakespeare", help="bundled text every method quantizes on")
     ap.add_argument("--merge", action="store_true", help="keep the other configurations already in the results file")
     args = ap.parse_args()
     configs = {k: CONFIGS[k] for k in (args.configs or CONFIGS)}
     torch.set_num_threads(1)
-    calib, held = hessians(None), hessians(args.held_out)
+    if args.held_out == args.calibration:
+        raise SystemExit(f"--held-out {args.held_out!r} is the calibration set: choose another bundled text")
+    calib, held = hessians(args.calibration), hessians(args.held_out)
     per_layer: dict = {}
     for name, (h, w) in calib.items():
         h_out = held[name][0]
@@ -152,11 +156,17 @@ def main() -> None:
                                                    for k, v in row.items()})
         print(name, {k: f"{v[0]:.3e} / {v[1]:.3e} @ {v[2]:.3f}" for k, v in row.items()}, flush=True)
     held_out = f"32 x 256 tokens of the bundled {args.held_out!r} set"
+    calibration = f"32 x 256 tokens of the bundled {args.calibration!r} set"
     if args.merge and os.path.exists(out):
         with open(out) as f:
             old = json.load(f)
-        if old.get("held_out") != held_out:
-            raise SystemExit(f"--merge: {out} was measured on {old.get('held_out')!r}, not {held_out!r}")
+        # runs stored before --calibration existed named the default set, then the same Shakespeare text;
+        # the GPTQ rows below must also come out equal (same Hessians)
+        same_calib = old.get("calibration") in (calibration, "32 x 256 default-set tokens"
+                                                if args.calibration == "shakespeare" else None)
+        if old.get("held_out") != held_out or not same_calib:
+            raise SystemExit(f"--merge: {out} was measured on other texts ({old.get('calibration')!r}, "
+                             f"{old.get('held_out')!r})")
         for name, row in per_layer.items():
             old_row = old["layers"][name]
             for k, v in old_row.items():
@@ -182,7 +192,7 @@ def main() -> None:
               f"({v['held_out_vs_gptq_w4_g128']:.2f}x g128, worst {v['held_out_vs_gptq_w4_g128_worst']:.2f}x)  "
               f"bits {v['bits_per_weight']:.3f}")
     with open(out, "w") as f:
-        json.dump({"model": "SmolLM2-135M-Instruct", "blocks": BLOCKS, "calibration": "32 x 256 default-set tokens",
+        json.dump({"model": "SmolLM2-135M-Instruct", "blocks": BLOCKS, "calibration": calibration,
                    "held_out": held_out,
                    "metric": "tr(dW H dW^T) / tr(W H W^T); bits per weight everything counted (GPTQ: codes, fp16 "
                    "scales, packed zeros, g_idx)", "summary": summary, "layers": per_layer}, f, indent=1)
