@@ -319,6 +319,12 @@ def _cached_base(entry: str, src: str, batches, evals) -> tuple[str, dict]:
         return path, json.load(f)
 
 
+def _rtn_default_mse_clip() -> bool:
+    from hfcompress import RTNConfig
+
+    return RTNConfig().mse_clip
+
+
 def _fmt(v, nd=2):
     return "n/a" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
 
@@ -359,11 +365,19 @@ def table(path: str = RESULTS) -> str:
     def measured(*rs):  # domains (and geomean) every row was scored on
         return [d for d in doms + ["geomean"] if all(r.get(f"ppl_{d}") is not None for r in rs)]
 
-    rtn4 = rows.get("rtn-w4-g64-default")
+    # RTN's default grid: its own entry, or the explicit entry with the same options (min-max or searched)
+    rtn4 = rows.get("rtn-w4-g64-default") or rows.get("rtn-w4-g64" + ("-mse" if _rtn_default_mse_clip() else ""))
     if fp and rtn4 and hqq4 and "geomean" in measured(rtn4, hqq4):
         ok = rtn4["ppl_geomean"] < hqq4["ppl_geomean"]
-        lines.append(f"- RTN 4-bit g64 (data-free, default grid) geomean {rtn4['ppl_geomean']:.3f} vs HQQ 4-bit g64 "
-                     f"{hqq4['ppl_geomean']:.3f} (target: lower): **{'MET' if ok else 'MISSED'}**")
+        lines.append(f"- RTN 4-bit g64 (data-free, default grid: {rtn4['entry']}) geomean {rtn4['ppl_geomean']:.3f} vs "
+                     f"HQQ 4-bit g64 {hqq4['ppl_geomean']:.3f} (target: lower): **{'MET' if ok else 'MISSED'}**")
+    for bits in (4, 3):
+        mse, plain = rows.get(f"gptq-w{bits}-g64-mse"), rows.get(f"gptq-w{bits}-g64")
+        if mse and plain and "geomean" in measured(mse, plain):
+            ok = mse["ppl_geomean"] < plain["ppl_geomean"]
+            lines.append(f"- GPTQ {bits}-bit g64 with the searched grid (mse_clip=True) geomean {mse['ppl_geomean']:.3f} vs "
+                         f"min-max grid {plain['ppl_geomean']:.3f} (same calibration; lower to become the default): "
+                         f"**{'lower' if ok else 'not lower'}**")
     for bits, hqq, limit in ((4, hqq4, 0.7), (3, hqq3, 0.5)):
         ours = rows.get(f"gptq-w{bits}-g64")
         if not (fp and hqq and ours):
