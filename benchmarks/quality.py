@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -203,9 +205,10 @@ def run_entry(name: str) -> dict:
             cfg = hfcompress.SpQRConfig(**{k: v for k, v in opts.items() if k != "method"}, **CALIB)
             hfcompress.quantize(src, cfg, out_dir=work, batches=batches, dtype=torch.float32)
         elif opts["method"] == "gptq":
-            cfg = hfcompress.GPTQConfig(bits=opts["bits"], group_size=opts["group_size"],
-                                        damp=opts.get("damp", 0.01), **CALIB,
-                                        **{k: opts[k] for k in ("mse_clip",) if k in opts})
+            # GPTQConfig's own defaults for every option the entry does not name
+            cfg = hfcompress.GPTQConfig(**{k: v for k, v in opts.items() if k != "method"}, **CALIB)
+            work = _gptq_dir(cfg, batches)  # kept: the EoRA entries compensate this very checkpoint
+            shutil.rmtree(work, ignore_errors=True)
             # streams the float checkpoint block by block: the low-memory path
             hfcompress.quantize(src, cfg, out_dir=work, batches=batches, dtype=torch.float32)
             # building the default calibration set happened in _setup: counted in quantize_s
@@ -289,25 +292,46 @@ def run_entry(name: str) -> dict:
     t1 = time.perf_counter()
     out.update({f"ppl_{k}": v for k, v in _perplexities(model, evals).items()})
     out["eval_s"] = time.perf_counter() - t1
+    if kind == "hfcompress" and opts["method"] == "gptq":
+        with open(os.path.join(work, "bench_base.json"), "w") as f:
+            json.dump({"quantize_s": round(out["quantize_s"], 2), "entry": name,
+                       **{k: v for k, v in out.items() if k.startswith("ppl_")}}, f)
     for k in ("quantize_s", "quantize_cpu_s", "size_mb", "peak_rss_mb", "rss_after_imports_mb", "eval_s"):
         if isinstance(out.get(k), float):
             out[k] = round(out[k], 2)
     return out
 
 
+def _gptq_dir(cfg, batches) -> str:
+    """Where a GPTQ checkpoint is kept (benchmarks/.cache), keyed by the calibration tokens, the
+    resolved configuration and the code that quantizes: a changed default set, default option,
+    grid or GPTQ step never reuses a stale checkpoint."""
+    import torch
+
+    key = hashlib.sha256(torch.cat(batches).numpy().tobytes())
+    key.update(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
+    pkg = os.path.join(HERE, "..", "src", "hfcompress")
+    for f in sorted(glob.glob(os.path.join(pkg, "algorithms", "*.py")) + glob.glob(os.path.join(pkg, "calibration", "*.py"))
+                    + [os.path.join(pkg, "config.py")]):
+        with open(f, "rb") as fh:
+            key.update(fh.read())
+    return os.path.join(CACHE, f"gptq-w{cfg.bits}-g{cfg.group_size}-{key.hexdigest()[:16]}")
+
+
 def _cached_base(entry: str, src: str, batches, evals) -> tuple[str, dict]:
-    """The checkpoint of a gptq entry, quantized once (same code and calibration as the entry),
-    and its own perplexities (the base every compensation of it is compared with)."""
+    """The checkpoint of a gptq entry (the one that entry wrote when it ran with the same tokens,
+    configuration and code, else quantized here the same way), and its own perplexities (the base
+    every compensation of it is compared with)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     import hfcompress
 
     _, opts = ENTRIES[entry]
-    path = os.path.join(CACHE, f"quality-{entry}-n{CALIB['n_samples']}x{CALIB['seq_len']}")
+    cfg = hfcompress.GPTQConfig(**{k: v for k, v in opts.items() if k != "method"}, **CALIB)
+    path = _gptq_dir(cfg, batches)
     meta = os.path.join(path, "bench_base.json")
     if not os.path.isfile(meta):
-        cfg = hfcompress.GPTQConfig(bits=opts["bits"], group_size=opts["group_size"], **CALIB)
         t0 = time.perf_counter()
         hfcompress.quantize(src, cfg, out_dir=path, batches=batches, dtype=torch.float32)
         seconds = time.perf_counter() - t0

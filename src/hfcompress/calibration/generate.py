@@ -1,10 +1,12 @@
 """Calibration text sampled from the model itself (``dataset="generated"``).
 
 The model's own distribution covers what it was trained on, not one domain, so GPTQ calibrated
-on it does not over-fit a domain the way a single text does. Samples start from the BOS token
-(or EOS when the tokenizer has none) and are drawn with plain ancestral sampling at alternating
-temperatures (1.0 and 0.8, batch by batch), seeded: the same model, sizes and seed always give
-the same tokens. The result can be cached as a safetensors file (token ids only).
+on it does not over-fit a domain the way a single text does. Every sample starts from the BOS
+token (or EOS when the tokenizer has none) and is drawn by plain ancestral sampling (no top-k /
+top-p; end-of-turn tokens are kept, so an instruct model writes whole conversations), at
+temperature 1.0 for even rows and 0.8 for odd rows, from a ``torch.Generator`` seeded with
+``seed``: the same model, sizes, batch size and seed always give the same tokens. The result can
+be cached as a safetensors file (token ids only).
 """
 
 from __future__ import annotations
@@ -18,21 +20,30 @@ TEMPERATURES = (1.0, 0.8)
 
 @torch.no_grad()
 def generate_calibration_ids(model, tokenizer, n_samples: int, seq_len: int, seed: int = 0,
-                             batch_size: int = 16) -> torch.Tensor:
+                             batch_size: int = 32) -> torch.Tensor:
     """``n_samples`` sequences of ``seq_len`` sampled tokens: LongTensor ``[n_samples, seq_len]``."""
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise ValueError("generated calibration needs a BOS or EOS token in the tokenizer to start from")
+    for name, v in (("n_samples", n_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"generate_calibration_ids: {name} must be a positive int, got {v!r}")
     device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    temps = torch.tensor([TEMPERATURES[i % len(TEMPERATURES)] for i in range(n_samples)])  # [n]
     out = []
     for i in range(0, n_samples, batch_size):
-        b = min(batch_size, n_samples - i)
-        torch.manual_seed(seed + i)  # generate() samples from the global generator
-        x = torch.full((b, 1), start, dtype=torch.long, device=device)
-        y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=True,
-                           temperature=TEMPERATURES[(i // batch_size) % len(TEMPERATURES)], top_k=0, top_p=1.0,
-                           max_new_tokens=seq_len, min_new_tokens=seq_len, pad_token_id=tokenizer.eos_token_id)
-        out.append(y[:, 1:seq_len + 1].cpu())
+        t = temps[i:i + batch_size, None]                                # [b, 1]
+        x = torch.full((t.shape[0], 1), start, dtype=torch.long, device=device)
+        past, rows = None, []
+        for _ in range(seq_len):
+            o = model(input_ids=x, past_key_values=past, use_cache=True)
+            past = o.past_key_values
+            probs = torch.softmax(o.logits[:, -1].float().cpu() / t, dim=-1)  # [b, vocab]
+            nxt = torch.multinomial(probs, 1, generator=gen)             # [b, 1]
+            rows.append(nxt)
+            x = nxt.to(device)
+        out.append(torch.cat(rows, dim=1))                               # [b, seq_len]
     return torch.cat(out)
 
 
