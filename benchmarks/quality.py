@@ -51,7 +51,11 @@ ENTRIES = {
     "rtn-w4-g64-default": ("hfcompress", {"method": "rtn", "bits": 4, "group_size": 64}),
     "rtn-w3-g64-default": ("hfcompress", {"method": "rtn", "bits": 3, "group_size": 64}),
     "gptq-w4-g64": ("hfcompress", {"method": "gptq", "bits": 4, "group_size": 64}),
+    # GPTQ options the defaults were chosen from (damping, act-order with g_idx vs static groups)
+    "gptq-w4-g64-damp0.01": ("hfcompress", {"method": "gptq", "bits": 4, "group_size": 64, "damp": 0.01}),
     "gptq-w4-g64-damp0.05": ("hfcompress", {"method": "gptq", "bits": 4, "group_size": 64, "damp": 0.05}),
+    "gptq-w4-g64-damp0.1": ("hfcompress", {"method": "gptq", "bits": 4, "group_size": 64, "damp": 0.1}),
+    "gptq-w4-g64-static": ("hfcompress", {"method": "gptq", "bits": 4, "group_size": 64, "static_groups": True}),
     "gptq-w4-g128": ("hfcompress", {"method": "gptq", "bits": 4, "group_size": 128}),
     "gptq-w3-g64": ("hfcompress", {"method": "gptq", "bits": 3, "group_size": 64}),
     # the searched grid inside GPTQ (each group's grid weighted by 1 / [H^-1]_jj; algorithms/gptq.group_grid)
