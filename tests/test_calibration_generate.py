@@ -38,7 +38,9 @@ def test_generated_ids_cache_roundtrip_and_damaged_cache(tmp_path):
 
 def test_mixed_calibration_corpus_interleaves_its_sources():
     (text,) = load_texts("mixed")
-    assert text == bundled_text("mixed") != bundled_text("shakespeare") == load_texts(None)[0]
+    # the default calibration set (dataset=None) is the mixed corpus, not Shakespeare alone
+    assert text == bundled_text("mixed") == load_texts(None)[0] == bundled_text("calibration")
+    assert text != bundled_text("shakespeare") == load_texts("shakespeare")[0]
     # three kinds of text, interleaved: each appears in the first and in the last fifth
     for part in (text[: len(text) // 5], text[-len(text) // 5:]):
         assert "MACBETH" in part or "BRUTUS" in part or "OTHELLO" in part or "[Exit" in part

@@ -5,7 +5,7 @@ Usage (what GPTQ and EoRA do)::
     from hfcompress.calibration import get_calibration_batches, iterate_blocks
 
     batches = get_calibration_batches(tokenizer, dataset=None, n_samples=128, seq_len=512)
-    #   dataset: None (bundled public-domain text), a text file path, a list of strings,
+    #   dataset: None (the bundled mixed corpus), a text file path, a list of strings,
     #   or a datasets.Dataset with a "text" column -> list of LongTensor [b, seq_len]
     for step in iterate_blocks(model, batches, skip=["lm_head"], device="cuda", progress=True):
         # step.index, step.name ("model.layers.3"), step.block (on `device`),

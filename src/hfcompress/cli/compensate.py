@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
     p.add_argument("--method", default="eora", choices=["eora", "svd"],
                    help="eora: calibrated on activations; svd: plain SVD baseline, no data")
     p.add_argument("--dataset", default=None, metavar="TEXT_FILE",
-                   help="eora: calibration text file (default: the bundled calibration text)")
+                   help="eora: calibration text file (default: the bundled mixed calibration text, as GPTQ)")
     p.add_argument("--tokenizer", default=None, metavar="DIR_OR_HUB_ID",
                    help="eora: tokenizer for the calibration text (default: the one saved with --original, "
                         "else with the model)")

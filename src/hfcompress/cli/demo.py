@@ -1,7 +1,7 @@
 """``hfcompress demo``: the main job, end to end on the real SmolLM2-135M-Instruct.
 
 Converts the bundled GGUF to a float checkpoint (once, cached), quantizes it with GPTQ 4-bit
-(streaming block by block, calibrated on the bundled Shakespeare), saves it, reloads it with a
+(streaming block by block, calibrated on the bundled default calibration text), saves it, reloads it with a
 plain ``from_pretrained``, scores perplexity before and after on every evaluation domain (texts
 never used for calibration) and their geometric mean, generates a sentence from both models and prints
 a short report: sizes on disk, decode tokens/s of both, and the wall and CPU time of every phase.
@@ -107,7 +107,7 @@ def measure(args) -> dict:
         gen_before, tps_before = _generate(fmodel, tok, args.prompt, args.new_tokens)
     del fmodel
 
-    print(f"[3/5] GPTQ {args.bits}-bit g{args.group_size}: calibrating block by block on bundled Shakespeare")
+    print(f"[3/5] GPTQ {args.bits}-bit g{args.group_size}: calibrating block by block on the bundled mixed calibration text")
     config = hfcompress.GPTQConfig(bits=args.bits, group_size=args.group_size, n_samples=args.n_samples,
                                    seq_len=args.seq_len)
     with clock("quantize (GPTQ, streamed)"):

@@ -38,7 +38,7 @@ def add_parser(sub) -> None:
     g.add_argument("--damp", type=float, default=0.01, help="GPTQ: Hessian dampening, fraction of mean diag")
     g.add_argument("--dataset", default=None, metavar="TEXT_FILE",
                    help="GPTQ: calibration text file, or wikitext2 / c4 when the datasets library has them cached "
-                        "(default: the bundled public-domain text)")
+                        "(default: the bundled mixed calibration text: Shakespeare, Node.js docs, Rust release notes)")
     g.add_argument("--tokenizer", default=None, metavar="DIR_OR_HUB_ID",
                    help="GPTQ: tokenizer for the calibration text (default: the one saved with the model)")
     g.add_argument("--n-samples", type=int, default=128, help="GPTQ: calibration windows")
