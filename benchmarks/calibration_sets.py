@@ -6,6 +6,8 @@ candidate set (same token budget), scored on every evaluation domain
         SET: fp32 (no quantization: the reference) | shakespeare | mixed | generated |
              generated+mixed (half of the windows each)
         each run replaces its row (same set, sizes, bits, options) in results/calibration_sets.json
+    python benchmarks/calibration_sets.py score DIR SET N SEQ_LEN BITS [JSON_OPTIONS] NOTE
+        # scores a checkpoint a stopped run left behind (its times are not known: recorded as null)
     python benchmarks/calibration_sets.py gen-time N LEN  # only time sampling N x LEN tokens from the model
                                                           # (recorded under "generation_timing")
     python benchmarks/calibration_sets.py --table        # the markdown table of benchmarks/README.md
@@ -27,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -64,7 +67,8 @@ def build_ids(which: str, tok, src: str, n: int, seq_len: int):
     return ids
 
 
-def run(which: str, n: int, seq_len: int, bits: int, extra: dict) -> dict:
+def run(which: str, n: int, seq_len: int, bits: int, extra: dict, checkpoint: str | None = None,
+        note: str | None = None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -84,6 +88,9 @@ def run(which: str, n: int, seq_len: int, bits: int, extra: dict) -> dict:
     if which == "fp32":
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
         out.update(n_samples=0, seq_len=0, bits=32)
+    elif checkpoint:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        out.update(calibration_s=None, gptq_s=None, note=note)
     else:
         t0, c0 = time.perf_counter(), time.process_time()
         ids = build_ids(which, tok, src, n, seq_len)
@@ -96,6 +103,7 @@ def run(which: str, n: int, seq_len: int, bits: int, extra: dict) -> dict:
         out.update(calibration_s=round(calib_s, 1), calibration_cpu_s=round(calib_cpu, 1), gptq_s=round(q_s, 1),
                    gptq_cpu_s=round(q_cpu, 1), calibration_share=round(calib_s / q_s, 3))
         model = AutoModelForCausalLM.from_pretrained(work, dtype=torch.float32).eval()
+        shutil.rmtree(work, ignore_errors=True)  # loaded: the checkpoint is not kept
     nll = {d: perplexity(model, ids=x, **EVAL).nll for d, x in evals.items()}
     out.update({f"ppl_{d}": round(math.exp(v), 3) for d, v in nll.items()})
     out["ppl_geomean"] = round(math.exp(sum(nll.values()) / len(nll)), 3)
@@ -164,17 +172,28 @@ def table(path: str = RESULTS) -> str:
              + " | geomean (all) | geomean (sqlite, code, dialogue) | ppl/fp32, uncalibrated domains (geomean) "
                "| building the set s | GPTQ s | set / GPTQ time | load |",
              "|---|---|---|---|" + "---|" * len(doms) + "---|---|---|---|---|---|---|"]
-    for r in sorted(runs, key=lambda r: (r["bits"], r["n_samples"], r["set"] != "fp32")):
+    for r in sorted(runs, key=lambda r: (r["set"] != "fp32", -r["bits"], r["n_samples"], json.dumps(r["options"]))):
         free = [d for d in doms if d not in r["calibrated_domains"]]
         rel = _rel(r, fp, free)
         ppl = " | ".join(f"{r[f'ppl_{d}']:.3f}{'*' if d in r['calibrated_domains'] else ''}" for d in doms)
-        timing = (f"{r['calibration_s']} | {r['gptq_s']} | {r['calibration_share']:.0%}" if "gptq_s" in r
-                  else "| |")
-        lines.append(f"| {r['set']} | {r['bits']} | {r['n_samples']} x {r['seq_len']} | {r['options'] or ''} | {ppl} | "
+        if r.get("gptq_s") is not None:
+            timing = f"{r['calibration_s']} | {r['gptq_s']} | {r['calibration_share']:.1%}"
+        elif "gptq_s" in r:
+            timing = "not recorded (note 1) | not recorded | "
+        else:
+            timing = "| |"
+        size = f"{r['n_samples']} x {r['seq_len']}" if r["n_samples"] else "-"
+        lines.append(f"| {r['set']} | {r['bits']} | {size} | {r['options'] or ''} | {ppl} | "
                      f"{r['ppl_geomean']:.3f} | {r['ppl_geomean_common']:.3f} | "
                      f"{'' if rel is None else f'{rel:.4f}'} | {timing} | {r['load_before']}-{r['load_after']} |")
     lines.append("")
     lines.append("`*`: domain contained in that calibration set (not counted in its uncalibrated-domain column).")
+    for note in sorted({r["note"] for r in runs if r.get("note")}):
+        lines.append(f"\nNote 1: {note}")
+    for t in json.load(open(path)).get("generation_timing", []):
+        lines.append(f"\nSampling {t['n_samples']} x {t['seq_len']} tokens from the fp32 model "
+                     f"(hfcompress.calibration.generate, batch 32, {t['threads']} threads, load {t['load_before']}-"
+                     f"{t['load_after']}): {t['generation_s']} s wall, {t['generation_cpu_s']} s CPU.")
     return "\n".join(lines)
 
 
@@ -185,6 +204,12 @@ def main(argv: list[str]) -> int:
         which, n, seq_len, bits = argv[1], int(argv[2]), int(argv[3]), int(argv[4])
         extra = json.loads(argv[5]) if len(argv) > 5 else {}
         row = run(which, n, seq_len, bits, extra)
+        save(row=row)
+        print("RESULT " + json.dumps(row), flush=True)
+    elif argv[:1] == ["score"] and len(argv) >= 7:
+        path, which, n, seq_len, bits = argv[1], argv[2], int(argv[3]), int(argv[4]), int(argv[5])
+        extra, note = (json.loads(argv[6]), argv[7]) if len(argv) > 7 else ({}, argv[6])
+        row = run(which, n, seq_len, bits, extra, checkpoint=path, note=note)
         save(row=row)
         print("RESULT " + json.dumps(row), flush=True)
     elif argv[:1] == ["gen-time"] and len(argv) == 3:
