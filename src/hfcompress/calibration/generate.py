@@ -1,4 +1,4 @@
-"""Calibration text sampled from the model itself (``dataset="generated"``).
+"""Calibration token ids sampled from the model itself (pass them as ``dataset=``).
 
 The model's own distribution covers what it was trained on, not one domain, so GPTQ calibrated
 on it does not over-fit a domain the way a single text does. Every sample starts from the BOS
@@ -7,6 +7,10 @@ top-p; end-of-turn tokens are kept, so an instruct model writes whole conversati
 temperature 1.0 for even rows and 0.8 for odd rows, from a ``torch.Generator`` seeded with
 ``seed``: the same model, sizes, batch size and seed always give the same tokens. The result can
 be cached as a safetensors file (token ids only).
+
+Not the default: measured on SmolLM2-135M on CPU (benchmarks/calibration_sets.py), sampling the
+calibration tokens one step at a time costs several times GPTQ's own quantization time (the
+target is at most a quarter of it; benchmarks/README.md has the numbers).
 """
 
 from __future__ import annotations
