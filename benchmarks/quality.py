@@ -446,7 +446,10 @@ def table(path: str = RESULTS) -> str:
                      f"the domains not calibrated on: {detail} (target <= {limit}x on each): **{verdict}**")
     for bits in (4, 3):
         ours, theirs = rows.get(f"gptq-w{bits}-g64"), rows.get(f"gptqmodel-w{bits}-g64")
-        if fp and ours and theirs:
+        if fp and ours and theirs and _calibration(ours) != _calibration(theirs):
+            lines.append(f"- GPTQ {bits}-bit g64 gap / GPTQModel's: **NOT MEASURED on the same calibration tokens** "
+                         f"(ours: {_calibration(ours)}, GPTQModel: {_calibration(theirs)})")
+        elif fp and ours and theirs:
             detail = ", ".join(f"{d} {_gap(ours, fp, d) / _gap(theirs, fp, d):.2f}x" for d in measured(ours, theirs, fp))
             lines.append(f"- GPTQ {bits}-bit g64 gap / GPTQModel's (same calibration tokens): {detail}")
     gptq4 = rows.get("gptq-w4-g64")
