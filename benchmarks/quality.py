@@ -56,6 +56,7 @@ ENTRIES = {
     "gptq-w4-g64-damp0.05": ("hfcompress", {"method": "gptq", "bits": 4, "group_size": 64, "damp": 0.05}),
     "gptq-w4-g64-damp0.1": ("hfcompress", {"method": "gptq", "bits": 4, "group_size": 64, "damp": 0.1}),
     "gptq-w4-g64-static": ("hfcompress", {"method": "gptq", "bits": 4, "group_size": 64, "static_groups": True}),
+    "gptq-w3-g64-static": ("hfcompress", {"method": "gptq", "bits": 3, "group_size": 64, "static_groups": True}),
     "gptq-w4-g128": ("hfcompress", {"method": "gptq", "bits": 4, "group_size": 128}),
     "gptq-w3-g64": ("hfcompress", {"method": "gptq", "bits": 3, "group_size": 64}),
     # the searched grid inside GPTQ (each group's grid weighted by 1 / [H^-1]_jj; algorithms/gptq.group_grid)
@@ -216,6 +217,9 @@ def run_entry(name: str) -> dict:
             # GPTQConfig's own defaults for every option the entry does not name
             cfg = hfcompress.GPTQConfig(**{k: v for k, v in opts.items() if k != "method"}, **CALIB)
             work = _gptq_dir(cfg, batches)  # kept: the EoRA entries compensate this very checkpoint
+            done = _measured(work)
+            if done is not None:  # another entry measured this very configuration (same tokens, options, code)
+                return {**done, "entry": name, **opts, "same_run_as": done["entry"]}
             shutil.rmtree(work, ignore_errors=True)
             # streams the float checkpoint block by block: the low-memory path
             hfcompress.quantize(src, cfg, out_dir=work, batches=batches, dtype=torch.float32)
@@ -303,7 +307,7 @@ def run_entry(name: str) -> dict:
     if kind == "hfcompress" and opts["method"] == "gptq":
         with open(os.path.join(work, "bench_base.json"), "w") as f:
             json.dump({"quantize_s": round(out["quantize_s"], 2), "entry": name,
-                       **{k: v for k, v in out.items() if k.startswith("ppl_")}}, f)
+                       **{k: v for k, v in out.items() if k.startswith("ppl_")}, "entry_result": out}, f)
     for k in ("quantize_s", "quantize_cpu_s", "size_mb", "peak_rss_mb", "rss_after_imports_mb", "eval_s"):
         if isinstance(out.get(k), float):
             out[k] = round(out[k], 2)
@@ -312,18 +316,28 @@ def run_entry(name: str) -> dict:
 
 def _gptq_dir(cfg, batches) -> str:
     """Where a GPTQ checkpoint is kept (benchmarks/.cache), keyed by the calibration tokens, the
-    resolved configuration and the code that quantizes: a changed default set, default option,
-    grid or GPTQ step never reuses a stale checkpoint."""
+    resolved configuration (every option, defaults included) and the code that quantizes
+    (algorithms/, calibration/): a changed default set, default option, grid or GPTQ step never
+    reuses a stale checkpoint."""
     import torch
 
     key = hashlib.sha256(torch.cat(batches).numpy().tobytes())
     key.update(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
     pkg = os.path.join(HERE, "..", "src", "hfcompress")
-    for f in sorted(glob.glob(os.path.join(pkg, "algorithms", "*.py")) + glob.glob(os.path.join(pkg, "calibration", "*.py"))
-                    + [os.path.join(pkg, "config.py")]):
+    # (defaults set in config.py are in cfg.to_dict(): a changed default changes the key by itself)
+    for f in sorted(glob.glob(os.path.join(pkg, "algorithms", "*.py")) + glob.glob(os.path.join(pkg, "calibration", "*.py"))):
         with open(f, "rb") as fh:
             key.update(fh.read())
     return os.path.join(CACHE, f"gptq-w{cfg.bits}-g{cfg.group_size}-{key.hexdigest()[:16]}")
+
+
+def _measured(path: str) -> dict | None:
+    """The full result of the gptq entry that wrote the checkpoint at ``path``, if one did."""
+    meta = os.path.join(path, "bench_base.json")
+    if not os.path.isfile(meta):
+        return None
+    with open(meta) as f:
+        return json.load(f).get("entry_result")
 
 
 def _cached_base(entry: str, src: str, batches, evals) -> tuple[str, dict]:
