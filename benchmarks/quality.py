@@ -469,7 +469,7 @@ def table(path: str = RESULTS) -> str:
     gptq4 = rows.get("gptq-w4-g64")
     if gptq4 and gptq4.get("calibration_s") is not None and gptq4.get("quantize_s"):
         share = gptq4["calibration_s"] / (gptq4["quantize_s"] - gptq4["calibration_s"])
-        lines.append(f"- default calibration set (building it, generation included) adds {share:.0%} to GPTQ 4-bit "
+        lines.append(f"- default calibration set (building it, generation included) adds {share:.1%} to GPTQ 4-bit "
                      f"g64's quantization time ({gptq4['calibration_s']:.1f} s of {gptq4['quantize_s']:.1f} s; "
                      f"target <= 25%): **{'MET' if share <= 0.25 else 'MISSED'}**")
     lines += spqr_targets(rows, fp, doms)
