@@ -159,8 +159,9 @@ def step_rss_one(args) -> None:
     peak_before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     model = load_under_budget(CKPT, budget, dtype=torch.bfloat16)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"budget_bytes": budget, "rss_before_mb": before_kb / 1024, "peak_before_mb": peak_before_kb / 1024,
-                      "peak_after_mb": peak_kb / 1024, "loaded_bytes": sum(
+    mb = 1024 / 1e6  # /proc and getrusage count KiB; every size here is in MB (10^6 bytes), as the budget
+    print(json.dumps({"budget_bytes": budget, "rss_before_mb": before_kb * mb, "peak_before_mb": peak_before_kb * mb,
+                      "peak_after_mb": peak_kb * mb, "loaded_bytes": sum(
                           t.numel() * t.element_size() for t in model.state_dict().values())}))
 
 
