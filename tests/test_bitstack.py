@@ -121,6 +121,8 @@ def test_save_reload_bit_exact_and_quality_rises_with_blocks(saved, tmp_path):
         with torch.no_grad():
             sqnr.append(sqnr_db(target, m(ids).logits))
     assert all(b >= a for a, b in zip(sqnr, sqnr[1:])) and sqnr[-1] > sqnr[0]
+    with torch.no_grad():  # every block: exactly the saved model (rotary buffers, tied head included)
+        assert torch.equal(load_under_budget(str(path), full)(ids).logits, before)
 
 
 def test_load_under_budget_reads_only_the_blocks_that_fit_and_resizes(saved, monkeypatch):

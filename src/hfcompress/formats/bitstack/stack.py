@@ -137,6 +137,25 @@ def _tensor_files(path: str) -> dict[str, str]:
         return {k: single for k in f.keys()}
 
 
+def _materialize_(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Allocate (on CPU) every tensor still on meta once the checkpoint's are assigned (zero-block
+    buffers, non-persistent buffers), then set non-persistent buffers as transformers does (rotary
+    ``inv_freq`` ...), keeping the loaded parameters of those modules."""
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for key, t in table.items():
+                if t is not None and t.is_meta:
+                    new = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+                    table[key] = nn.Parameter(new, requires_grad=t.requires_grad) if table is module._parameters else new
+    for name, module in model.named_modules():
+        if module._non_persistent_buffers_set:
+            model._init_weights(module)
+            for pname, p in module.named_parameters(recurse=False):  # _init_weights may reset them
+                key = f"{name}.{pname}" if name else pname
+                if key in state:
+                    p.data = state[key]
+
+
 @torch.no_grad()
 def load_under_budget(path: str, memory_budget, dtype: torch.dtype | None = None) -> nn.Module:
     """A bitstack checkpoint loaded with as many blocks as ``memory_budget`` allows; only those
@@ -165,10 +184,8 @@ def load_under_budget(path: str, memory_budget, dtype: torch.dtype | None = None
                                               compute_dtype=dtype, device="meta"))
     for layer in _layers(model).values():
         layer.resize_stored_({"blocks": 0})
-    model.to_empty(device="cpu")
-    for module in model.modules():  # non-persistent buffers (rotary inv_freq ...) as transformers sets them
-        if module._non_persistent_buffers_set:
-            model._init_weights(module)
+    # nothing is allocated before the checkpoint's tensors are assigned (an empty model first would
+    # hold the embeddings twice while they are read: peak memory above the budget)
     index = _tensor_files(path)
     layers = _layers(model)
     blocks, gains = {}, {}
@@ -194,6 +211,7 @@ def load_under_budget(path: str, memory_budget, dtype: torch.dtype | None = None
                           f"unexpected {unexpected[:3]})")
     if tied:
         model.tie_weights()
+    _materialize_(model, state)
     _read_blocks_(path, {n: (layers[n], 0, c) for n, c in counts.items()})
     model.bitstack_source = {"path": path, "blocks": blocks, "gains": gains}
     model.resize_ = types.MethodType(resize_, model)
