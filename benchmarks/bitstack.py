@@ -185,7 +185,9 @@ def step_rss(args) -> None:
         grew = r["peak_after_mb"] - r["rss_before_mb"]
         row = {"budget_mb": round(r["budget_bytes"] / 1e6, 2), "peak_rss_growth_mb": round(grew, 1),
                "embeddings_mb": round(emb_mb, 1), "rss_before_load_mb": round(r["rss_before_mb"], 1),
-               "within_budget_plus_embeddings": grew <= r["budget_bytes"] / 1e6 + emb_mb}
+               "within_budget_plus_embeddings": grew <= r["budget_bytes"] / 1e6 + emb_mb,
+               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        cwd=HERE).stdout.strip() or None}
         _record({"rss": {f"{bits:.2f}": row}})
         print(json.dumps(row))
 
@@ -209,7 +211,8 @@ def table(path: str = RESULTS) -> str:
     for bits, r in sorted(data.get("rss", {}).items()):
         lines.append(f"- loading under {r['budget_mb']} MB ({bits} bits per weight): peak RSS grew by "
                      f"{r['peak_rss_growth_mb']} MB (budget + float embeddings = "
-                     f"{r['budget_mb'] + r['embeddings_mb']:.1f} MB: {'within' if r['within_budget_plus_embeddings'] else 'ABOVE'})")
+                     f"{r['budget_mb'] + r['embeddings_mb']:.1f} MB: {'within' if r['within_budget_plus_embeddings'] else 'ABOVE'}; "
+                     f"code at commit {r.get('commit') or 'not recorded'})")
     evo = os.path.join(HERE, "results", "evopress.json")
     if os.path.isfile(evo):
         e = json.load(open(evo)).get("entries", {})
