@@ -258,13 +258,13 @@ def decompress(state: dict, spec: GEARSpec, per_channel: bool, shape, out: torch
     ax = group_axis(per_channel)
     scale = stored_scale(state).unsqueeze(ax)                             # [.., n/g, 1, d] or [.., n, d/g, 1]
     g = n // scale.shape[-3] if per_channel else d // scale.shape[-2]
-    x = grouped(unpack(state["codes"], spec.bits).view(shape), per_channel, g) * scale   # D - low, float32
+    x = grouped(unpack(state["codes"], spec.bits).view(shape), per_channel, g).float().mul_(scale)  # D - low, float32
     low = (state["low"].float() if "low" in state else state["zero"].float()).unsqueeze(ax)
     if "zero" in state:                                                   # compact values: low = zero * scale
         low = low * scale
     if "lowrank_a" in state:                                              # + L = A @ B
         a, b = lowrank_factors(state)                                      # [.., n, k], [.., k, d]
-        x = torch.baddbmm(x.view(-1, n, d), a.reshape(-1, n, a.shape[-1]), b.reshape(-1, b.shape[-2], d)).view(x.shape)
+        x.view(-1, n, d).baddbmm_(a.reshape(-1, n, a.shape[-1]), b.reshape(-1, b.shape[-2], d))  # in place: x is ours
     has_outliers = state.get("outlier_index") is not None
     if out is None:                                                       # + low, S: functional form
         x = (x + low).to(dtype).view(B, H, C, n * d)
