@@ -35,9 +35,10 @@ def _config(case: str):
     if case == "rtn-w8-g-1":
         return hfcompress.RTNConfig(bits=8, group_size=-1, mse_clip=False)  # (as above)
     if case == "gptq-w4-g32-actorder":
-        return hfcompress.GPTQConfig(bits=4, group_size=32, act_order=True)
+        return hfcompress.GPTQConfig(bits=4, group_size=32, act_order=True, mse_clip=False)  # min-max: as RTN's
     if case == "gptq-w2-g16-static":
-        return hfcompress.GPTQConfig(bits=2, group_size=16, act_order=True, static_groups=True, sym=True)
+        return hfcompress.GPTQConfig(bits=2, group_size=16, act_order=True, static_groups=True, sym=True,
+                                     mse_clip=False)
     raise KeyError(case)
 
 

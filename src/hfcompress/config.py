@@ -246,8 +246,10 @@ class GPTQConfig(HfCompressConfig):
 
     ``act_order`` quantizes columns by descending activation energy (stored as ``g_idx``);
     ``static_groups`` keeps natural groups with act-order (no ``g_idx`` stored: faster kernels);
-    ``damp`` is the Hessian dampening relative to its mean diagonal; ``mse_clip`` searches each
-    group's clipping range; ``dataset`` / ``n_samples`` / ``seq_len`` choose the calibration
+    ``damp`` is the Hessian dampening relative to its mean diagonal; ``mse_clip`` (default) fits
+    each asymmetric group's grid with the searched grid weighted by GPTQ's own cost of each
+    column's error (``algorithms.gptq.group_grid``; measured better than min-max grids on SmolLM2:
+    benchmarks/README.md); ``dataset`` / ``n_samples`` / ``seq_len`` choose the calibration
     tokens (``None``: the bundled public-domain text); ``true_sequential`` calibrates each group
     of layers in a block (q/k/v, o, gate/up, down) on the outputs of those already quantized.
     """
@@ -265,7 +267,7 @@ class GPTQConfig(HfCompressConfig):
     }
 
     def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, act_order: bool = True,
-                 static_groups: bool = False, damp: float = 0.01, mse_clip: bool = False, dataset=None,
+                 static_groups: bool = False, damp: float = 0.01, mse_clip: bool = True, dataset=None,
                  n_samples: int = 128, seq_len: int = 512, true_sequential: bool = True,
                  modules_to_not_convert: list[str] | None = None, tokenizer=None, **kwargs):
         # tokenizer= as in transformers' GPTQConfig: a tokenizer or its directory / Hub id (used to
