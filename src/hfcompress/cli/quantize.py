@@ -28,8 +28,8 @@ def add_parser(sub) -> None:
                         "(default: 128; spqr: 16)")
     p.add_argument("--sym", action="store_true", help="symmetric grid (no zero points)")
     p.add_argument("--mse-clip", action=argparse.BooleanOptionalAction, default=None,
-                   help="search each group's clipping range for the least squared error "
-                        "(default: the method's own, as in RTNConfig / GPTQConfig)")
+                   help="search each group's grid (scale, zero point) for the least squared error, "
+                        "Hessian-weighted in GPTQ (default: the method's own: off for RTN, on for GPTQ)")
     p.add_argument("--skip", nargs="*", default=None, metavar="MODULE",
                    help="modules to keep in float (default: tied weights and lm_head)")
     g = p.add_argument_group("gptq (calibration; progress bar shows blocks done and ETA)")
