@@ -543,6 +543,9 @@ def eora_table(data: dict) -> str:
         lost = [f"{b}-bit {d} ({rs[d]:.3f})" for b, rs in r32 for d in doms if rs[d] >= 1]
         unmeasured = sorted({d for _, rs in r32 for d in doms if math.isnan(rs[d])})
         verdict = "MISSED" if lost else (f"NOT MEASURED on {', '.join(unmeasured)}" if unmeasured else "MET")
+        stale = [k for k, r in rows.items() if k.endswith("-r32") and "-g64+" in k and not _current(r)]
+        if stale:  # calibrated on an earlier default set: not the target's setting
+            verdict = f"NOT MEASURED with the current default calibration set ({len(stale)} rank-32 rows are older)"
         lines.append(f"- EoRA rank 32 beats SVD rank 32 on every domain, 3- and 4-bit: "
                      f"{'not on ' + ', '.join(lost) if lost else 'on every measured one'}: **{verdict}**")
     for d in cols:
