@@ -229,6 +229,8 @@ def run_entry(name: str) -> dict:
             if done is not None:  # another entry measured this very configuration (same tokens, options, code)
                 return {**done, "entry": name, **opts, "same_run_as": done["entry"]}
             shutil.rmtree(work, ignore_errors=True)
+            # the resolved options (defaults included): a row says which grid and groups it measured
+            out["gptq_options"] = {k: cfg.to_dict()[k] for k in ("act_order", "static_groups", "damp", "mse_clip", "sym")}
             # streams the float checkpoint block by block: the low-memory path
             hfcompress.quantize(src, cfg, out_dir=work, batches=batches, dtype=torch.float32)
             # building the default calibration set happened in _setup: counted in quantize_s
