@@ -12,8 +12,8 @@ import pytest
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir, "notebooks")
 #: notebooks committed with the outputs of a run on the real SmolLM2 (``python notebooks/execute.py
-#: notebooks/NAME.ipynb``; quality: not yet, its SmolLM2 run has not been made on an idle machine)
-NOTEBOOKS = ("quickstart", "adapters")
+#: notebooks/NAME.ipynb``)
+NOTEBOOKS = ("quickstart", "adapters", "quality")
 
 
 def _outputs(nb) -> list[dict]:
