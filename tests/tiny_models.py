@@ -71,3 +71,17 @@ def char_tokenizer():
     vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(chars[:VOCAB - 1])}}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+def eora_sqnr_db(orig, quantized) -> tuple[float, float]:
+    """SQNR (dB) against ``orig``'s logits of ``quantized`` before and after EoRA rank-8 compensation
+    (seeded inputs and calibration tokens)."""
+    import hfcompress
+
+    ids = inputs(batch=4, seq=31, seed=99)
+    with torch.no_grad():
+        ref, base = orig(ids).logits, quantized(ids).logits
+    pm = hfcompress.compensate(quantized, orig, hfcompress.EoRAConfig(rank=8, dataset=inputs(batch=16, seq=48, seed=11)))
+    with torch.no_grad():
+        comp = pm(ids).logits
+    return sqnr_db(ref, base), sqnr_db(ref, comp)
