@@ -3,9 +3,10 @@ directories too large for memory.
 
 Given a directory, the model is built on ``meta``; the modules before the decoder blocks
 (embeddings, rotary tables) are loaded from the safetensors shards, the calibration inputs
-are captured, and then each decoder block is read from the shards just before its turn,
-quantized, written to its own output shard, and freed. Peak memory: one block's weights plus
-the calibration activations (plus the embeddings). The checkpoint written holds exactly the
+are captured and those modules go back on ``meta``; then each decoder block is read from the
+shards just before its turn, quantized, written to its own output shard, and freed; the modules
+outside the blocks are read again after the last block. Peak memory: one block's weights plus
+the calibration activations. The checkpoint written holds exactly the
 tensors ``save_pretrained`` writes after ``from_pretrained(dir, quantization_config=config)``.
 """
 
@@ -153,6 +154,7 @@ def _stream_dir(path, config, tokenizer, out_dir, device, progress, batches, dty
 
     from .calibration import find_blocks, get_calibration_batches
     from .calibration.apply import quantize_blocks_
+    from .calibration.blocks import return_freed_memory
     from .calibration.data import token_ids
 
     hf_config = AutoConfig.from_pretrained(path)
@@ -191,6 +193,8 @@ def _stream_dir(path, config, tokenizer, out_dir, device, progress, batches, dty
         return os.path.join(parts, f"{i:05d}.safetensors")
 
     def load_block(i, name, block):
+        if i == 0:  # the block inputs are captured: the embeddings (and head) wait on disk until the end
+            _release_outside_(model, prefix)
         _materialise_(model, block, name, shards, dtype)
 
     def release_block(i, name, block):
@@ -198,7 +202,10 @@ def _stream_dir(path, config, tokenizer, out_dir, device, progress, batches, dty
             tensors = {f"{name}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
             save_file(tensors, part_name(i), metadata=_part_metadata(tensors))
         block.to("meta")  # free the block
-        _return_freed_memory()
+        if i == len(blocks) - 1:  # back for the layers outside the blocks and the last part
+            _materialise_outside_(model, prefix, shards, dtype)
+            model.tie_weights()
+        return_freed_memory()
 
     quantize_blocks_(model, config, batches, device=device, progress=progress, load_block=load_block,
                      release_block=release_block, dist=dist)
@@ -312,15 +319,15 @@ def _materialise_outside_(model: nn.Module, prefix: str, shards: _Shards, dtype)
             mod._buffers[attr] = value
 
 
-def _return_freed_memory() -> None:
-    """Ask glibc to give freed heap pages back to the OS (freed block weights otherwise stay in
-    the process's resident set); a no-op where there is no glibc."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+def _release_outside_(model: nn.Module, prefix: str) -> None:
+    """Put the parameters of every module outside the block list ``prefix`` back on ``meta`` (tied
+    copies included); :func:`_materialise_outside_` reads them again."""
+    for name, mod in model.named_modules():
+        if name == prefix or name.startswith(prefix + "."):
+            continue
+        for attr, p in list(mod._parameters.items()):
+            if p is not None and not p.is_meta:
+                mod._parameters[attr] = nn.Parameter(p.to("meta"), requires_grad=False)
 
 
 def _tied_keys(model: nn.Module) -> set[str]:

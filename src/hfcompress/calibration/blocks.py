@@ -23,6 +23,30 @@ from ..modules import is_conv1d, is_linear, matches
 _TWICE = object()  # a recorded child that ran more than once in one forward
 
 
+def return_freed_memory() -> None:
+    """Ask glibc to give freed heap pages back to the OS. Called after each pass over the calibration
+    inputs: a pass frees about a batch's worth of temporaries per batch, and without this they stay in
+    the resident set, scattered between the tensors still alive (at 128x512 on SmolLM2 ~60-100 MB of
+    peak RSS); a no-op where there is no glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+_LIBC: list = []
+
+
+def _malloc_trim():
+    if not _LIBC:
+        try:
+            import ctypes
+
+            _LIBC.append(ctypes.CDLL("libc.so.6").malloc_trim)
+        except (OSError, AttributeError):
+            _LIBC.append(None)
+    return _LIBC[0]
+
+
 class _StopForward(Exception):
     """Raised by a hook to end a forward pass early once everything needed was seen."""
 
@@ -234,6 +258,7 @@ class BlockStep:
         finally:
             for h in handles:
                 h.remove()
+        return_freed_memory()
         return outputs
 
     @torch.no_grad()
@@ -248,6 +273,7 @@ class BlockStep:
                     outs[i] = None
         self._replay.clear()
         self._tail_inputs.clear()
+        return_freed_memory()
 
     @contextmanager
     def _replaying(self, watch: set[str] = frozenset(), record: bool = True):
@@ -401,6 +427,7 @@ class BlockStep:
         missing = wanted - set(stats)
         if missing:
             raise RuntimeError(f"{self.name}: the block's forward never reached {sorted(missing)}")
+        return_freed_memory()
         return stats
 
     def tail_layers(self) -> dict[str, str]:
@@ -578,6 +605,7 @@ def iterate_blocks(model: nn.Module, batches: list[torch.Tensor], skip: list[str
         return out
 
     hidden, args, kwargs = guarded(lambda: capture_block_inputs(model, batches, device=device), "capturing inputs")
+    return_freed_memory()  # the capture's temporaries, scattered between the kept inputs
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # meta blocks count too
     bar = None
     if progress:
