@@ -12,7 +12,8 @@ every entry. All entries compute in float32 on CPU.
     python benchmarks/quality.py --entries fp32 gptq-w4-g64 gptqmodel-w4-g64
 Writes benchmarks/results/quality.json and prints the markdown table of benchmarks/README.md.
 Baselines need their packages in the running interpreter (gptqmodel==7.6.0, hqq, bitsandbytes;
-see benchmarks/README.md for the venv).
+see benchmarks/README.md for the venv), or ``HFC_BASELINES_SITE=<their site-packages>`` (appended to
+sys.path after this interpreter's own packages).
 """
 
 from __future__ import annotations
@@ -51,6 +52,13 @@ ENTRIES = {
     "rtn-w4-g64-default": ("hfcompress", {"method": "rtn", "bits": 4, "group_size": 64}),
     "rtn-w3-g64-default": ("hfcompress", {"method": "rtn", "bits": 3, "group_size": 64}),
     "gptq-w4-g64": ("hfcompress", {"method": "gptq", "bits": 4, "group_size": 64}),
+    # float zero points (int_group zero_point="float": an fp16 zero per group, 4.5 bits/weight at 4-bit g64)
+    "rtn-w4-g64-fz": ("hfcompress", {"method": "rtn", "bits": 4, "group_size": 64, "zero_point": "float"}),
+    "rtn-w4-g64-fz-mse": ("hfcompress", {"method": "rtn", "bits": 4, "group_size": 64, "zero_point": "float",
+                                         "mse_clip": True}),
+    "rtn-w3-g64-fz": ("hfcompress", {"method": "rtn", "bits": 3, "group_size": 64, "zero_point": "float"}),
+    "gptq-w4-g64-fz": ("hfcompress", {"method": "gptq", "bits": 4, "group_size": 64, "zero_point": "float"}),
+    "gptq-w3-g64-fz": ("hfcompress", {"method": "gptq", "bits": 3, "group_size": 64, "zero_point": "float"}),
     # GPTQ options the defaults were chosen from (damping, act-order with g_idx vs static groups)
     "gptq-w4-g64-damp0.01": ("hfcompress", {"method": "gptq", "bits": 4, "group_size": 64, "damp": 0.01}),
     "gptq-w4-g64-damp0.05": ("hfcompress", {"method": "gptq", "bits": 4, "group_size": 64, "damp": 0.05}),
@@ -193,7 +201,10 @@ def run_entry(name: str) -> dict:
     kind, opts = ENTRIES[name]
     src, tok, batches, evals = _setup()
     base_rss = _rss_mb()
-    out: dict = {"entry": name, "kind": kind, **opts}
+    out: dict = {"entry": name, "kind": kind, **opts, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+                 "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                          cwd=HERE).stdout.strip(),
+                 "loadavg_before": [round(v, 2) for v in os.getloadavg()]}
     if kind in ("gptqmodel", "compensate") or opts.get("method") in ("gptq", "spqr"):
         from hfcompress.calibration.data import BUNDLED
 
@@ -230,7 +241,8 @@ def run_entry(name: str) -> dict:
                 return {**done, "entry": name, **opts, "same_run_as": done["entry"]}
             shutil.rmtree(work, ignore_errors=True)
             # the resolved options (defaults included): a row says which grid and groups it measured
-            out["gptq_options"] = {k: cfg.to_dict()[k] for k in ("act_order", "static_groups", "damp", "mse_clip", "sym")}
+            out["gptq_options"] = {k: cfg.to_dict().get(k, "int") for k in ("act_order", "static_groups", "damp", "mse_clip",
+                                                                                "sym", "zero_point")}
             # streams the float checkpoint block by block: the low-memory path
             hfcompress.quantize(src, cfg, out_dir=work, batches=batches, dtype=torch.float32)
             # building the default calibration set happened in _setup: counted in quantize_s
@@ -445,6 +457,14 @@ def table(path: str = RESULTS) -> str:
         ok = rtn4["ppl_geomean"] < hqq4["ppl_geomean"]
         lines.append(f"- RTN 4-bit g64 (data-free, default grid: {rtn4['entry']}) geomean {rtn4['ppl_geomean']:.3f} vs "
                      f"HQQ 4-bit g64 {hqq4['ppl_geomean']:.3f} (target: lower): **{'MET' if ok else 'MISSED'}**")
+    for name in ("rtn-w4-g64-fz", "rtn-w4-g64-fz-mse"):
+        r = rows.get(name)
+        if fp and r and hqq4 and "geomean" in measured(r, hqq4):
+            ok = r["ppl_geomean"] < hqq4["ppl_geomean"]
+            wins = [d for d in doms if r[f"ppl_{d}"] < hqq4[f"ppl_{d}"]]
+            lines.append(f"- RTN 4-bit g64 with float zeros ({name}, zero_point='float', {r['bits_per_weight']:.3f} "
+                         f"bits/weight) geomean {r['ppl_geomean']:.3f} vs HQQ 4-bit g64 {hqq4['ppl_geomean']:.3f} "
+                         f"(target: lower): **{'MET' if ok else 'MISSED'}**; lower on {', '.join(wins) or 'no domain'}")
     for bits in (4, 3):
         mse, plain = rows.get(f"gptq-w{bits}-g64-mse"), rows.get(f"gptq-w{bits}-g64-minmax")
         if mse and plain and _calibration(mse) != _calibration(plain):
@@ -457,6 +477,15 @@ def table(path: str = RESULTS) -> str:
                          f"min-max grid {plain['ppl_geomean']:.3f} (same calibration; lower to become the default): "
                          f"**{'lower' if ok else 'not lower'}**")
     for bits, hqq, limit in ((4, hqq4, 0.7), (3, hqq3, 0.5)):
+        fz = rows.get(f"gptq-w{bits}-g64-fz")
+        if fp and hqq and fz:
+            free = [d for d in doms if d not in calibrated and d in measured(fz, hqq, fp)]
+            ratios = {d: _gap(fz, fp, d) / _gap(hqq, fp, d) for d in free}
+            lines.append(f"- GPTQ {bits}-bit g64 with float zeros (gptq-w{bits}-g64-fz, zero_point='float', "
+                         f"{fz['bits_per_weight']:.3f} bits/weight) gap to fp32 / HQQ {bits}-bit g64's: "
+                         + ", ".join(f"{d} {v:.2f}x" for d, v in ratios.items())
+                         + f" (target <= {limit}x on each): "
+                         f"**{'MET' if ratios and all(v <= limit for v in ratios.values()) else 'MISSED'}**")
         ours = rows.get(f"gptq-w{bits}-g64")
         if fp and hqq and not ours:
             lines.append(f"- GPTQ {bits}-bit g64 with the default grid and calibration set (entry gptq-w{bits}-g64) gap "
@@ -590,7 +619,16 @@ def available(kind: str) -> bool:
     return need is None or importlib.util.find_spec(need) is not None
 
 
+def _baselines_site() -> None:
+    """``HFC_BASELINES_SITE``: a site-packages folder appended to sys.path (after this interpreter's
+    own packages) so the hqq / gptqmodel entries run side by side without installing them here."""
+    site = os.environ.get("HFC_BASELINES_SITE")
+    if site and site not in sys.path:
+        sys.path.append(site)
+
+
 def main(argv=None) -> int:
+    _baselines_site()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--entries", nargs="*", default=None, help=f"subset of {list(ENTRIES)}")
     ap.add_argument("--entry", default=None, help=argparse.SUPPRESS)  # child process mode

@@ -61,7 +61,7 @@ class HfCompressConfig(QuantizationConfigMixin):
 
     def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, act_order: bool = False,
                  modules_to_not_convert: list[str] | None = None, format: str | None = None,
-                 format_version: int | None = None, **kwargs):
+                 format_version: int | None = None, zero_point: str = "int", **kwargs):
         self.quant_method = QUANT_METHOD
         kwargs.pop("quant_method", None)
         kwargs.pop("algorithm", None)
@@ -83,6 +83,10 @@ class HfCompressConfig(QuantizationConfigMixin):
         _check_type("group_size", group_size, (int,))
         _check_type("sym", sym, (bool,))
         _check_type("act_order", act_order, (bool,))
+        _check_type("zero_point", zero_point, (str,))
+        if zero_point != "int" and "zero_point" not in fmt.spec_fields:
+            raise ConfigError(f"quantization_config.zero_point={zero_point!r}: the {format} format stores no float "
+                              "zero points; use zero_point='int' (or format='int_group')")
         _check_type("modules_to_not_convert", modules_to_not_convert, (list, tuple), allow_none=True)
         if modules_to_not_convert is not None:
             for m in modules_to_not_convert:
@@ -94,6 +98,7 @@ class HfCompressConfig(QuantizationConfigMixin):
         self.group_size = group_size
         self.sym = sym
         self.act_order = act_order
+        self.zero_point = zero_point  # int_group: "int" (packed integers) or "float" (fp16 per group)
         self.modules_to_not_convert = modules_to_not_convert
         for name, (types, allow_none) in self.options.items():
             if name in kwargs:
@@ -142,6 +147,8 @@ class HfCompressConfig(QuantizationConfigMixin):
         d = {"quant_method": QUANT_METHOD, "format": self.format, "format_version": self.format_version,
              "algorithm": self.algorithm, "bits": self.bits, "group_size": self.group_size, "sym": self.sym,
              "act_order": self.act_order, "modules_to_not_convert": self.modules_to_not_convert}
+        if self.zero_point != "int":  # written only when set: configs from before the field stay byte-identical
+            d["zero_point"] = self.zero_point
         for name in self.options:
             d[name] = self._jsonable(name, getattr(self, name))
         if self.extra:

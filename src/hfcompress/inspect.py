@@ -115,7 +115,8 @@ def _setting(spec) -> str:
     fields = {k: getattr(spec, k) for k in fmt.spec_fields}
     bits, group = fields.pop("bits", None), fields.pop("group_size", None)
     head = f"{fmt.name} {bits}b" + (f" g{group}" if group is not None else "")
-    return " ".join([head] + [k for k, v in fields.items() if v is True])
+    return " ".join([head] + [k for k, v in fields.items() if v is True]
+                    + [f"{k}={v}" for k, v in spec.to_dict().items() if k in fields and isinstance(v, str)])
 
 
 def _linear_shapes(path: str) -> dict[str, tuple[int, int]]:
@@ -176,7 +177,7 @@ def _spec_fields(q: dict) -> tuple[dict, str]:
     fmt = formats().get(q.get("format", HfCompressConfig.format_name))
     if fmt is None:
         return {k: q.get(k) for k in ("bits", "group_size")}, "every stored tensor"
-    return {k: q.get(k) for k in fmt.spec_fields}, fmt.spec_cls.overhead
+    return {k: q.get(k) for k in fmt.spec_fields if k in q}, fmt.spec_cls.overhead
 
 
 def describe_adapter(path: str) -> str:

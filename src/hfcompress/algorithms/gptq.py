@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 
 from ..formats.int_group import IntGroupSpec
-from .grid import fit_grid, search_grid
+from .grid import fit_grid, hqq_float_grid, search_float_grid, search_grid
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -37,7 +37,8 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, spec: IntGroupSpec, damp: float 
     ``spec.act_order`` quantizes columns by descending ``diag(H)`` and returns ``g_idx [K]``
     (group of each input column); with ``static_groups`` the groups stay the natural ones
     (``k // group_size``, fitted before reordering) and ``g_idx`` is None.
-    Returns ``codes [N, K]`` (uint8), ``scale [N, G]`` (fp32), ``zero [N, G]`` (uint8 or None),
+    Returns ``codes [N, K]`` (uint8), ``scale [N, G]`` (fp32), ``zero [N, G]`` (uint8; fp32 with
+    ``spec.zero_point == "float"``; None if symmetric),
     ``g_idx [K]`` (int32 or None).
     """
     W = weight.detach().to(torch.float32).clone()  # [N, K]
@@ -82,7 +83,7 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, spec: IntGroupSpec, damp: float 
     inv = torch.argsort(perm)
     codes = codes[:, inv]
     g_idx = col_group[inv].to(torch.int32) if spec.act_order else None
-    zero_out = None if spec.sym else zeros.to(torch.uint8)
+    zero_out = None if spec.sym else (zeros if spec.zero_point == "float" else zeros.to(torch.uint8))
     return codes, scales, zero_out, g_idx
 
 
@@ -90,6 +91,7 @@ def _column_loop_(W, U, codes, scales, zeros, col_group, perm, static, spec, g, 
     """Algorithm 1's loop over column blocks of ``B`` (W [N, K] permuted, U [K, K] upper Cholesky
     of H^-1); fills ``codes``, ``scales``, ``zeros``, ``col_group`` in place."""
     k = W.shape[1]
+    float_zero = spec.zero_point == "float"
     for i1 in range(0, k, B):
         i2 = min(i1 + B, k)
         W1 = W[:, i1:i2].clone()              # [N, b] columns of this block, updated in place
@@ -106,7 +108,10 @@ def _column_loop_(W, U, codes, scales, zeros, col_group, perm, static, spec, g, 
                 scales[:, grp], zeros[:, grp] = scale, zero
             col_group[col] = grp
             w = W1[:, i]                                             # [N]
-            q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)  # [N] codes (as quantize_to_codes)
+            if float_zero:                                           # (as quantize_to_codes_float_zero)
+                q = torch.clamp(torch.round(w / scale + zero), 0, maxq)
+            else:                                                    # [N] codes (as quantize_to_codes)
+                q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
             codes[:, col] = q.to(torch.uint8)
             err = (w - (q - zero) * scale) / U1[i, i]                # [N] rounding error, scaled
             W1[:, i:].addr_(err, U1[i, i:], alpha=-1)                # spread it over the block's rest
@@ -118,7 +123,18 @@ def group_grid(Wg: torch.Tensor, u_diag: torch.Tensor, spec: IntGroupSpec, mse_c
     """Grid of one group ``Wg [N, g]`` (current, error-updated values). With ``mse_clip`` (asymmetric),
     the searched grid minimising ``sum_j (w_j - w_q,j)^2 / [H^-1]_jj``: quantizing column j with error
     ``d`` raises GPTQ's objective by ``d^2 / [H^-1]_jj`` (``[H^-1]_jj = u_diag[j]^2``, the diagonal
-    of the Cholesky factor of the inverse Hessian over the columns not yet quantized)."""
+    of the Cholesky factor of the inverse Hessian over the columns not yet quantized).
+
+    Float zeros (``spec.zero_point == "float"``): without ``mse_clip`` HQQ's half-quadratic zero
+    (as RTN's); with it, the least squares of the same weighted error over float-zero grids
+    (:func:`search_float_grid`), the integer-zero searched grid and HQQ's being candidates, so no
+    group's weighted error is above the integer-zero grid's."""
+    if spec.zero_point == "float":
+        if not mse_clip:
+            return hqq_float_grid(Wg, spec.bits)
+        imp = (1.0 / u_diag.square())[None, :]
+        return search_float_grid(Wg, spec.bits, importance=imp, start="hqq",
+                                 extra=[search_grid(Wg, spec.bits, importance=imp)])
     if not mse_clip or spec.sym:
         return fit_grid(Wg, spec.bits, spec.sym, mse_clip=mse_clip)
     return search_grid(Wg, spec.bits, importance=(1.0 / u_diag.square())[None, :])

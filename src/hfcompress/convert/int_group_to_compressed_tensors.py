@@ -150,6 +150,14 @@ def _export(src: str, out_dir: str | os.PathLike, shown: str) -> str:
     if q.get("quant_method") != "hfcompress" or q.get("format") != "int_group":
         raise ConversionError(f"{cfg_where}: quantization_config is {q.get('quant_method')!r} / "
                               f"{q.get('format')!r}; export takes an hfcompress int_group checkpoint")
+    floats = [where for where, e in [("quantization_config", q)]
+              + [(f"quantization_config.module_formats[{n!r}]", e) for n, e in (q.get("module_formats") or {}).items()]
+              if e.get("zero_point", "int") != "int"]
+    if floats:
+        raise ConversionError(f"{cfg_where}: {floats[0]}.zero_point='float': its layers store fp16 zero points "
+                              "(weight_zero [groups, out_features]), which compressed-tensors' pack-quantized "
+                              "format cannot hold (integer zero points only); export a checkpoint quantized with "
+                              "zero_point='int'")
     spec = IntGroupSpec(bits=q["bits"], group_size=q["group_size"], sym=q["sym"], act_order=q["act_order"])
     if 32 % spec.bits:
         raise ConversionError(f"{cfg_where}: quantization_config.bits={spec.bits}: compressed-tensors' "

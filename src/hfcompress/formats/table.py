@@ -66,7 +66,8 @@ def table_to_dict(specs: dict[str, Any]) -> dict[str, dict]:
     for name in sorted(specs):
         spec = specs[name]
         fmt = get_format(spec)
-        out[name] = {"format": fmt.name, **{k: getattr(spec, k) for k in fmt.spec_fields}}
+        fields = spec.to_dict()  # (a field at a default the spec does not write stays out)
+        out[name] = {"format": fmt.name, **{k: fields[k] for k in fmt.spec_fields if k in fields}}
     return out
 
 

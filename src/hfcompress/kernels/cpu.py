@@ -2,7 +2,8 @@
 
 - 2/3/4-bit: ``aten._weight_int4pack_mm_for_cpu``. Its weight is ``(q - 8) * s + c`` per group
   of 32/64/128/256 input channels; ours is ``(q - z) * s``, so ``c = (8 - z) * s`` (exact in
-  fp32: ``s`` is fp16 and ``8 - z`` a small integer). 2- and 3-bit codes are 4-bit codes that
+  fp32: ``s`` is fp16 and ``8 - z`` a small integer; a float zero point, ``zero_point="float"``,
+  rounds it at fp32 precision, far below the bf16 the op computes in). 2- and 3-bit codes are 4-bit codes that
   never exceed 3 / 7, so they take the same op (the repacked copy holds 4 bits per weight).
   A group size that is a multiple of 32 (or per-channel) maps onto sub-groups of 32..256 with
   repeated scales; act-order layers whose ``g_idx`` sorts into equal contiguous groups permute
@@ -83,13 +84,13 @@ def _prepare_int4(qweight, scale, qzero, g_idx, group_size, sym, k, bits=4):
     group_of_sub = torch.arange(0, k, sub) // gs  # [K/sub]
     s = scale.to(torch.float32)[:, group_of_sub]  # [N, K/sub]
     if sym:
-        z = torch.full_like(s, float(1 << (bits - 1)))
-    else:
-        z = _unpack(qzero, bits, n).t().to(torch.float32)[:, group_of_sub]  # [N, K/sub]
+        z_g = torch.full_like(scale, float(1 << (bits - 1)), dtype=torch.float32)
+    else:  # integer zeros packed like the codes, or fp16 float zeros (zero_point="float")
+        z_g = (qzero if qzero.is_floating_point() else _unpack(qzero, bits, n)).t().to(torch.float32)  # [N, G]
+    z = z_g[:, group_of_sub]  # [N, K/sub]
     dense = None
     if bits == 4 and k % gs == 0:  # what the prefill path needs (see _dense_bf16)
         s_g = scale.to(torch.float32)  # [N, G]
-        z_g = torch.full_like(s_g, 8.0) if sym else _unpack(qzero, bits, n).t().to(torch.float32)  # [N, G]
         if g_idx is None:
             dense = (s_g.unsqueeze(-1).contiguous(), z_g.unsqueeze(-1).contiguous(), gs, None)  # [N, G, 1] each
         else:  # act-order: columns sorted by group (perm), so the weight comes out in x[:, perm] order

@@ -17,9 +17,12 @@ What changes, and why:
   sub-groups (``BLOCK_K > sg``). Per-channel layers have one sub-group spanning all of K.
 - **scales and zeros** are ``[G', N]`` (G' sub-groups, row = sub-group), so a tile reads one
   contiguous run of N scales. Scales stay fp16 (the stored values: exact; bf16 would round
-  them), zero points become fp16 integers; the kernel folds ``c = -z * s`` once per row and tile
-  (fp32, exact) and dequantizes each code with one fma ``w = q * s + c``, which equals the
-  reference ``(q - z) * s`` bit for bit (every product and sum is exact in fp32).
+  them), zero points become fp16 integers (or stay the stored fp16 zeros of
+  ``zero_point="float"``); the kernel folds ``c = -z * s`` once per row and tile (fp32, exact: a
+  product of two fp16 values) and dequantizes each code with one fma ``w = q * s + c``, which
+  equals the reference ``(q - z) * s`` bit for bit (``q * s`` and ``c`` are exact, so both round
+  the same exact value once; for float zeros this needs ``q - z`` exact too, true for every zero
+  hfcompress's grids store: ``algorithms.grid.round_zero`` flushes the tiny ones).
 - **codes** are 32-bit words along K per output row, rows padded to ``k_pad`` (a multiple of
   256 codes, zero codes, zero scales) so every row starts 16-byte aligned and a thread reads four
   words (32 4-bit codes) with one 128-bit load. 2/4/8-bit words hold ``per = 32/bits`` codes,
@@ -61,7 +64,7 @@ class GpuLayout:
     codes: torch.Tensor  # int32 [N, k_pad * b / 32], b = bits (2 for the 3-bit low plane)
     codes_hi: torch.Tensor | None  # 3-bit only: int16 [N, k_pad / 16], the high bit of each code
     scale: torch.Tensor  # fp16 [G', N], zero past K
-    zero: torch.Tensor | None  # fp16 [G', N] integer zero points (None: symmetric, z = 2**(bits-1))
+    zero: torch.Tensor | None  # fp16 [G', N] zero points (None: symmetric, z = 2**(bits-1))
     perm: torch.Tensor | None  # int64 [K]: kernel column j reads input channel perm[j] (act-order)
     #: other backends' forms of this layer built on demand (e.g. tinygemm's), dropped with it
     extra: dict = field(default_factory=dict, compare=False, repr=False)
@@ -177,9 +180,9 @@ def build_layout(qweight: torch.Tensor, scale: torch.Tensor, qzero: torch.Tensor
     s = scale.t()[grp].to(torch.float16)  # [G', N]
     s = torch.where(real[:, None], s, torch.zeros((), dtype=s.dtype, device=dev))
     z = None
-    if not sym:
-        zi = _unpack_stream(qzero, bits, n)  # [G, N]
-        z = torch.where(real[:, None], zi[grp], 0).to(torch.float16)  # integers < 256: exact
+    if not sym:  # integers < 256 (exact in fp16), or the stored fp16 zeros of zero_point="float"
+        zi = qzero if qzero.is_floating_point() else _unpack_stream(qzero, bits, n)  # [G, N]
+        z = torch.where(real[:, None], zi[grp], 0).to(torch.float16)
     return GpuLayout(bits=bits, n=n, k=k, k_pad=k_pad, sg=sg, ki=ki, codes=lo.contiguous(),
                      codes_hi=None if hi is None else hi.contiguous(), scale=s.contiguous(),
                      zero=None if z is None else z.contiguous(), perm=perm)

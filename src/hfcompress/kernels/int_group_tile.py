@@ -4,7 +4,7 @@
     codes   int32 [N, k_pad*b/32]  PER = 32/b codes per word (b = bits; the 3-bit low plane: 2)
     hi      int16 [N, k_pad/16]    3-bit only: the high bits, one half-word per word of ``codes``
     scale   fp16  [G', N]          one row per sub-group of SG input channels
-    zero    fp16  [G', N]          integer zero points (asymmetric)
+    zero    fp16  [G', N]          zero points (asymmetric: integers, or float with zero_point="float")
 
 K is cut into blocks of KI columns (the tile width); a block is WK = KI / PER words per row and
 code ``j`` of word ``w`` is column ``j * WK + w`` of its block (interleaved). So a thread loads

@@ -9,7 +9,8 @@ output channel. The weight the layer computes with is exactly::
 
     W[n, k] = (q[n, k] - z[n, g_idx[k]]) * s[n, g_idx[k]]        (in fp32, then cast)
 
-with ``z = 2**(bits-1)`` (constant) when symmetric.
+with ``z = 2**(bits-1)`` (constant) when symmetric. With ``zero_point="float"`` (asymmetric only)
+``z`` is any fp16 value, stored unpacked; codes are then ``clamp(round(w / s + z), 0, 2**bits - 1)``.
 
 On-disk tensors of a module ``<prefix>`` (safetensors, row = output channel):
 
@@ -19,6 +20,7 @@ name                    dtype    shape                                        wh
 ``<prefix>.weight``     int32    ``[N, ceil(K / 32) * bits]``                  always
 ``<prefix>.weight_scale``  fp16  ``[N, G]``                                    always
 ``<prefix>.weight_zero``   int32 ``[G, ceil(N / 32) * bits]``                  asymmetric
+``<prefix>.weight_zero``   fp16  ``[G, N]``                                    zero_point="float"
 ``<prefix>.weight_g_idx``  int32 ``[K]``, values in ``[0, G)``                 act_order
 ``<prefix>.bias``       float    ``[N]``                                       if bias
 ======================  =======  ===========================================  ============
@@ -47,10 +49,10 @@ from .layer import QuantLinear
 from .op import int_group_mm, int_group_mm_ref, register_backend
 from .pack import pack, pack_codes, packed_len, unpack_codes
 from .reference import default_g_idx, dequantize
-from .spec import FORMAT_NAME, FORMAT_VERSION, SCALE_DTYPE, SUPPORTED_BITS, IntGroupSpec
+from .spec import FORMAT_NAME, FORMAT_VERSION, SCALE_DTYPE, SUPPORTED_BITS, ZERO_DTYPE, ZERO_POINTS, IntGroupSpec
 
 FORMAT = register_format(Format(name=FORMAT_NAME, version=FORMAT_VERSION, spec_cls=IntGroupSpec,
-                                layer_cls=QuantLinear, spec_fields=("bits", "group_size", "sym", "act_order")))
+                                layer_cls=QuantLinear, spec_fields=("bits", "group_size", "sym", "act_order", "zero_point")))
 
 __all__ = [
     "FORMAT",
@@ -58,6 +60,8 @@ __all__ = [
     "FORMAT_VERSION",
     "SCALE_DTYPE",
     "SUPPORTED_BITS",
+    "ZERO_DTYPE",
+    "ZERO_POINTS",
     "FormatError",
     "IntGroupSpec",
     "QuantLinear",

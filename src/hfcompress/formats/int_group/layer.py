@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..layer import CompressedLinear
@@ -15,7 +17,8 @@ class QuantLinear(CompressedLinear):
     """``y = x W^T + b`` with ``W`` held as packed integer codes + per-group scales/zeros.
 
     Buffers (persistent, saved by ``state_dict``): ``weight`` (int32 packed codes),
-    ``weight_scale`` (fp16), ``weight_zero`` (int32, packed along out_features, asymmetric only),
+    ``weight_scale`` (fp16), ``weight_zero`` (int32, packed along out_features, asymmetric only;
+    fp16 ``[G, N]`` with ``zero_point="float"``),
     ``weight_g_idx`` (int32, act-order only). ``bias`` is an ordinary parameter.
     ``compute_dtype`` is the float dtype the layer was built for (what :meth:`dequantize`
     returns by default); activations of any float dtype are accepted.
@@ -27,7 +30,8 @@ class QuantLinear(CompressedLinear):
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                    g_idx: torch.Tensor | None, spec: IntGroupSpec, bias: torch.Tensor | None = None,
                    compute_dtype: torch.dtype = torch.float32) -> "QuantLinear":
-        """Build from unpacked codes ``[N, K]``, scales ``[N, G]``, integer zeros ``[N, G]``."""
+        """Build from unpacked codes ``[N, K]``, scales ``[N, G]``, zeros ``[N, G]`` (integers; any
+        fp16-representable values with ``zero_point="float"``)."""
         n, k = codes.shape
         layer = cls(k, n, bias is not None, spec, compute_dtype, device=codes.device)
         layer.load_packed(**pack(codes, scale, zero, g_idx, spec))
@@ -59,7 +63,7 @@ class QuantLinear(CompressedLinear):
         from ...algorithms.rtn import rtn
 
         spec = self.spec
-        plain = IntGroupSpec(bits=spec.bits, group_size=spec.group_size, sym=spec.sym, act_order=False)
+        plain = dataclasses.replace(spec, act_order=False)
         w = weight.to(torch.float32)
         if spec.act_order:
             g_idx = self.weight_g_idx.long()
@@ -84,7 +88,7 @@ class QuantLinear(CompressedLinear):
         (natural groups; an act-order spec stores the natural g_idx)."""
         from ...algorithms.rtn import rtn
 
-        plain = IntGroupSpec(bits=spec.bits, group_size=spec.group_size, sym=spec.sym)
+        plain = dataclasses.replace(spec, act_order=False)
         codes, scale, zero, _ = rtn(weight, plain, mse_clip=True)
         g_idx = default_g_idx(spec, weight.shape[1], weight.device) if spec.act_order else None
         return cls.from_codes(codes, scale, zero, g_idx, spec, bias=bias, compute_dtype=compute_dtype or weight.dtype)
@@ -92,7 +96,8 @@ class QuantLinear(CompressedLinear):
     def extra_repr(self) -> str:
         s = self.spec
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"bits={s.bits}, group_size={s.group_size}, sym={s.sym}, act_order={s.act_order}")
+                f"bits={s.bits}, group_size={s.group_size}, sym={s.sym}, act_order={s.act_order}"
+                + (f", zero_point={s.zero_point}" if s.zero_point != "int" else ""))
 
 
 def _plain_cpu_inference(x: torch.Tensor, bias: torch.Tensor | None) -> bool:

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from ..dispatch import DeviceBackends
-from .reference import dequantize, int_group_mm_ref
+from .reference import dequantize, int_group_mm_ref, zero_point_of
 from .spec import IntGroupSpec
 
 
@@ -39,7 +39,8 @@ def _backward(ctx, grad):
     bits, group_size, sym, in_features, dtype = ctx.meta
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        spec = IntGroupSpec(bits=bits, group_size=group_size, sym=sym, act_order=g_idx is not None)
+        spec = IntGroupSpec(bits=bits, group_size=group_size, sym=sym, act_order=g_idx is not None,
+                            zero_point=zero_point_of(qzero))
         w = dequantize(qweight, scale, qzero, g_idx, spec, in_features, dtype=grad.dtype)
         grad_x = torch.matmul(grad, w).to(dtype)
     if ctx.needs_input_grad[5]:

@@ -8,7 +8,7 @@ import math
 import torch
 
 from ..registry import FormatError
-from .spec import SUPPORTED_BITS, IntGroupSpec, packed_len  # noqa: F401  (packed_len re-exported)
+from .spec import SUPPORTED_BITS, ZERO_DTYPE, IntGroupSpec, packed_len  # noqa: F401  (packed_len re-exported)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -65,7 +65,9 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, g_
          spec: IntGroupSpec) -> dict[str, torch.Tensor]:
     """Unpacked algorithm output -> the stored tensors of the int_group format."""
     out = {"weight": pack_codes(codes, spec.bits), "weight_scale": scale.to(torch.float16)}
-    if not spec.sym:
+    if spec.zero_point == "float":
+        out["weight_zero"] = zero.t().to(ZERO_DTYPE).contiguous()  # [G, N] fp16
+    elif not spec.sym:
         out["weight_zero"] = pack_codes(zero.t(), spec.bits)  # [G, N] packed along N
     if spec.act_order:
         out["weight_g_idx"] = g_idx.to(torch.int32)

@@ -13,6 +13,12 @@ def default_g_idx(spec: IntGroupSpec, in_features: int, device=None) -> torch.Te
     return (torch.arange(in_features, device=device, dtype=torch.int32) // g).to(torch.int32)
 
 
+def zero_point_of(qzero: torch.Tensor | None) -> str:
+    """How a layer's stored zero points are held (the op's arguments carry no spec): fp16 zeros are
+    ``zero_point="float"``, packed int32 ones (or none) ``"int"``."""
+    return "float" if qzero is not None and qzero.is_floating_point() else "int"
+
+
 def dequantize(
     qweight: torch.Tensor,
     scale: torch.Tensor,
@@ -31,6 +37,8 @@ def dequantize(
     s = scale.to(torch.float32)[:, g_idx]
     if spec.sym:
         z = float(1 << (spec.bits - 1))
+    elif spec.zero_point == "float":
+        z = qzero.to(torch.float32).t()[:, g_idx]
     else:
         z = unpack_codes(qzero, spec.bits, n_out).to(torch.float32).t()[:, g_idx]
     return ((codes - z) * s).to(dtype)
@@ -49,7 +57,8 @@ def int_group_mm_ref(
     in_features: int,
 ) -> torch.Tensor:
     """Reference: dequantize to ``x.dtype`` exactly as :meth:`QuantLinear.dequantize`, then matmul."""
-    spec = IntGroupSpec(bits=bits, group_size=group_size, sym=sym, act_order=g_idx is not None)
+    spec = IntGroupSpec(bits=bits, group_size=group_size, sym=sym, act_order=g_idx is not None,
+                        zero_point=zero_point_of(qzero))
     w = dequantize(qweight, scale, qzero, g_idx, spec, in_features, dtype=x.dtype)
     y = torch.matmul(x, w.t())
     if bias is not None:

@@ -15,11 +15,15 @@ FORMAT_NAME = "int_group"
 FORMAT_VERSION = 1
 SUPPORTED_BITS = (2, 3, 4, 8)
 SCALE_DTYPE = torch.float16
+ZERO_POINTS = ("int", "float")
+ZERO_DTYPE = SCALE_DTYPE  # float zero points (zero_point="float")
 
 
 @dataclass(frozen=True)
 class IntGroupSpec:
-    """What is stored: bits per code, group size along in_features, symmetry, act-order."""
+    """What is stored: bits per code, group size along in_features, symmetry, act-order, and how
+    asymmetric zero points are stored (``zero_point``: ``"int"``, integers packed like the codes;
+    ``"float"``, one fp16 zero per group and output channel, in code units)."""
 
     format: ClassVar[str] = FORMAT_NAME
     #: what the stored bits beyond the codes are (inspect / cards)
@@ -29,6 +33,7 @@ class IntGroupSpec:
     group_size: int = 128
     sym: bool = False
     act_order: bool = False
+    zero_point: str = "int"
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
@@ -40,6 +45,11 @@ class IntGroupSpec:
                 f"group_size={self.group_size} is not supported; use -1 (per output channel) or a "
                 "multiple of 8 that is at least 8 (32, 64, 128 are usual)"
             )
+        if self.zero_point not in ZERO_POINTS:
+            raise FormatError(f"zero_point={self.zero_point!r} is not supported; choose one of {ZERO_POINTS}")
+        if self.zero_point == "float" and self.sym:
+            raise FormatError("zero_point='float' with sym=True: a symmetric grid stores no zero points; "
+                              "use sym=False, or zero_point='int'")
 
     @property
     def maxq(self) -> int:
@@ -66,7 +76,9 @@ class IntGroupSpec:
             "weight": TensorSpec((out_features, packed_len(in_features, self.bits)), torch.int32),
             "weight_scale": TensorSpec((out_features, g), SCALE_DTYPE),
         }
-        if not self.sym:
+        if self.zero_point == "float":
+            out["weight_zero"] = TensorSpec((g, out_features), ZERO_DTYPE)
+        elif not self.sym:
             out["weight_zero"] = TensorSpec((g, packed_len(out_features, self.bits)), torch.int32)
         if self.act_order:
             out["weight_g_idx"] = TensorSpec((in_features,), torch.int32)
@@ -98,13 +110,19 @@ class IntGroupSpec:
         t = tensors.get("weight_scale")
         if t is not None and not torch.isfinite(t).all():
             raise FormatError(f"{where}.weight_scale contains non-finite scales")
+        t = tensors.get("weight_zero")
+        if t is not None and self.zero_point == "float" and not torch.isfinite(t).all():
+            raise FormatError(f"{where}.weight_zero contains non-finite zero points")
 
     def bits_per_weight(self, out_features: int, in_features: int) -> float:
         """Stored bits per weight including scales, zeros and g_idx (padding included)."""
         return stored_bits(self, out_features, in_features) / (out_features * in_features)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["zero_point"] == "int":  # the default is not written: configs from before the field stay the same
+            del d["zero_point"]
+        return d
 
 
 

@@ -1,0 +1,255 @@
+"""int_group with float zero points (``zero_point="float"``): spec and config errors, the grids
+that fill them (RTN, GPTQ), save/reload, the reference vs the CPU fast path vs the GPU layout
+vs the Triton interpreter, and the exporter that cannot hold them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tiny_models import inputs, llama_gqa, sqnr_db
+from transformers import AutoModelForCausalLM
+
+import hfcompress
+from hfcompress import ConfigError, FormatError, GPTQConfig, QuantLinear, RTNConfig
+from hfcompress.algorithms import grid as G
+from hfcompress.formats.int_group import IntGroupSpec, dequantize, pack
+from hfcompress.ops import int_group_mm_ref, set_cpu_fast_path
+
+
+def _layer(bits, gs, act, n, k, seed=0):
+    """A QuantLinear with random codes, scales and float zeros (some negative, some past maxq)."""
+    g = torch.Generator().manual_seed(seed)
+    n_groups = -(-k // gs)
+    codes = torch.randint(0, 1 << bits, (n, k), generator=g)
+    scale = torch.rand(n, n_groups, generator=g) * 0.02 + 0.005
+    zero = G.round_zero(torch.rand(n, n_groups, generator=g) * ((1 << bits) + 2) - 1, bits)
+    g_idx = (torch.arange(k) // gs)[torch.randperm(k, generator=g)] if act else None
+    spec = IntGroupSpec(bits=bits, group_size=gs, act_order=act, zero_point="float")
+    layer = QuantLinear.from_codes(codes, scale, zero, g_idx, spec, bias=torch.randn(n, generator=g))
+    return layer, codes, scale, zero, g_idx
+
+
+def test_float_zero_spec_tensors_and_bits():
+    spec = IntGroupSpec(bits=4, group_size=64, zero_point="float")
+    t = spec.tensor_shapes(96, 128)
+    assert t["weight_zero"] == ((2, 96), torch.float16)
+    # 4 bits + fp16 scale + fp16 zero per 64 weights = 4.5; integer zeros: 4 + 16/64 + 4/64
+    assert spec.bits_per_weight(96, 128) == pytest.approx(4.5)
+    assert IntGroupSpec(bits=4, group_size=64).bits_per_weight(96, 128) == pytest.approx(4 + 20 / 64)
+    assert "zero_point" not in IntGroupSpec(bits=4).to_dict()
+    assert spec.to_dict()["zero_point"] == "float"
+
+
+def test_float_zero_spec_and_config_errors():
+    with pytest.raises(FormatError, match="zero_point='half'"):
+        IntGroupSpec(zero_point="half")
+    with pytest.raises(FormatError, match="zero_point='float' with sym=True"):
+        IntGroupSpec(sym=True, zero_point="float")
+    with pytest.raises(ConfigError, match="zero_point"):
+        RTNConfig(bits=4, sym=True, zero_point="float")
+    with pytest.raises(ConfigError, match="quantization_config.zero_point must be str"):
+        RTNConfig(zero_point=1)
+    with pytest.raises(ConfigError, match="spqr format stores no float zero points"):
+        hfcompress.SpQRConfig(zero_point="float")
+    assert "zero_point" not in RTNConfig().to_dict()  # default configs are written as before
+    assert RTNConfig(zero_point="float").to_dict()["zero_point"] == "float"
+
+
+def test_float_zero_dequantize_is_the_formula():
+    layer, codes, scale, zero, g_idx = _layer(4, 32, True, 40, 96)
+    gi = g_idx.long()
+    want = (codes.float() - zero[:, gi]) * scale.half().float()[:, gi]
+    assert torch.equal(layer.dequantize(), want)
+    assert layer.weight_zero.dtype == torch.float16 and layer.weight_zero.shape == (3, 40)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_float_grids_never_worse_than_their_candidates(bits):
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(300, 64, generator=g) * torch.rand(300, 1, generator=g)
+    w[:, 5] += 3 * torch.randn(300, generator=g)  # outliers
+
+    def err(s, z, imp=None):
+        r = (G.quantize_to_codes_float_zero(w, s, z, bits) - z[:, None]) * s[:, None] - w
+        return (r.square() * (1 if imp is None else imp)).sum(1)
+
+    e_minmax = err(*G.minmax_float_grid(w, bits))
+    s, z = G.hqq_float_grid(w, bits, p=2.0)  # a row keeps its best iterate (the start included)
+    start = G.minmax_float_grid(w, bits)[1].round()
+    assert (err(s, z) <= err(G.minmax_float_grid(w, bits)[0], start) + 1e-9).all()
+    s, z = G.search_float_grid(w, bits)
+    assert (err(s, z) <= e_minmax + 1e-9).all()
+    assert err(s, z).sum() < 0.97 * e_minmax.sum()
+    # weighted, with an integer-zero candidate (GPTQ's use): never above that candidate's weighted error
+    imp = torch.rand(64, generator=g)[None, :] + 0.1
+    si, zi = G.search_grid(w, bits, importance=imp)
+    s, z = G.search_float_grid(w, bits, importance=imp, start="hqq", extra=[(si, zi)])
+    assert (err(s, z, imp) <= err(si, zi, imp) * (1 + 1e-6)).all()
+    # stored values: fp16 scales and zeros, tiny zeros flushed to 0
+    assert torch.equal(s, s.half().float()) and torch.equal(z, z.half().float())
+    assert not ((z != 0) & (z.abs() < G.zero_flush(bits))).any()
+
+
+def test_float_grid_refinds_a_q4_1_lattice():
+    """Weights that are ``d * q + m`` per group (a dequantized Q4_1 GGUF): a float zero puts the
+    grid on them (up to fp16 rounding of the scale); an integer zero cannot."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (256, 32), generator=g).float()
+    q[:, 0], q[:, 1] = 0, 15  # every level range is used
+    d = torch.rand(256, 1, generator=g) * 0.01 + 0.002
+    m = -torch.rand(256, 1, generator=g) * 0.05
+    w = d.half().float() * q + m
+    s, z = G.minmax_float_grid(w, 4)
+    wq = (G.quantize_to_codes_float_zero(w, s, z, 4) - z[:, None]) * s[:, None]
+    si, zi = G.fit_grid(w, 4, sym=False)
+    wi = (G.quantize_to_codes(w, si, zi, 4) - zi[:, None]) * si[:, None]
+    rel = lambda a: ((a - w).square().sum() / w.square().sum()).item()  # noqa: E731
+    assert rel(wq) < 1e-5 < 1e-3 < rel(wi)
+
+
+def test_rtn_float_zero_save_reload_bit_exact(tmp_path):
+    src = tmp_path / "src"
+    llama_gqa().save_pretrained(src)
+    cfg = RTNConfig(bits=4, group_size=32, zero_point="float")
+    model = AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg)
+    layer = model.model.layers[0].mlp.down_proj
+    assert isinstance(layer, QuantLinear) and layer.spec.zero_point == "float"
+    assert layer.weight_zero.dtype == torch.float16
+    x = inputs()
+    with torch.no_grad():
+        y = model(x).logits
+    model.save_pretrained(tmp_path / "q")
+    with open(tmp_path / "q" / "config.json") as f:
+        assert json.load(f)["quantization_config"]["zero_point"] == "float"
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    sd, sd2 = model.state_dict(), back.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, y)
+    # against the float model: float zeros (HQQ's zero) closer than integer min-max (17.9 vs 17.1 dB, seeded)
+    ref = AutoModelForCausalLM.from_pretrained(src)
+    intq = AutoModelForCausalLM.from_pretrained(src, quantization_config=RTNConfig(bits=4, group_size=32))
+    with torch.no_grad():
+        y_ref, y_int = ref(x).logits, intq(x).logits
+    assert sqnr_db(y_ref, y) > sqnr_db(y_ref, y_int) > 15.0
+
+
+def test_rtn_default_config_json_unchanged(tmp_path):
+    llama_gqa().save_pretrained(tmp_path / "src")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "src", quantization_config=RTNConfig(bits=4, group_size=32)
+                                         ).save_pretrained(tmp_path / "q")
+    with open(tmp_path / "q" / "config.json") as f:
+        assert "zero_point" not in json.load(f)["quantization_config"]
+
+
+def test_gptq_float_zero_layer_matches_its_codes():
+    from hfcompress.algorithms.gptq import gptq
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 128, generator=g)
+    x = torch.randn(512, 128, generator=g) * (torch.rand(128, generator=g) * 2)
+    H = 2 * x.t() @ x / x.shape[0]
+    spec = IntGroupSpec(bits=4, group_size=32, act_order=True, zero_point="float")
+    codes, scale, zero, g_idx = gptq(w, H, spec, mse_clip=True)
+    assert zero.dtype == torch.float32 and torch.equal(zero, zero.half().float())
+    assert zero.min() < zero.max() and not torch.equal(zero, zero.round())  # really float zeros
+    layer = QuantLinear.from_codes(codes, scale, zero, g_idx, spec)
+    gi = g_idx.long()
+    assert torch.equal(layer.dequantize(), (codes.float() - zero[:, gi]) * scale[:, gi])
+    # output error on the calibration inputs: close to the integer-zero GPTQ's (same objective)
+    int_spec = IntGroupSpec(bits=4, group_size=32, act_order=True)
+    ci, si, zi, gii = gptq(w, H, int_spec, mse_clip=True)
+    wi = QuantLinear.from_codes(ci, si, zi, gii, int_spec).dequantize()
+    out_err = lambda wq: ((wq - w) @ x.t()).square().sum().item()  # noqa: E731
+    assert out_err(layer.dequantize()) < 1.05 * out_err(wi)
+
+
+@pytest.mark.parametrize("case", [(4, 32, False, 64, 96), (4, 64, True, 64, 192), (3, 32, False, 70, 96),
+                                  (2, 128, False, 48, 256)], ids=str)
+@pytest.mark.parametrize("m", [3, 300])  # the int4 op, and the dense bf16 path of prefill (4-bit)
+def test_float_zero_cpu_fast_path_matches_reference(case, m):
+    bits, gs, act, n, k = case
+    layer, *_ = _layer(bits, gs, act, n, k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
+    args = (x, layer.weight, layer.weight_scale, layer.weight_zero, layer.weight_g_idx, layer.bias,
+            bits, gs, False, k)
+    from hfcompress.kernels.cpu import int_group_mm_cpu
+
+    previous = set_cpu_fast_path("auto")
+    try:
+        y = int_group_mm_cpu(*args)
+    finally:
+        set_cpu_fast_path(previous)
+    assert y is not None, "the fast path declined a float-zero layer"
+    assert sqnr_db(int_group_mm_ref(*args), y) > 40.0
+
+
+@pytest.mark.parametrize("case", [(4, 32, False), (4, 40, True), (3, 64, False), (2, 64, True), (8, 32, False)],
+                         ids=str)
+def test_float_zero_gpu_layout_is_the_reference_bit_for_bit(case):
+    from hfcompress.kernels.gpu_layout import build_layout, dequantize_layout
+
+    bits, gs, act = case
+    layer, *_ = _layer(bits, gs, act, 70, 200)
+    lay = build_layout(layer.weight, layer.weight_scale, layer.weight_zero, layer.weight_g_idx, bits, gs, False, 200)
+    assert torch.equal(dequantize_layout(lay), layer.dequantize(torch.float32))
+
+
+def _interpret_worker() -> None:  # runs in a subprocess with TRITON_INTERPRET=1
+    from hfcompress.kernels.configs import KernelConfig
+    from hfcompress.kernels.int_group_mm import int_group_mm_triton
+
+    results = {}
+    cases = [(4, 1, 32, False, None), (4, 33, 40, True, None), (3, 2, 64, False, None), (2, 70, 64, True, None),
+             (8, 16, 32, False, None), (4, 20, 64, False, dict(kind="dense", block_n=32))]
+    for i, (bits, m, gs, act, cfg) in enumerate(cases):
+        layer, *_ = _layer(bits, gs, act, 70, 200, seed=i)
+        x = torch.randn(m, 200, generator=torch.Generator().manual_seed(i))
+        args = (x, layer.weight, layer.weight_scale, layer.weight_zero, layer.weight_g_idx, layer.bias,
+                bits, gs, False, 200)
+        y = int_group_mm_triton(*args, config=KernelConfig(**cfg) if cfg else None)
+        results[f"{bits}-{m}-{gs}-{act}"] = sqnr_db(int_group_mm_ref(*args), y)
+    print("RESULTS " + json.dumps(results))
+
+
+def test_float_zero_triton_interpreter_matches_reference():
+    pytest.importorskip("triton")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", "import test_float_zero as t; t._interpret_worker()"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, f"worker failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    results = json.loads(lines[-1][len("RESULTS "):])
+    assert len(results) == 6 and all(v > 100.0 for v in results.values()), results
+
+
+def test_float_zero_checkpoint_export_refused(tmp_path):
+    from hfcompress.convert.int_group_to_compressed_tensors import ConversionError, export_compressed_tensors
+
+    llama_gqa().save_pretrained(tmp_path / "src")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "src", quantization_config=RTNConfig(
+        bits=4, group_size=32, zero_point="float")).save_pretrained(tmp_path / "q")
+    with pytest.raises(ConversionError, match=r"zero_point='float'.*weight_zero \[groups, out_features\]"):
+        export_compressed_tensors(str(tmp_path / "q"), tmp_path / "out")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_float_zero_tampered_zero_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    llama_gqa().save_pretrained(tmp_path / "src")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "src", quantization_config=RTNConfig(
+        bits=4, group_size=32, zero_point="float")).save_pretrained(tmp_path / "q")
+    f = tmp_path / "q" / "model.safetensors"
+    sd = load_file(f)
+    key = "model.layers.1.self_attn.o_proj.weight_zero"
+    sd[key] = sd[key].to(torch.int32)
+    save_file(sd, f, metadata={"format": "pt"})
+    with pytest.raises(Exception, match="o_proj.weight_zero"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "q")
