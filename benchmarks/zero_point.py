@@ -56,7 +56,7 @@ def _methods():
         return f
 
     def hqq_round(b, bits):
-        s, z = G.hqq_float_grid(b, bits)
+        s, z = G.hqq_float_grid(b, bits, round_start=False)
         return s, z.round().clamp(0, (1 << bits) - 1)
 
     def hqq_lib(round_zero):
@@ -73,17 +73,18 @@ def _methods():
         "int-search": (64, intq(lambda b, bits: G.search_grid(b, bits))),
         "int-hqq-round": (64, intq(hqq_round)),
         "float-minmax": (64, floatq(G.minmax_float_grid)),
-        "float-hqq": (64, floatq(G.hqq_float_grid)),
+        "float-hqq": (64, floatq(lambda b, bits: G.hqq_float_grid(b, bits, round_start=False))),
         "float-ls": (64, floatq(lambda b, bits: G.search_float_grid(b, bits))),
         "float-ls-shrink": (64, floatq(lambda b, bits: G.search_float_grid(b, bits, shrink=(1.0, 0.95, 0.9)))),
-        "float-hqq-ls": (64, floatq(lambda b, bits: G.search_float_grid(b, bits, start="hqq"))),
+        "float-hqq-ls": (64, floatq(lambda b, bits: G.search_float_grid(b, bits, start="hqq"))),  # (round start)
         "hqq-lib": (64, hqq_lib(False)),
         # hqq's own 4-bit default (hqq_base_quant_config / BaseQuantizeConfig: round_zero=True for 4 bits)
         "hqq-lib-round-zero": (64, hqq_lib(True)),
         "float-hqq-round-start": (64, floatq(lambda b, bits: G.hqq_float_grid(b, bits, round_start=True))),
         "float-hqq-round-start-tensor-stop": (64, floatq(
             lambda b, bits: G.hqq_float_grid(b, bits, round_start=True, stop="tensor"))),
-        "float-hqq-tensor-stop": (64, floatq(lambda b, bits: G.hqq_float_grid(b, bits, stop="tensor"))),
+        "float-hqq-tensor-stop": (64, floatq(
+            lambda b, bits: G.hqq_float_grid(b, bits, round_start=False, stop="tensor"))),
         "int-minmax-g32": (32, intq(lambda b, bits: G.fit_grid(b, bits, False))),
         "float-minmax-g32": (32, floatq(G.minmax_float_grid)),
     }
@@ -150,6 +151,29 @@ def run(methods: list[str], bits: int) -> dict:
     return result
 
 
+def table(path: str = RESULTS) -> str:
+    """Markdown table of a results file (one section per bit width)."""
+    with open(path) as f:
+        data = json.load(f)
+    out = []
+    for key, res in data.items():
+        e = res["entries"]
+        doms = [k[4:] for k in next(iter(e.values())) if k.startswith("ppl_")]
+        out.append(f"{key}: commit {res['commit']}, {res['date_utc']} UTC, load {min(r['loadavg'][0] for r in e.values())}"
+                   f"-{max(r['loadavg'][0] for r in e.values())}; lattice: "
+                   + ", ".join(f"{g} {v['mean_distinct']} distinct values per run (max {v['max_distinct']})"
+                               for g, v in res["lattice"].items()))
+        out.append("")
+        out.append("| method | group | rel. weight MSE (geomean) | " + " | ".join(f"ppl {d}" for d in doms)
+                   + " | quantize s |")
+        out.append("|---|---|---|" + "---|" * len(doms) + "---|")
+        for name, r in e.items():
+            out.append(f"| {name} | {r['group_size'] or '-'} | {r.get('rel_weight_mse_geomean', '-')} | "
+                       + " | ".join(f"{r[f'ppl_{d}']:.3f}" for d in doms) + f" | {r['quantize_s']} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bits", type=int, default=4)
@@ -157,7 +181,11 @@ def main():
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--baselines-site", default=None,
                     help="a site-packages folder appended to sys.path for hqq (e.g. /work/venv-baselines/...)")
+    ap.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table(args.out))
+        return
     if args.baselines_site:
         sys.path.append(args.baselines_site)
     methods = args.methods or ["fp32"] + list(_methods())

@@ -253,3 +253,24 @@ def test_float_zero_tampered_zero_named(tmp_path):
     save_file(sd, f, metadata={"format": "pt"})
     with pytest.raises(Exception, match="o_proj.weight_zero"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+
+
+def test_float_zero_cli_quantize_then_inspect(tmp_path, capsys):
+    from hfcompress.cli.main import main
+
+    llama_gqa().save_pretrained(tmp_path / "f")
+    assert main(["quantize", str(tmp_path / "f"), "--method", "rtn", "--group-size", "32", "--zero-point", "float",
+                 "--out", str(tmp_path / "q")]) == 0
+    q = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    expect = hfcompress.quantize_(AutoModelForCausalLM.from_pretrained(tmp_path / "f"),
+                                  RTNConfig(bits=4, group_size=32, zero_point="float"))
+    with torch.no_grad():
+        assert torch.equal(q(inputs()).logits, expect(inputs()).logits)
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "q")]) == 0
+    out = capsys.readouterr().out
+    assert "zero_point: float" in out
+    bpw = IntGroupSpec(bits=4, group_size=32, zero_point="float").bits_per_weight(96, 96)
+    assert bpw == pytest.approx(5.0)
+    line = next(ln for ln in out.splitlines() if ln.startswith("model.layers.0.self_attn.q_proj"))
+    assert line.split()[1:] == ["96", "96", f"{bpw:.3f}"]

@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--mse-clip", action=argparse.BooleanOptionalAction, default=None,
                    help="search each group's grid (scale, zero point) for the least squared error, "
                         "Hessian-weighted in GPTQ (default: the method's own: off for RTN, on for GPTQ)")
+    p.add_argument("--zero-point", default=None, choices=["int", "float"],
+                   help="rtn / gptq: how zero points are stored: int (packed integers, default) or float (one fp16 "
+                        "per group: +12 bits per group; no compressed-tensors export)")
     p.add_argument("--skip", nargs="*", default=None, metavar="MODULE",
                    help="modules to keep in float (default: tied weights and lm_head)")
     g = p.add_argument_group("gptq (calibration; progress bar shows blocks done and ETA)")
@@ -66,6 +69,8 @@ def make_config(args: argparse.Namespace):
     if args.method in plugins:
         cls = plugins[args.method]
         kwargs = dict(modules_to_not_convert=args.skip, **cls.cli_kwargs(args))
+        if getattr(args, "zero_point", None) is not None:  # (a format without float zeros says so)
+            kwargs["zero_point"] = args.zero_point
         kwargs.update({k: v for k, v in (("bits", args.bits), ("group_size", args.group_size)) if v is not None})
         return cls(**kwargs)
     cls = getattr(hfcompress, METHODS[args.method])
@@ -73,6 +78,8 @@ def make_config(args: argparse.Namespace):
                   args.group_size, sym=args.sym, modules_to_not_convert=args.skip)
     if args.mse_clip is not None:
         kwargs["mse_clip"] = args.mse_clip
+    if getattr(args, "zero_point", None) is not None:
+        kwargs["zero_point"] = args.zero_point
     if args.method == "gptq":
         kwargs.update(act_order=not args.no_act_order, static_groups=args.static_groups, damp=args.damp,
                       dataset=args.dataset, n_samples=args.n_samples, seq_len=args.seq_len)
