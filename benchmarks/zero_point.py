@@ -83,6 +83,11 @@ def _methods():
         "float-hqq-round-start": (64, floatq(lambda b, bits: G.hqq_float_grid(b, bits, round_start=True))),
         "float-hqq-round-start-tensor-stop": (64, floatq(
             lambda b, bits: G.hqq_float_grid(b, bits, round_start=True, stop="tensor"))),
+        # the half-quadratic solver's knobs, from the integer start (hqq: p 0.7, beta 10, 20 iterations)
+        "float-hqq-round-start-p0.5": (64, floatq(lambda b, bits: G.hqq_float_grid(b, bits, p=0.5))),
+        "float-hqq-round-start-p1": (64, floatq(lambda b, bits: G.hqq_float_grid(b, bits, p=1.0))),
+        "float-hqq-round-start-beta1": (64, floatq(lambda b, bits: G.hqq_float_grid(b, bits, beta=1.0))),
+        "float-hqq-round-start-iters50": (64, floatq(lambda b, bits: G.hqq_float_grid(b, bits, iters=50))),
         "float-hqq-tensor-stop": (64, floatq(
             lambda b, bits: G.hqq_float_grid(b, bits, round_start=False, stop="tensor"))),
         "int-minmax-g32": (32, intq(lambda b, bits: G.fit_grid(b, bits, False))),
