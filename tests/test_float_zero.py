@@ -274,3 +274,17 @@ def test_float_zero_cli_quantize_then_inspect(tmp_path, capsys):
     assert bpw == pytest.approx(5.0)
     line = next(ln for ln in out.splitlines() if ln.startswith("model.layers.0.self_attn.q_proj"))
     assert line.split()[1:] == ["96", "96", f"{bpw:.3f}"]
+
+
+def test_gptq_float_zero_end_to_end_save_reload(tmp_path):
+    cfg = GPTQConfig(bits=4, group_size=32, zero_point="float", dataset=inputs(8, 40), n_samples=8, seq_len=32)
+    assert cfg.spec.zero_point == "float" and cfg.spec.act_order
+    model = hfcompress.quantize_(llama_gqa(), cfg)
+    layer = model.model.layers[1].mlp.up_proj
+    assert isinstance(layer, QuantLinear) and layer.weight_zero.dtype == torch.float16
+    assert not torch.equal(layer.weight_zero, layer.weight_zero.round())
+    model.save_pretrained(tmp_path / "q")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(back(inputs()).logits, model(inputs()).logits)
+    assert GPTQConfig(static_groups=True, zero_point="float").spec.zero_point == "float"

@@ -300,7 +300,7 @@ class GPTQConfig(HfCompressConfig):
     def spec(self) -> IntGroupSpec:
         # static groups keep the natural grouping: nothing to store beyond the plain format
         return IntGroupSpec(bits=self.bits, group_size=self.group_size, sym=self.sym,
-                            act_order=self.act_order and not self.static_groups)
+                            act_order=self.act_order and not self.static_groups, zero_point=self.zero_point)
 
     def _jsonable(self, name: str, value):
         if name == "dataset" and value is not None and not isinstance(value, str):
