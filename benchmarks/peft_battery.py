@@ -12,7 +12,9 @@ They are copied byte for byte into a temporary package beside a harness module
 methods run (PEFT's method-specific tests, e.g. LoRA's DoRA merges, are deselected).
 
 A failure whose message is one of our documented refusals (REFUSALS below: a feature the
-method refuses with a clear error) is counted as ``refused``, every other failure as ``failed``.
+method refuses with a clear error) is counted as ``refused``; a failed assertion of PEFT's that
+checks a convention one of our methods documents it does not follow (DIFFERENCES below: L4Q's fresh
+adapter computes the quantized model, not the base) as ``differs``; every other failure as ``failed``.
 ``testing_utils.py`` imports ``datasets`` and ``testing_common.py`` ``diffusers`` at module level
 (used only by hub / Stable Diffusion tests that are not part of this battery); when they are not
 installed, placeholder modules that raise on use stand in for them (recorded in the JSON).
@@ -39,10 +41,17 @@ FILES = ("testing_common.py", "testing_utils.py", "test_custom_models.py")
 
 _NOT_IDENTITY = "identity at initialisation (a fresh L4Q adapter computes the quantized model; its base is the float model)"
 
-#: (method or "*", substring of the error or of the failing source line) -> the refused feature, as README lists it
-REFUSALS = {
+#: (method or "*", the failing source line of PEFT's test) -> the convention the method documents it does not follow
+#: (no error is raised: PEFT's assertion fails; PEFT special-cases its own non-identity methods, e.g. KaSA, PaRa)
+DIFFERENCES = {
     ("l4q", "assert torch.allclose(outputs_base, outputs_before)"): _NOT_IDENTITY,
     ("l4q", "assert torch.allclose(outputs_before, outputs_disabled"): _NOT_IDENTITY,
+}
+
+#: (method or "*", substring of the error or of the failing source line) -> the refused feature, as README lists it
+REFUSALS = {
+    ("compacter", "output size 1 leaves nothing to factor"):
+        "a target layer with a single output (nothing to factor: PEFT's EmbConv1D Conv1D(nf=1))",
     ("compacter", "Compacter adapters cannot be merged"): "merge (non-linear adapter: no weight delta)",
     ("compacter", "Compacter has no weight delta"): "merge (non-linear adapter: no weight delta)",
     ("l4q", "L4QConfig.modules_to_save is not supported"): "modules_to_save",
@@ -79,6 +88,13 @@ def get_sdist(version: str, given: str | None, cache: str) -> str:
         subprocess.run([sys.executable, "-m", "pip", "download", f"peft=={version}", "--no-deps", "--no-binary",
                         ":all:", "-d", cache, "-q"], check=True)
     return path
+
+
+def git_commit() -> str:
+    """The checkout's commit, with "+dirty" when tracked files differ from it."""
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True).stdout.strip()
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+dirty" if git("status", "--porcelain", "-uno") else "")
 
 
 def build_package(sdist: str, version: str, work: str) -> dict[str, str]:
@@ -120,15 +136,19 @@ def failing_line(text: str) -> str:
     return marked[-1] if marked else ""
 
 
-def classify(method: str, message: str) -> str | None:
-    """The refused feature a failure is, or None: an error message of ours, or (for an assertion) the
-    failing line of PEFT's test."""
+def classify(method: str, message: str) -> tuple[str, str | None]:
+    """(outcome, feature) of a failure: ("refused", the feature) for an error message of ours in
+    REFUSALS, ("differs", the convention) for a failing line of PEFT's test in DIFFERENCES, else ("failed", None)."""
     errors = [message.split("\n", 1)[0], failing_line(message)]
     errors += [line for line in message.splitlines() if line.startswith("E ")]  # pytest's error lines
+    mine = ("*", method.rstrip("+"))
+    for (who, text), feature in DIFFERENCES.items():
+        if who in mine and failing_line(message).startswith(text):
+            return "differs", feature
     for (who, text), feature in REFUSALS.items():
-        if who in ("*", method.rstrip("+")) and any(text in line for line in errors):
-            return feature
-    return None
+        if who in mine and any(text in line for line in errors):
+            return "refused", feature
+    return "failed", None
 
 
 def parse(junit: str) -> list[dict]:
@@ -144,9 +164,11 @@ def parse(junit: str) -> list[dict]:
                 message = (el.get("message") or "") + "\n" + (el.text or "")
                 break
         method = props.get("method", "?")
-        refused = classify(method, message) if outcome == "failed" else None
+        feature = None
+        if outcome == "failed":
+            outcome, feature = classify(method, message)
         out.append({"method": method, "test": name.split("[")[0], "id": name, "class": case.get("classname"),
-                    "outcome": "refused" if refused else outcome, "refused_feature": refused,
+                    "outcome": outcome, "feature": feature,
                     "message": (message.strip().splitlines() or [""])[0][:300], "line": failing_line(message)[:200]})
     return out
 
@@ -181,6 +203,7 @@ def main(argv=None) -> int:
             cmd += ["-n", str(args.workers)]
         if args.k:
             cmd += ["-k", args.k]
+        commit = git_commit()  # before the run (the checkout the checks ran on)
         load_before = os.getloadavg()
         t0 = time.time()
         proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
@@ -195,23 +218,26 @@ def main(argv=None) -> int:
     per_method: dict[str, Counter] = defaultdict(Counter)
     per_test: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
     refused: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    differs: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for c in cases:
         per_method[c["method"]][c["outcome"]] += 1
         per_test[c["method"]][c["test"]][c["outcome"]] += 1
-        if c["outcome"] == "refused":
-            refused[c["method"]][c["refused_feature"]].append(c["test"])
+        if c["outcome"] in ("refused", "differs"):
+            (refused if c["outcome"] == "refused" else differs)[c["method"]][c["feature"]].append(c["test"])
     summary = {
         "what": "PEFT's common battery (pinned release's tests/testing_common.py + tests/test_custom_models.py, "
                 "unmodified) run on hfcompress's PEFT methods; checks parametrized with our rows only",
+        "commit": commit, "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t0)),
         "peft_version": version, "sdist_sha256": sha256(sdist), "test_files_sha256": digests,
         "placeholder_modules": used_placeholders, "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(), "k": args.k, "workers": args.workers, "wall_s": round(wall, 1),
         "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "pytest_exit_code": proc.returncode,
         "pytest_summary": (proc.stdout.strip().splitlines() or [""])[-1],  # incl. PEFT's method-specific tests deselected
-        "per_method": {m: {k: per_method[m][k] for k in ("passed", "failed", "refused", "skipped")}
+        "per_method": {m: {k: per_method[m][k] for k in ("passed", "failed", "refused", "differs", "skipped")}
                        | {"total": sum(per_method[m].values())} for m in sorted(per_method)},
         "refused_checks": {m: {f: sorted(set(t)) for f, t in fs.items()} for m, fs in sorted(refused.items())},
+        "documented_differences": {m: {f: sorted(set(t)) for f, t in fs.items()} for m, fs in sorted(differs.items())},
         "failed_checks": sorted({f"{c['method']}: {c['id']}: {c['message']} [at: {c['line']}]" for c in cases
                                  if c["outcome"] == "failed"}),
         "skipped_checks": sorted({f"{c['method']}: {c['test']}: {c['message']}" for c in cases

@@ -220,6 +220,14 @@ def test_compacter_config_errors(bad, match):
 def test_compacter_errors_name_the_module():
     with pytest.raises(ValueError, match=r"o_proj.*divisible by CompacterConfig.n=5"):
         get_peft_model(BUILDERS["llama"](), CompacterConfig(n=5, reduction_factor=4))
+    # a single-output layer (PEFT's EmbConv1D test model: transformers Conv1D(nf=1, nx=5)) has nothing to factor
+    from transformers.pytorch_utils import Conv1D
+
+    one_wide = torch.nn.Sequential(torch.nn.Embedding(10, 5), Conv1D(1, 5))
+    with pytest.raises(ValueError, match=r"on 1: output size 1 leaves nothing to factor.*at least 2 outputs"):
+        get_peft_model(one_wide, CompacterConfig(n=1, target_modules=["1"]))
+    two_wide = torch.nn.Sequential(torch.nn.Embedding(10, 5), Conv1D(2, 5))
+    get_peft_model(two_wide, CompacterConfig(n=1, target_modules=["1"]))  # 2 outputs: accepted
     with pytest.raises(ValueError, match="no default placement"):
         from transformers import OPTConfig, OPTForCausalLM
         get_peft_model(OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32,

@@ -85,6 +85,11 @@ class CompacterLayer(BaseTunerLayer):
                      where: str = "") -> None:
         k, n, r = self.out_features, config.n, config.rank
         d = config.bottleneck(k)
+        if k == 1:
+            raise ValueError(f"Compacter on {where or type(self.get_base_layer()).__name__}: output size 1 leaves "
+                             "nothing to factor (n and the bottleneck d must both be 1, so S_i, s_i and t_i are "
+                             "scalars: no Kronecker structure and no bottleneck, the adapter is a product of scalars "
+                             "on one channel); target a layer with at least 2 outputs")
         if k % n:
             raise ValueError(f"Compacter on {where or type(self.get_base_layer()).__name__}: output size {k} is not "
                              f"divisible by CompacterConfig.n={n}; choose n dividing {k}")
