@@ -91,10 +91,10 @@ def get_sdist(version: str, given: str | None, cache: str) -> str:
 
 
 def git_commit() -> str:
-    """The checkout's commit, with "+dirty" when tracked files differ from it."""
+    """The checkout's commit, with "+dirty" when tracked files other than benchmarks/results/ differ from it."""
     def git(*a):
         return subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True).stdout.strip()
-    return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+dirty" if git("status", "--porcelain", "-uno") else "")
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+dirty" if git("status", "--porcelain", "-uno", "--", ":/", ":!/benchmarks/results") else "")
 
 
 def build_package(sdist: str, version: str, work: str) -> dict[str, str]:

@@ -31,6 +31,7 @@ class CompacterConfig(PeftConfig):
         non_linearity: activation between down- and up-projection.
         target_modules: modules whose *output* gets an adapter (names or a regex); ``None`` picks them
             from ``placement`` for known architectures (Llama/Qwen/Mistral/Gemma/Phi-3, GPT-2, BERT/RoBERTa, T5).
+            A target needs at least 2 outputs (a single output leaves nothing to factor: refused).
         init_weights: ``True``: rank-``r`` factors Glorot-uniform and zero biases (as the reference
             implementation), shared ``S_i`` ~ N(0, init_std), and the down-projection's ``s`` factor zero, so the
             adapter starts as the exact identity like PEFT's built-in methods (``act(0) = 0`` for every
