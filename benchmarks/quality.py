@@ -59,6 +59,9 @@ ENTRIES = {
     "rtn-w3-g64-fz": ("hfcompress", {"method": "rtn", "bits": 3, "group_size": 64, "zero_point": "float"}),
     "gptq-w4-g64-fz": ("hfcompress", {"method": "gptq", "bits": 4, "group_size": 64, "zero_point": "float"}),
     "gptq-w3-g64-fz": ("hfcompress", {"method": "gptq", "bits": 3, "group_size": 64, "zero_point": "float"}),
+    # static groups (no g_idx): float zeros at exactly HQQ's 4.5 bits/weight
+    "gptq-w4-g64-fz-static": ("hfcompress", {"method": "gptq", "bits": 4, "group_size": 64, "zero_point": "float",
+                                             "static_groups": True}),
     # GPTQ options the defaults were chosen from (damping, act-order with g_idx vs static groups)
     "gptq-w4-g64-damp0.01": ("hfcompress", {"method": "gptq", "bits": 4, "group_size": 64, "damp": 0.01}),
     "gptq-w4-g64-damp0.05": ("hfcompress", {"method": "gptq", "bits": 4, "group_size": 64, "damp": 0.05}),
