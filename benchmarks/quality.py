@@ -62,6 +62,8 @@ ENTRIES = {
     # static groups (no g_idx): float zeros at exactly HQQ's 4.5 bits/weight
     "gptq-w4-g64-fz-static": ("hfcompress", {"method": "gptq", "bits": 4, "group_size": 64, "zero_point": "float",
                                              "static_groups": True}),
+    "gptq-w3-g64-fz-static": ("hfcompress", {"method": "gptq", "bits": 3, "group_size": 64, "zero_point": "float",
+                                             "static_groups": True}),
     # GPTQ options the defaults were chosen from (damping, act-order with g_idx vs static groups)
     "gptq-w4-g64-damp0.01": ("hfcompress", {"method": "gptq", "bits": 4, "group_size": 64, "damp": 0.01}),
     "gptq-w4-g64-damp0.05": ("hfcompress", {"method": "gptq", "bits": 4, "group_size": 64, "damp": 0.05}),
@@ -480,13 +482,14 @@ def table(path: str = RESULTS) -> str:
                          f"min-max grid {plain['ppl_geomean']:.3f} (same calibration; lower to become the default): "
                          f"**{'lower' if ok else 'not lower'}**")
     for bits, hqq, limit in ((4, hqq4, 0.7), (3, hqq3, 0.5)):
-        for fz_name in (f"gptq-w{bits}-g64-fz", f"gptq-w{bits}-g64-fz-static"):
+        for fz_name in (f"gptq-w{bits}-g64-fz", f"gptq-w{bits}-g64-fz-static", f"gptq-w{bits}-g64-static"):
             fz = rows.get(fz_name)
             if not (fp and hqq and fz):
                 continue
             free = [d for d in doms if d not in calibrated and d in measured(fz, hqq, fp)]
             ratios = {d: _gap(fz, fp, d) / _gap(hqq, fp, d) for d in free}
-            lines.append(f"- GPTQ {bits}-bit g64 with float zeros ({fz_name}, zero_point='float', "
+            zp = "float zeros" if "-fz" in fz_name else "integer zeros, static groups"
+            lines.append(f"- GPTQ {bits}-bit g64 with {zp} ({fz_name}, zero_point={fz.get('zero_point', 'int')!r}, "
                          f"{fz['bits_per_weight']:.3f} bits/weight) gap to fp32 / HQQ {bits}-bit g64's: "
                          + ", ".join(f"{d} {v:.2f}x" for d, v in ratios.items())
                          + f" (target <= {limit}x on each): "
