@@ -54,11 +54,79 @@ def _source(blocks: int) -> str:
     return cut(0 if blocks == 30 else blocks)
 
 
+#: functions timed by ``--profile`` (module, attribute[, class]): exclusive wall and CPU seconds per phase
+PHASES = [
+    ("hfcompress.calibration.blocks", "capture_block_inputs", None, "capture inputs"),
+    ("hfcompress.streaming", "_materialise_", None, "read block"),
+    ("hfcompress.streaming", "save_file", None, "write block part"),
+    ("hfcompress.streaming", "_write_shards", None, "write shards"),
+    ("hfcompress.streaming", "write_card_", None, "write card"),
+    ("hfcompress.calibration.blocks", "collect_input_stats", "BlockStep", "stats forward"),
+    ("hfcompress.calibration.blocks", "add_", "InputStats", "X^T X"),
+    ("hfcompress.calibration.blocks", "tail_layers", "BlockStep", "probes"),
+    ("hfcompress.calibration.blocks", "sequential_groups", "BlockStep", "probes"),
+    ("hfcompress.calibration.blocks", "_advance_", "BlockStep", "advance forward"),
+    ("hfcompress.calibration.blocks", "hessian", "InputStats", "hessian"),
+    ("hfcompress.algorithms.gptq", "inverse_hessian_cholesky", None, "gptq factor"),
+    ("hfcompress.algorithms.gptq", "_column_loop_", None, "gptq column loop"),
+    ("hfcompress.algorithms.gptq", "group_grid", None, "gptq grids"),
+    ("hfcompress.algorithms.gptq", "gptq", None, "gptq other"),
+    ("hfcompress.calibration.apply", "gptq", None, "gptq other"),
+    ("hfcompress.calibration.apply", "gptq_layers", None, "pack layers"),
+    ("hfcompress.calibration.apply", "_load_dequantized_", None, "dequantize into block"),
+    ("hfcompress.distributed.context", "reduce_", "DistContext", "comm: X^T X"),
+    ("hfcompress.distributed.context", "exchange", "DistContext", "comm: results"),
+    ("hfcompress.distributed.context", "check", "DistContext", "comm: checks"),
+    ("hfcompress.distributed.context", "all_sum", "DistContext", "comm: checks"),
+    ("hfcompress.distributed.context", "same_everywhere", "DistContext", "comm: checks"),
+]
+
+
+def _install_phase_timers() -> dict:
+    """Wrap the functions of :data:`PHASES`; returns ``{phase: [wall s, cpu s, calls]}`` (exclusive
+    of the timed functions they call), filled as the job runs."""
+    import functools
+    import importlib
+
+    totals: dict[str, list] = {}
+    stack: list[list] = []  # [wall of timed children, cpu of timed children]
+
+    def wrap(fn, phase):
+        @functools.wraps(fn)
+        def timed(*a, **kw):
+            w0, c0 = time.perf_counter(), time.process_time()
+            stack.append([0.0, 0.0])
+            try:
+                return fn(*a, **kw)
+            finally:
+                child_w, child_c = stack.pop()
+                w, c = time.perf_counter() - w0, time.process_time() - c0
+                t = totals.setdefault(phase, [0.0, 0.0, 0])
+                t[0] += w - child_w
+                t[1] += c - child_c
+                t[2] += 1
+                if stack:
+                    stack[-1][0] += w
+                    stack[-1][1] += c
+        return timed
+
+    for mod_name, attr, cls, phase in PHASES:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError:
+            continue
+        owner = getattr(mod, cls) if cls else mod
+        if hasattr(owner, attr):
+            setattr(owner, attr, wrap(getattr(owner, attr), phase))
+    return totals
+
+
 def rank_main(args) -> None:
     """One rank (or the single process): quantize, report."""
     import torch
 
     torch.set_num_threads(1)
+    phases = _install_phase_timers() if args.profile else None
     from transformers import AutoTokenizer
 
     import hfcompress
@@ -90,6 +158,9 @@ def rank_main(args) -> None:
     report = {"rank": dist.rank if dist else 0, "device": device or "cpu", "wall_s": round(wall, 2), "cpu_s": round(_cpu_s() - cpu0, 2),
               "peak_rss_mb": round(_rss_mb(), 1), "rss_before_mb": round(rss0, 1),
               "torch_threads": torch.get_num_threads(), "sent_bytes": dict(dist.sent) if dist else {}}
+    if phases is not None:
+        report["phases"] = {k: {"wall_s": round(w, 3), "cpu_s": round(c, 3), "calls": n}
+                            for k, (w, c, n) in sorted(phases.items(), key=lambda kv: -kv[1][0])}
     with open(args.report, "w") as f:
         json.dump(report, f)
     if dist is not None:
@@ -170,7 +241,7 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def run_entry(procs: int, blocks: int, size: str, work: str, device: str = "cpu") -> dict:
+def run_entry(procs: int, blocks: int, size: str, work: str, device: str = "cpu", profile: bool = False) -> dict:
     out = os.path.join(work, f"out-{procs}")
     shutil.rmtree(out, ignore_errors=True)
     port = _port()
@@ -184,7 +255,7 @@ def run_entry(procs: int, blocks: int, size: str, work: str, device: str = "cpu"
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         report = os.path.join(work, f"report-{procs}-{rank}.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--rank-entry", "--blocks", str(blocks), "--size", size,
-               "--out", out, "--report", report, "--device", device]
+               "--out", out, "--report", report, "--device", device] + (["--profile"] if profile else [])
         children.append((subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True), report))
     ranks, errors = [], []
     for p, report in children:
@@ -264,6 +335,9 @@ def main() -> None:
     ap.add_argument("--tie-flips", action="store_true",
                     help="tiny model, 2 gloo processes vs 1: fraction of codes that differ (seconds; writes "
                          "results/distributed_tie_flips.json)")
+    ap.add_argument("--profile", action="store_true",
+                    help="time the phases of every rank (stats forwards, X^T X, GPTQ factor / column loop, packing, "
+                         "collectives, reads, writes: wall and CPU s) into its report")
     ap.add_argument("--rank-entry", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--flips-rank", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -322,7 +396,7 @@ def main() -> None:
 
     for _ in range(args.repeats):
         for n in args.procs:
-            e = run_entry(n, args.blocks, args.size, work, args.device)
+            e = run_entry(n, args.blocks, args.size, work, args.device, args.profile)
             print(json.dumps({k: v for k, v in e.items() if k != "ranks"}), flush=True)
             entries.append(e)
             save()
