@@ -84,7 +84,13 @@ def main() -> None:
     dist.init_process_group("gloo", timeout=timeout())
     rank = dist.get_rank()
     if scenario == "equal":
-        for name, result in (("gptq-1batch", lambda: gptq_model(4, 2)), ("gptq-2batches", lambda: gptq_model(8, 2)),
+        from hfcompress.distributed import current
+
+        before = dict(current().sent)
+        save_file(tensors(gptq_model(4, 2)), os.path.join(out, f"rank{rank}-gptq-1batch.safetensors"))
+        with open(os.path.join(out, f"rank{rank}-sent.json"), "w") as f:  # bytes sent by one GPTQ job, per kind
+            json.dump({k: v - before.get(k, 0) for k, v in current().sent.items()}, f)
+        for name, result in (("gptq-2batches", lambda: gptq_model(8, 2)),
                              ("gptq-5batches", lambda: gptq_model(10, 2)), ("spqr", spqr_model), ("eora", eora_adapter)):
             save_file(tensors(result()), os.path.join(out, f"rank{rank}-{name}.safetensors"))
         try:  # ranks that disagree on the job (here: the group size) are refused before any work

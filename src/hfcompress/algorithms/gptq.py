@@ -18,20 +18,29 @@ from ..formats.int_group import IntGroupSpec
 from .grid import fit_grid, hqq_float_grid, search_float_grid, search_grid
 
 
-def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + λI)^-1``, ``λ = damp * mean(diag H)``. ``H [K, K]`` fp32."""
+def inverse_hessian_cholesky(H: torch.Tensor, damp: float, solve_identity=None) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + λI)^-1``, ``λ = damp * mean(diag H)``. ``H [K, K]`` fp32.
+    ``solve_identity(L)`` -> ``(L L^T)^-1`` may compute the inverse's columns elsewhere (a
+    distributed run splits them over ranks: columns are independent solves, bit for bit)."""
     H = H.clone()
     k = H.shape[0]
     lam = damp * torch.mean(torch.diag(H))
     H[range(k), range(k)] += lam
     L = torch.linalg.cholesky(H)                                   # H = L L^T
-    Hinv = torch.cholesky_solve(torch.eye(k, device=H.device), L)  # (much faster than cholesky_inverse on CPU)
+    Hinv = (solve_identity or identity_solve)(L)
     return torch.linalg.cholesky(Hinv, upper=True)  # [K, K]
+
+
+def identity_solve(L: torch.Tensor, columns: slice = slice(None)) -> torch.Tensor:
+    """``columns`` of ``(L L^T)^-1`` (``L`` lower Cholesky factor): ``cholesky_solve`` of those columns
+    of the identity (much faster than cholesky_inverse on CPU)."""
+    k = L.shape[0]
+    return torch.cholesky_solve(torch.eye(k, device=L.device)[:, columns].contiguous(), L)
 
 
 @torch.no_grad()
 def gptq(weight: torch.Tensor, H: torch.Tensor, spec: IntGroupSpec, damp: float = 0.01, static_groups: bool = False,
-         mse_clip: bool = False, block_size: int = 32):
+         mse_clip: bool = False, block_size: int = 32, solve_identity=None):
     """Quantize ``weight [N, K]`` with Hessian ``H [K, K]`` (fp32, e.g. ``2 X X^T / n``).
 
     ``spec.act_order`` quantizes columns by descending ``diag(H)`` and returns ``g_idx [K]``
@@ -39,7 +48,7 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, spec: IntGroupSpec, damp: float 
     (``k // group_size``, fitted before reordering) and ``g_idx`` is None.
     Returns ``codes [N, K]`` (uint8), ``scale [N, G]`` (fp32), ``zero [N, G]`` (uint8; fp32 with
     ``spec.zero_point == "float"``; None if symmetric),
-    ``g_idx [K]`` (int32 or None).
+    ``g_idx [K]`` (int32 or None). ``solve_identity``: see :func:`inverse_hessian_cholesky`.
     """
     W = weight.detach().to(torch.float32).clone()  # [N, K]
     H = H.detach().to(device=W.device, dtype=torch.float32).clone()  # [K, K]
@@ -68,7 +77,7 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, spec: IntGroupSpec, damp: float 
     # act-order: quantize the columns with the largest Hessian diagonal first
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
-    U = inverse_hessian_cholesky(H, damp)  # [K, K] upper Cholesky of H^-1
+    U = inverse_hessian_cholesky(H, damp, solve_identity)  # [K, K] upper Cholesky of H^-1
 
     codes = torch.zeros(n, k, dtype=torch.uint8, device=W.device)
     col_group = torch.zeros(k, dtype=torch.long, device=W.device)  # group of permuted column i

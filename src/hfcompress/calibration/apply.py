@@ -33,11 +33,12 @@ def gptq_group(modules: dict[str, nn.Module], H: torch.Tensor, config, where: st
 
 
 def gptq_rows(modules: dict[str, nn.Module], H: torch.Tensor, config, where: str,
-              rows: slice | None = None) -> dict[str, torch.Tensor]:
+              rows: slice | None = None, solve_identity=None) -> dict[str, torch.Tensor]:
     """GPTQ of ``rows`` of the layers' stacked weights ``[sum N_i, K]`` (default: all of them):
     ``{"codes" [n, K], "scale" [n, G], "zero" [n, G] (asymmetric), "g_idx" [K] (act-order)}``.
     Rows are independent given ``H`` (the column order and ``H^-1`` are shared): the rows of a
-    split, concatenated, are the rows of the whole (a distributed run splits large layers so)."""
+    split, concatenated, are the rows of the whole (a distributed run splits large layers so;
+    ``solve_identity``: see :func:`~hfcompress.algorithms.gptq.inverse_hessian_cholesky`)."""
     weights = [linear_weight(m) for m in modules.values()]  # [N_i, K]
     k = weights[0].shape[1]
     spec = config.spec_for(next(iter(modules)))  # quantize_blocks_ groups layers of one spec
@@ -45,7 +46,8 @@ def gptq_rows(modules: dict[str, nn.Module], H: torch.Tensor, config, where: str
     try:
         spec.check_layer(k, where=where)
         codes, scale, zero, g_idx = gptq(stacked if rows is None else stacked[rows], H, spec, damp=config.damp,
-                                         static_groups=config.static_groups, mse_clip=config.mse_clip)
+                                         static_groups=config.static_groups, mse_clip=config.mse_clip,
+                                         solve_identity=solve_identity)
     except (ValueError, RuntimeError) as e:  # torch.linalg errors are RuntimeErrors
         raise type(e)(f"{where}: {e}") from None
     out = {"codes": codes, "scale": scale}
@@ -82,6 +84,7 @@ def quantize_blocks_(model: nn.Module, config, batches: list[torch.Tensor], devi
     ends with the same layers), None (this process alone) or "auto" (the initialised process
     group's, if any)."""
     from ..distributed import current, shard_batches
+    from ..distributed.solve import solve_group
 
     dist = current() if dist == "auto" else dist
     if dist is not None:
@@ -113,11 +116,11 @@ def quantize_blocks_(model: nn.Module, config, batches: list[torch.Tensor], devi
                 qs = {}
                 for names in units:  # [K, K] H shared: these layers read the same tensor
                     qs.update(_quantize_names(config, step, names, stats[names[0]].hessian()))
-            else:
-                qs = _solve_distributed(dist, step, config, stats, units, run_load)
-            for rel, q in qs.items():
-                _load_dequantized_(step.module(rel), q)
-                pending[rel] = q
+                for rel, q in qs.items():
+                    _load_dequantized_(step.module(rel), q)
+            else:  # (the float layers get their dequantized weights there)
+                qs = solve_group(dist, step, config, stats, units, run_load)
+            pending.update(qs)
             step.mark_final(group)  # later passes over this block may replay what only these feed
             del stats
     if quantize_outside:
@@ -156,86 +159,6 @@ def guarded(dist, fn: Callable, where: str):
         err = e
     dist.check(err, where)
     return out
-
-
-def _solve_distributed(dist, step, config, stats: dict, units: list[list[str]], run_load: list[float]) -> dict:
-    """One group of layers on every rank: ``X^T X`` summed into each layer's owner, owners solve
-    (layers of one input on one rank stacked, as a single process does), results exchanged.
-    A group of one input solved by GPTQ (q/k/v, o, gate/up, down under true-sequential) is split
-    by rows instead: every rank gets the whole ``X^T X`` and solves its share of the stacked rows."""
-    from ..distributed import assign, gptq_cost
-    from ..distributed.layers import layer_item, rebuild_layer
-
-    if len(units) == 1 and _rows_split(config, step, units[0]):
-        return _solve_rows_distributed(dist, step, config, stats[units[0][0]], units[0], run_load)
-    shapes = {n: tuple(linear_weight(step.module(n)).shape) for u in units for n in u}  # [N, K]
-    cost = getattr(config, "solve_cost", gptq_cost)
-    owner = assign({n: cost(*shapes[n]) for n in shapes}, dist.world, run_load)
-    totals = dist.all_sum([stats[u[0]].n_tokens for u in units])
-    for u, n_tokens in zip(units, totals):
-        s = stats[u[0]]  # shared by every layer of the unit
-        owners = sorted({owner[n] for n in u})
-        dist.reduce_(s.xtx, owners, "xtx")
-        s.n_tokens = n_tokens
-        if dist.rank not in owners:
-            s.release_()  # this rank's partial sum has been sent: free it now
-
-    def solve():
-        mine = {}
-        for u in units:
-            names = [n for n in u if owner[n] == dist.rank]
-            if names:
-                mine.update(_quantize_names(config, step, names, stats[u[0]].hessian()))
-        return mine
-
-    mine = guarded(dist, solve, f"{step.name}: solving")
-    got = dist.exchange({n: layer_item(q) for n, q in mine.items()}, "layers")
-    return {n: mine[n] if n in mine else rebuild_layer(got[n], linear_weight(step.module(n)).device)
-            for u in units for n in u}
-
-
-def _rows_split(config, step, names: list[str]) -> bool:
-    """Layers solved by :func:`gptq_group` (GPTQConfig's own ``quantize_group``, not one a caller put
-    in its place) with one spec: their stacked rows may be split over ranks."""
-    from ..config import GPTQConfig
-
-    return (getattr(config.quantize_group, "__func__", None) is GPTQConfig.quantize_group
-            and len(_same_spec(config, step.name, names)) == 1)
-
-
-def _solve_rows_distributed(dist, step, config, stats, names: list[str], run_load: list[float]) -> dict:
-    """Layers ``names`` reading one input, on every rank: ``X^T X`` summed on every rank
-    (``all_reduce``), each rank runs GPTQ on its contiguous share of the stacked rows (every rank
-    factors the same ``H``: same column order, same ``H^-1``), the row results (codes, scales,
-    zeros) are exchanged and every rank builds the same layers: those of one process."""
-    from ..distributed import gptq_cost
-
-    modules = {f"{step.name}.{n}": step.module(n) for n in names}
-    n_rows = sum(linear_weight(m).shape[0] for m in modules.values())
-    k = linear_weight(next(iter(modules.values()))).shape[1]
-    dist.reduce_(stats.xtx, list(range(dist.world)), "xtx")
-    stats.n_tokens = dist.all_sum([stats.n_tokens])[0]
-    share = torch.arange(n_rows).tensor_split(dist.world)[dist.rank]
-    where = f"{step.name}.{'/'.join(names)}"
-    for r in range(dist.world):  # the load each rank takes (the factorization is paid by every rank)
-        run_load[r] += gptq_cost(n_rows / dist.world, k)
-
-    def solve():
-        if share.numel() == 0:
-            return {}
-        part = gptq_rows(modules, stats.hessian(), config, where, slice(int(share[0]), int(share[-1]) + 1))
-        return {str(dist.rank): {"meta": None, "tensors": part}}
-
-    mine = guarded(dist, solve, f"{step.name}: solving")
-    stats.release_()
-    got = dist.exchange(mine, "rows")
-    parts = [got[str(r)]["tensors"] for r in range(dist.world) if str(r) in got]
-    whole = {key: torch.cat([p[key] for p in parts]) for key in ("codes", "scale", "zero") if key in parts[0]}
-    if "g_idx" in parts[0]:
-        whole["g_idx"] = parts[0]["g_idx"]  # the same on every rank (from H alone)
-    device = linear_weight(next(iter(modules.values()))).device
-    layers = gptq_layers(modules, {key: t.to(device) for key, t in whole.items()}, config)
-    return {full[len(step.name) + 1:]: q for full, q in layers.items()}
 
 
 def _quantize_names(config, step, names: list[str], H: torch.Tensor) -> dict:

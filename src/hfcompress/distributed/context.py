@@ -98,6 +98,17 @@ class DistContext:
         if buf is not t and self.rank in owners:
             t.copy_(buf)
 
+    def gather_columns(self, part: torch.Tensor, widths: list[int], kind: str = "gather") -> torch.Tensor:
+        """Every rank's ``part [R, widths[rank]]`` side by side (``[R, sum(widths)]``) on every rank."""
+        dist = _dist()
+        width = max(widths)
+        buf = torch.zeros(part.shape[0], width, dtype=part.dtype, device=self.device)
+        buf[:, :part.shape[1]] = part
+        bufs = [torch.empty_like(buf) for _ in range(self.world)]
+        self._c(dist.all_gather, bufs, buf)
+        self._count(kind, buf)
+        return torch.cat([b[:, :w] for b, w in zip(bufs, widths)], dim=1).to(part.device)
+
     def all_sum(self, values: list[int]) -> list[int]:
         """Element-wise sum of small integer lists over the ranks."""
         dist = _dist()
@@ -124,31 +135,30 @@ class DistContext:
     def exchange(self, mine: dict[str, dict], kind: str = "results") -> dict[str, dict]:
         """Every rank's ``{key: {"meta": jsonable, "tensors": {name: Tensor}}}`` on every rank.
 
-        Sent as a JSON header (keys, metas, tensor dtypes and shapes) plus one flat byte buffer per
-        rank: no pickle. Received tensors are on the CPU; a rank's own items are returned as they are."""
-        out: dict[str, dict] = {}
-        for src in range(self.world):
-            if src == self.rank:
-                header, payload = _encode(mine)
-                self.broadcast_bytes(header, src, kind)
-                self._broadcast_payload(payload, src, kind)
-                out.update(mine)
-            else:
-                header = self.broadcast_bytes(None, src, kind)
-                items = json.loads(header.decode()) if header else {}
-                size = sum(nbytes for it in items.values() for _, _, _, nbytes in it["tensors"])
-                payload = self._broadcast_payload(torch.empty(size, dtype=torch.uint8), src, kind)
-                out.update(_decode(items, payload))
-        return out
-
-    def _broadcast_payload(self, payload: torch.Tensor, src: int, kind: str) -> torch.Tensor:
-        if payload.numel() == 0:
-            return payload
+        Sent as a JSON header (keys, metas, tensor dtypes and shapes) plus the tensors' bytes, one
+        buffer per rank, in two ``all_gather`` calls (the sizes, then the buffers): no pickle.
+        Received tensors are on the CPU; a rank's own items are returned as they are."""
         dist = _dist()
-        buf = self._staged(payload)
-        self._c(dist.broadcast, buf, src=src)
-        self._count(kind, buf)
-        return buf.cpu()
+        header, payload = _encode(mine)
+        blob = torch.cat([torch.frombuffer(bytearray(header), dtype=torch.uint8), payload])
+        sizes = torch.tensor([len(header), payload.numel()], dtype=torch.int64, device=self.device)
+        every = [torch.empty_like(sizes) for _ in range(self.world)]
+        self._c(dist.all_gather, every, sizes)
+        every = [tuple(int(v) for v in t.tolist()) for t in every]
+        width = max(h + p for h, p in every)
+        buf = torch.zeros(width, dtype=torch.uint8, device=self.device)
+        buf[:blob.numel()] = blob.to(self.device)
+        bufs = [torch.empty_like(buf) for _ in range(self.world)]
+        self._c(dist.all_gather, bufs, buf)
+        self._count(kind, torch.empty(width * self.world, dtype=torch.uint8, device="meta"))
+        out: dict[str, dict] = {}
+        for src, ((h, p), got) in enumerate(zip(every, bufs)):
+            if src == self.rank:
+                out.update(mine)
+                continue
+            got = got.cpu()
+            out.update(_decode(json.loads(got[:h].numpy().tobytes().decode()), got[h:h + p]))
+        return out
 
     def same_everywhere(self, value: str, what: str) -> None:
         """Every rank must pass the same ``value`` (e.g. a description of its model, config and

@@ -65,10 +65,16 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, g_
          spec: IntGroupSpec) -> dict[str, torch.Tensor]:
     """Unpacked algorithm output -> the stored tensors of the int_group format."""
     out = {"weight": pack_codes(codes, spec.bits), "weight_scale": scale.to(torch.float16)}
-    if spec.zero_point == "float":
-        out["weight_zero"] = zero.t().to(ZERO_DTYPE).contiguous()  # [G, N] fp16
-    elif not spec.sym:
-        out["weight_zero"] = pack_codes(zero.t(), spec.bits)  # [G, N] packed along N
+    if not spec.sym:
+        out["weight_zero"] = pack_zero(zero, spec)
     if spec.act_order:
         out["weight_g_idx"] = g_idx.to(torch.int32)
     return out
+
+
+def pack_zero(zero: torch.Tensor, spec: IntGroupSpec) -> torch.Tensor:
+    """Zeros ``[N, G]`` -> the stored ``weight_zero`` (``[G, N]``: fp16 for float zero points, else
+    integer codes packed along N)."""
+    if spec.zero_point == "float":
+        return zero.t().to(ZERO_DTYPE).contiguous()
+    return pack_codes(zero.t(), spec.bits)
