@@ -88,7 +88,7 @@ def main() -> None:
 
         before = dict(current().sent)
         save_file(tensors(gptq_model(4, 2)), os.path.join(out, f"rank{rank}-gptq-1batch.safetensors"))
-        with open(os.path.join(out, f"rank{rank}-sent.json"), "w") as f:  # bytes sent by one GPTQ job, per kind
+        with open(os.path.join(out, f"rank{rank}-sent.json"), "w") as f:  # bytes one GPTQ job sent, per kind
             json.dump({k: v - before.get(k, 0) for k, v in current().sent.items()}, f)
         for name, result in (("gptq-2batches", lambda: gptq_model(8, 2)),
                              ("gptq-5batches", lambda: gptq_model(10, 2)), ("spqr", spqr_model), ("eora", eora_adapter)):

@@ -31,10 +31,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = ("src", "integrations")
 
 #: int_group predates the registry: besides its folder, the algorithms that emit it (RTN, GPTQ,
-#: L4Q and their drivers/configs), the kernels that compute it, and the names kept importable
-#: for older code (hfcompress.nn, hfcompress.ops, the package root) may name it.
+#: L4Q and their drivers/configs, the distributed GPTQ row split), the kernels that compute it,
+#: and the names kept importable for older code (hfcompress.nn, hfcompress.ops, the package root) may name it.
 INT_GROUP_USERS = {
     "src/hfcompress/__init__.py", "src/hfcompress/config.py", "src/hfcompress/calibration/apply.py",
+    "src/hfcompress/distributed/solve.py",  # GPTQ split by rows over ranks: the rows travel as int_group tensors
     "src/hfcompress/algorithms/rtn.py", "src/hfcompress/algorithms/gptq.py", "src/hfcompress/algorithms/grid.py",
     "src/hfcompress/algorithms/l4q.py", "src/hfcompress/adapters/l4q/config.py", "src/hfcompress/adapters/l4q/layer.py",
     "src/hfcompress/adapters/l4q/model.py", "src/hfcompress/nn/__init__.py", "src/hfcompress/nn/quant_linear.py",

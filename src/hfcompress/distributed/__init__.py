@@ -13,8 +13,10 @@ distributed on its own. Per decoder block and per group of layers (q/k/v, o, gat
 3. layers are given to ranks by solve cost (:func:`plan.assign`, greedy LPT bin-packing); each
    owner solves its layers and broadcasts the result (the compressed layer's stored tensors:
    codes/scales/zeros..., or EoRA's ``B``/``A``). GPTQ instead splits a group of layers reading
-   one input by output rows over all ranks (every rank gets the summed ``XᵀX``; rows are
-   independent given it) and exchanges the rows' codes, scales and zeros;
+   one input by output rows over all ranks (:mod:`.solve`): every rank gets the summed ``XᵀX``,
+   the inverse Hessian's columns are solved in shares and gathered, each rank runs the column
+   loop on its rows, packs and dequantizes them, and the packed rows (4-bit codes in int32 words)
+   travel with their dequantized values;
 4. every rank puts the same results in its block and advances its inputs through it.
 
 Streaming (``hfcompress.quantize(dir, ...)``) composes: every rank reads the block it needs from
