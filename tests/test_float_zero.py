@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from interpreter import run_interpreter_worker
 from tiny_models import inputs, llama_gqa, sqnr_db
 from transformers import AutoModelForCausalLM
 
@@ -219,13 +218,7 @@ def _interpret_worker() -> None:  # runs in a subprocess with TRITON_INTERPRET=1
 
 def test_float_zero_triton_interpreter_matches_reference():
     pytest.importorskip("triton")
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-c", "import test_float_zero as t; t._interpret_worker()"], env=env,
-                          capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, f"worker failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    results = json.loads(lines[-1][len("RESULTS "):])
+    results = run_interpreter_worker("test_float_zero", "_interpret_worker()")
     assert len(results) == 6 and all(v > 100.0 for v in results.values()), results
 
 

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from interpreter import run_interpreter_worker
 
 N, K = 70, 200
 #: minimum SQNR (dB) of kernel output vs the reference, per activation dtype
@@ -100,13 +99,7 @@ def _worker(bits: int, opcheck: bool) -> None:  # runs in the subprocess, TRITON
 
 
 def _run_worker(bits: int, opcheck: bool) -> dict:
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    code = f"import test_kernels_interpret as t; t._worker({bits}, {opcheck})"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, f"interpreter worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return json.loads(lines[-1][len("RESULTS "):])
+    return run_interpreter_worker("test_kernels_interpret", f"_worker({bits}, {opcheck})")
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8], ids=lambda b: f"bits{b}")

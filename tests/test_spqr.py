@@ -5,9 +5,6 @@ bit-exact, streaming, CLI, inspect/card bits, EoRA and LoRA on top)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,6 +16,7 @@ from hfcompress.formats import FormatError
 from hfcompress.formats.spqr import SpQRLinear, SpQRSpec, spqr_mm_ref
 from hfcompress.formats.spqr.cpu import spqr_mm_cpu
 from hfcompress.formats.spqr.reference import dequantize_stored, first_level_scales
+from interpreter import run_interpreter_worker
 from tiny_models import inputs, llama_gqa, qwen2, sqnr_db
 
 
@@ -365,13 +363,7 @@ def _interpret_worker() -> None:  # runs in a subprocess with TRITON_INTERPRET=1
 
 def test_cuda_path_matches_reference_under_triton_interpreter():
     pytest.importorskip("triton")
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-c", "import test_spqr as t; t._interpret_worker()"], env=env,
-                          capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    results = json.loads(lines[-1][len("RESULTS "):])
+    results = run_interpreter_worker("test_spqr", "_interpret_worker()")
     assert set(results) == {"g16-m1", "g16-m17", "g32-m1", "g32-m17"}
     for case, db in results.items():
         assert db is not None and db > 60.0, (case, db)

@@ -75,6 +75,12 @@ def fit_grid(w: torch.Tensor, bits: int, sym: bool, mse_clip: bool = False, mask
     return best_scale, best_zero
 
 
+def _keep_better(e, s, z, best_e, best_s, best_z):
+    """Per row, the candidate grid ``(s, z)`` where its error ``e`` is lower than the best so far."""
+    better = e < best_e
+    return torch.where(better, e, best_e), torch.where(better, s, best_s), torch.where(better, z, best_z)
+
+
 def _grid_error(w, scale, zero, bits, importance, p):
     """``sum_j d_j |w_j - w_q,j|^p`` per row of ``w [R, g]`` on grids ``scale, zero [R]`` (``d``:
     ``importance [R, g]``, or None for ones). In place on one temporary: this runs per candidate."""
@@ -123,10 +129,7 @@ def search_grid(w: torch.Tensor, bits: int, importance: torch.Tensor | None = No
     s = _round_scale(s)
     for c in range(z.shape[0]):  # one candidate at a time: [R, g] temporaries only
         e = _grid_error(w, s[c], z[c], bits, d, p)
-        better = e < best_e
-        best_e = torch.where(better, e, best_e)
-        best_s = torch.where(better, s[c], best_s)
-        best_z = torch.where(better, z[c], best_z)
+        best_e, best_s, best_z = _keep_better(e, s[c], z[c], best_e, best_s, best_z)
     for _ in range(refine):
         q = quantize_to_codes(w, best_s, best_z, bits)
         c = q - best_z[:, None]                                                    # [R, g] integer levels
@@ -137,10 +140,7 @@ def search_grid(w: torch.Tensor, bits: int, importance: torch.Tensor | None = No
         s_new = _round_scale((dd * w * c).sum(1) / (dd * c * c).sum(1).clamp(min=1e-30))
         z_new = torch.round((dd * (q - w / s_new[:, None])).sum(1) / dd.sum(1).clamp(min=1e-30)).clamp(0, maxq)
         e = _grid_error(w, s_new, z_new, bits, d, p)
-        better = e < best_e
-        best_e = torch.where(better, e, best_e)
-        best_s = torch.where(better, s_new, best_s)
-        best_z = torch.where(better, z_new, best_z)
+        best_e, best_s, best_z = _keep_better(e, s_new, z_new, best_e, best_s, best_z)
     return best_s, best_z
 
 
@@ -262,10 +262,7 @@ def search_float_grid(w: torch.Tensor, bits: int, importance: torch.Tensor | Non
     cands += list(extra or [])
     for s, z in cands:
         e = _float_grid_error(w, s, z, bits, d, p)
-        better = e < best_e
-        best_e = torch.where(better, e, best_e)
-        best_s = torch.where(better, s, best_s)
-        best_z = torch.where(better, z, best_z)
+        best_e, best_s, best_z = _keep_better(e, s, z, best_e, best_s, best_z)
     dd0 = torch.ones_like(w) if d is None else d
     for _ in range(refine):
         c = quantize_to_codes_float_zero(w, best_s, best_z, bits)                 # [R, g] codes
@@ -283,10 +280,7 @@ def search_float_grid(w: torch.Tensor, bits: int, importance: torch.Tensor | Non
         m = (t0 - s_new * s1) / s0.clamp(min=1e-30)                               # offset for the rounded scale
         z_new = round_zero(-m / s_new, bits)
         e = _float_grid_error(w, s_new, z_new, bits, d, p)
-        better = e < best_e
-        best_e = torch.where(better, e, best_e)
-        best_s = torch.where(better, s_new, best_s)
-        best_z = torch.where(better, z_new, best_z)
+        best_e, best_s, best_z = _keep_better(e, s_new, z_new, best_e, best_s, best_z)
     return best_s, best_z
 
 
