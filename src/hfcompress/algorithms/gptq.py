@@ -15,7 +15,8 @@ from contextlib import contextmanager
 import torch
 
 from ..formats.int_group import IntGroupSpec
-from .grid import fit_grid, hqq_float_grid, search_float_grid, search_grid
+from .grid import (fit_grid, hqq_float_grid, quantize_to_codes, quantize_to_codes_float_zero, search_float_grid,
+                   search_grid)
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, damp: float, solve_identity=None) -> torch.Tensor:
@@ -85,9 +86,8 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, spec: IntGroupSpec, damp: float 
     # column already holds all lazy updates, so its grid is fitted on fresh values
     B = block_size if static is not None else math.gcd(g, block_size)
 
-    maxq = float(spec.maxq)
     with _one_cpu_thread(W.device):
-        _column_loop_(W, U, codes, scales, zeros, col_group, perm, static, spec, g, B, maxq, mse_clip)
+        _column_loop_(W, U, codes, scales, zeros, col_group, perm, static, spec, g, B, mse_clip)
 
     inv = torch.argsort(perm)
     codes = codes[:, inv]
@@ -96,11 +96,11 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, spec: IntGroupSpec, damp: float 
     return codes, scales, zero_out, g_idx
 
 
-def _column_loop_(W, U, codes, scales, zeros, col_group, perm, static, spec, g, B, maxq, mse_clip) -> None:
+def _column_loop_(W, U, codes, scales, zeros, col_group, perm, static, spec, g, B, mse_clip) -> None:
     """Algorithm 1's loop over column blocks of ``B`` (W [N, K] permuted, U [K, K] upper Cholesky
     of H^-1); fills ``codes``, ``scales``, ``zeros``, ``col_group`` in place."""
     k = W.shape[1]
-    float_zero = spec.zero_point == "float"
+    to_codes = quantize_to_codes_float_zero if spec.zero_point == "float" else quantize_to_codes
     for i1 in range(0, k, B):
         i2 = min(i1 + B, k)
         W1 = W[:, i1:i2].clone()              # [N, b] columns of this block, updated in place
@@ -117,10 +117,7 @@ def _column_loop_(W, U, codes, scales, zeros, col_group, perm, static, spec, g, 
                 scales[:, grp], zeros[:, grp] = scale, zero
             col_group[col] = grp
             w = W1[:, i]                                             # [N]
-            if float_zero:                                           # (as quantize_to_codes_float_zero)
-                q = torch.clamp(torch.round(w / scale + zero), 0, maxq)
-            else:                                                    # [N] codes (as quantize_to_codes)
-                q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+            q = to_codes(w, scale, zero, spec.bits)                  # [N] codes
             codes[:, col] = q.to(torch.uint8)
             err = (w - (q - zero) * scale) / U1[i, i]                # [N] rounding error, scaled
             W1[:, i:].addr_(err, U1[i, i:], alpha=-1)                # spread it over the block's rest

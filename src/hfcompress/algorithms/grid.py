@@ -75,6 +75,23 @@ def fit_grid(w: torch.Tensor, bits: int, sym: bool, mse_clip: bool = False, mask
     return best_scale, best_zero
 
 
+def _row_range(w, mask):
+    """Per row of ``w [R, g]``, the least and largest entry where ``mask [R, g]`` (all if None)."""
+    if mask is None:
+        return w.min(dim=1).values, w.max(dim=1).values
+    big = torch.finfo(torch.float32).max
+    return torch.where(mask, w, big).min(dim=1).values, torch.where(mask, w, -big).max(dim=1).values
+
+
+def _entry_weights(w, importance, mask):
+    """Weight ``d [R, g]`` of each entry's error: ``importance`` (``[R, g]`` or ``[g]``) times ``mask``;
+    None when both are None (all ones)."""
+    d = None if importance is None else importance.to(torch.float32).expand_as(w)
+    if mask is not None:
+        d = mask.to(torch.float32) if d is None else d * mask
+    return d
+
+
 def _keep_better(e, s, z, best_e, best_s, best_z):
     """Per row, the candidate grid ``(s, z)`` where its error ``e`` is lower than the best so far."""
     better = e < best_e
@@ -107,14 +124,8 @@ def search_grid(w: torch.Tensor, bits: int, importance: torch.Tensor | None = No
     """
     w = w.to(torch.float32)
     maxq = (1 << bits) - 1
-    d = None if importance is None else importance.to(torch.float32).expand_as(w)
-    if mask is not None:
-        d = mask.to(torch.float32) if d is None else d * mask
-        big = torch.finfo(torch.float32).max
-        lo = torch.where(mask, w, big).min(dim=1).values
-        hi = torch.where(mask, w, -big).max(dim=1).values
-    else:
-        lo, hi = w.min(dim=1).values, w.max(dim=1).values
+    d = _entry_weights(w, importance, mask)
+    lo, hi = _row_range(w, mask)
     best_s, best_z = _minmax_grid(lo, hi, bits, sym=False)  # min-max (fit_grid's) is the first candidate
     best_e = _grid_error(w, best_s, best_z, bits, d, p)
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # an integer zero in [0, maxq] puts 0 on every grid
@@ -174,13 +185,6 @@ def _float_grid_error(w, scale, zero, bits, importance, p):
     return r.sum(dim=-1)
 
 
-def _row_range(w, mask):
-    if mask is None:
-        return w.min(dim=1).values, w.max(dim=1).values
-    big = torch.finfo(torch.float32).max
-    return torch.where(mask, w, big).min(dim=1).values, torch.where(mask, w, -big).max(dim=1).values
-
-
 def minmax_float_grid(w: torch.Tensor, bits: int, mask: torch.Tensor | None = None):
     """Min-max grid with a float zero: ``lo`` and ``hi`` of each row of ``w [R, g]`` are (up to the
     fp16 rounding of the stored scale and zero) the ends of the grid."""
@@ -204,9 +208,7 @@ def hqq_float_grid(w: torch.Tensor, bits: int, mask: torch.Tensor | None = None,
     scale, zero = minmax_float_grid(w, bits, mask)
     if round_start:
         zero = round_zero(zero.round(), bits)
-    d = None if importance is None else importance.to(torch.float32).expand_as(w)
-    if mask is not None:
-        d = mask.to(torch.float32) if d is None else d * mask
+    d = _entry_weights(w, importance, mask)
     best_z = zero.clone()
     best_e = _float_grid_error(w, scale, zero, bits, d, p)
     s = scale[:, None]
@@ -244,9 +246,7 @@ def search_float_grid(w: torch.Tensor, bits: int, importance: torch.Tensor | Non
     ``p < 2``); a row keeps a step only if its error drops. ``extra``: more ``(scale, zero)``
     candidates (e.g. an integer-zero grid, which is one of these grids too)."""
     w = w.to(torch.float32)
-    d = None if importance is None else importance.to(torch.float32).expand_as(w)
-    if mask is not None:
-        d = mask.to(torch.float32) if d is None else d * mask
+    d = _entry_weights(w, importance, mask)
     lo, hi = _row_range(w, mask)
     maxq = (1 << bits) - 1
     best_s, best_z = minmax_float_grid(w, bits, mask)
