@@ -284,43 +284,75 @@ def test_calibration_runs_each_layer_once_per_batch_and_matches_full_passes(arch
     assert counts and all(c == len(batches) + probes for c in counts.values()), counts
 
 
-@pytest.mark.parametrize("fits", [True, False])
-def test_calibration_kept_tail_inputs_are_bounded_relative_to_the_model(fits, monkeypatch):
-    """The inputs kept for replaying a child's last layer (down_proj's: the MLP is not recomputed)
-    may take at most ``TAIL_BUDGET`` x the model's weight bytes: when down_proj's inputs fit, gate/up
-    run once per batch; when they do not, the MLP is recomputed (gate/up run again); the quantized
-    model is the same either way."""
+@pytest.mark.parametrize("room", ["o_and_down", "o_only", "floor"])
+def test_calibration_kept_tail_inputs_are_bounded_by_the_model_or_the_block_inputs(room, monkeypatch):
+    """The inputs kept for replaying a child's last layer (o_proj's: the attention is not recomputed;
+    down_proj's: the MLP is not) may take at most ``max(TAIL_BUDGET x the model's weight bytes, the
+    block inputs' bytes)``. When o_proj's fit, q/k/v run once per batch; when down_proj's fit too,
+    gate/up do; otherwise those are recomputed. The floor (the block inputs) keeps o_proj's inputs
+    however small the model-relative budget is. The quantized model is the same in every case. The
+    batches have unequal sizes (the budget check counts the rows of every batch)."""
     import hfcompress
     from hfcompress.calibration import BlockStep
     from hfcompress.calibration.apply import quantize_blocks_
 
     ids = tm.inputs(6, 19)
-    batches = [ids[:2], ids[2:4], ids[4:]]
+    batches = [ids[:3], ids[3:5], ids[5:]]
     probe = tm.llama_gqa().to(torch.bfloat16)
     model_bytes = sum(p.numel() * p.element_size() for p in probe.parameters())
     down_in = ids.numel() * probe.config.intermediate_size * 2  # bf16 inputs of down_proj, every batch
-    o_in = ids.numel() * probe.config.hidden_size * 2
-    # room for o_proj's and down_proj's inputs, or for o_proj's (released once the attention's output is
-    # recorded, before down_proj's are kept) but not down_proj's
-    budget = o_in + 1.1 * down_in if fits else 0.9 * down_in
+    o_in = ids.numel() * probe.config.hidden_size * 2  # = the block inputs' bytes (hidden_size wide)
+    # room for o_proj's and down_proj's inputs (o_proj's are released batch by batch as the attention's
+    # outputs are recorded, before down_proj's are kept), for o_proj's but not down_proj's, or nothing
+    # but the floor (exactly o_proj's inputs)
+    budget = {"o_and_down": 1.1 * down_in, "o_only": 0.9 * down_in, "floor": 1.0}[room]
     assert o_in < 0.9 * down_in
     monkeypatch.setattr(BlockStep, "TAIL_BUDGET", budget / model_bytes)
+
+    step: list = []
+    kept_bytes: list[tuple[int, int]] = []  # (bytes of the kept tail inputs, the step's budget) per stats pass
+    collect = BlockStep.collect_input_stats
+
+    live: list[int] = []  # kept o_proj inputs still held when the MLP runs, while they are kept
+
+    def watched(self, names=None, stop_early=True):
+        step[:] = [self]
+        out = collect(self, names, stop_early)
+        held = sum(r[0].numel() * r[0].element_size() for o in self._tail_inputs.values() for r in o if r)
+        kept_bytes.append((held, self.tail_budget()))
+        return out
 
     def quantized():
         model = tm.llama_gqa().to(torch.bfloat16)
         counts: dict[str, int] = {}
-        for name in ("mlp.up_proj", "mlp.down_proj"):
+        for name in ("self_attn.q_proj", "mlp.up_proj", "mlp.down_proj"):  # forward calls per layer
             model.model.layers[0].get_submodule(name).register_forward_hook(
                 lambda m, a, o, n=name: counts.__setitem__(n, counts.get(n, 0) + 1))
+        model.model.layers[0].mlp.register_forward_pre_hook(
+            lambda m, a: live.append(sum(r is not None for r in step[0]._tail_inputs["self_attn.o_proj"]))
+            if step and "self_attn.o_proj" in step[0]._tail_inputs else None)
         quantize_blocks_(model, hfcompress.GPTQConfig(bits=4, group_size=32), batches)
         return model.state_dict(), counts
 
-    sd, counts = quantized()
+    with monkeypatch.context() as m:
+        m.setattr(BlockStep, "collect_input_stats", watched)
+        sd, counts = quantized()
     probes = 2
-    if fits:
+    assert counts["self_attn.q_proj"] == len(batches) + probes  # o_proj's inputs kept in every case
+    if room == "o_and_down":
         assert counts["mlp.up_proj"] == len(batches) + probes
     else:
         assert counts["mlp.up_proj"] == 2 * len(batches) + probes  # stats pass, then the block's final run
-    monkeypatch.setattr(BlockStep, "TAIL_BUDGET", 0.0)
-    ref, _ = quantized()
+    assert counts["mlp.down_proj"] == len(batches) + probes  # its stats pass stops before it runs
+    # the pass that records the attention's outputs frees each batch's kept o_proj input once its output
+    # is recorded: o_proj's kept inputs and the recorded outputs never add up to more than one copy
+    assert live == [2, 1, 0]
+    expected = max(int(budget), o_in)
+    assert kept_bytes and all(b == expected for _, b in kept_bytes)
+    assert max(h for h, _ in kept_bytes) == (down_in if room == "o_and_down" else o_in)
+    assert all(h <= b for h, b in kept_bytes)
+
+    monkeypatch.setattr(BlockStep, "TAIL_BUDGET", 0.0)  # off: nothing kept, everything recomputed
+    ref, counts = quantized()
+    assert counts["self_attn.q_proj"] == 2 * len(batches) + probes
     assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in sd)

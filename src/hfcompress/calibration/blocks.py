@@ -217,8 +217,28 @@ class BlockStep:
     _tainted: list = field(default_factory=lambda: [False], repr=False)  # a changing layer ran in this forward
 
     #: recorded inputs of tail layers may take at most this fraction of the model's bytes (its weights
-    #: as stored: ``model_bytes``); 0 turns the shortcut off (less memory, the MLP recomputed)
+    #: as stored: ``model_bytes``), or, where that is less, as many bytes as the block inputs the engine
+    #: holds anyway (:meth:`tail_budget`); 0 turns the shortcut off (less memory, attention and MLP
+    #: recomputed)
     TAIL_BUDGET = 0.5
+
+    def tail_budget(self) -> int:
+        """Bytes the kept inputs of tail layers may take: ``max(TAIL_BUDGET x model_bytes, bytes of
+        the block inputs)`` (0 when ``TAIL_BUDGET`` is 0).
+
+        The floor makes the shortcut depend on the calibration, not on how small the model is: the
+        engine holds the block inputs through the whole block, so tail inputs kept up to their size
+        at most double the activations it holds. It admits ``o_proj``'s inputs (as wide as the hidden
+        state in Llama-like blocks) at every calibration size, and those cost no peak memory: the
+        attention's outputs, which the engine records anyway (as many bytes), replace them batch by
+        batch (:meth:`_replaying` frees each kept input once its output is recorded). ``down_proj``'s
+        (2.7x wider in SmolLM2 / Llama) are kept only where the model-relative budget has room. A
+        model whose weights outweigh its calibration activations (a 7B model at bf16 below ~0.8M
+        tokens) gets the model-relative budget alone, as before."""
+        if self.TAIL_BUDGET <= 0:
+            return 0
+        held = sum(h.numel() * h.element_size() for h in self.inputs)
+        return int(max(self.TAIL_BUDGET * self.model_bytes, held))
 
     def module(self, name: str) -> nn.Module:
         """The module now at block-relative ``name`` (a QuantLinear once the caller replaced it)."""
@@ -295,6 +315,8 @@ class BlockStep:
         def taint(module, args):
             tainted[0] = True
 
+        fed: dict[str, list] = {}  # child name -> the kept tail inputs its forward runs on in this pass
+
         def record_hook(name):
             def hook(module, args, output):
                 outs = recording[name]
@@ -302,6 +324,8 @@ class BlockStep:
                     outs[at[0]] = _TWICE
                 elif not tainted[0]:
                     outs[at[0]] = (output, _versions(output))
+                    if name in fed:  # the recorded output replaces this batch's kept tail input: free it
+                        fed[name][at[0]] = None  # (a later call in this forward runs the real forward)
             return hook
 
         def pre(module, args, kwargs):
@@ -323,6 +347,7 @@ class BlockStep:
             if recorded is not None and all(r is not None for r in recorded):
                 patched.append((child, child.__dict__.get("forward")))
                 child.forward = _tail_forward(child, self.module(tail), recorded, self._tail_shape[name], at)
+                fed[name] = recorded
             if record:
                 recording[name] = [None] * len(self.inputs)
                 handles.append(child.register_forward_hook(record_hook(name)))
@@ -365,15 +390,16 @@ class BlockStep:
         tails = set(self.tail_layers().values()) & wanted if self._final else set()
         kept: dict[str, list] = {}
         cur = [0]  # index of the input being run
+        budget = self.tail_budget() if tails else 0
+        tokens = sum(h.numel() // h.shape[-1] for h in self.inputs)  # rows of every tail layer's input
 
         def keep(name, x):
             """Keep the input of a tail layer, while it depends on final layers only and fits."""
             outs = kept.get(name)
             if outs is None:
-                budget = self.TAIL_BUDGET * self.model_bytes
                 used = sum(r[0].numel() * r[0].element_size()
                            for o in list(self._tail_inputs.values()) + list(kept.values()) for r in o if r)
-                if used + x.numel() * x.element_size() * len(self.inputs) > budget:
+                if used + x.shape[-1] * x.element_size() * tokens > budget:  # this layer's inputs, every batch
                     tails.discard(name)
                     return
                 outs = kept[name] = [None] * len(self.inputs)
@@ -535,14 +561,15 @@ def _replay_forward(child: nn.Module, outputs: list, at: list):
 def _tail_forward(child: nn.Module, layer: nn.Module, inputs: list, shape: tuple, at: list):
     """A ``forward`` for ``child`` that runs only its tail ``layer`` on the layer's recorded input
     for input ``at[0]`` (the child returns that layer's output as is); if the recorded input was
-    changed in place since, it runs the real forward."""
+    released (its output recorded in its stead) or changed in place since, it runs the real forward."""
     real = child.forward
     structure, length = shape
 
     def forward(*args, **kwargs):
-        x, version = inputs[at[0]]
-        if x._version != version:
+        kept = inputs[at[0]]
+        if kept is None or kept[0]._version != kept[1]:  # released, or changed in place since
             return real(*args, **kwargs)
+        x = kept[0]
         y = layer(x)
         return y if structure is None else structure((y,) + (None,) * (length - 1))
     return forward
