@@ -133,27 +133,34 @@ def test_gptq_rows_of_a_split_are_the_rows_of_the_whole(act_order, mse_clip):
         assert all(torch.equal(p["g_idx"], whole["g_idx"]) for p in parts)
 
 
-@pytest.mark.parametrize("k, world", [(64, 2), (96, 3), (576, 2), (7, 2)])
-def test_inverse_columns_of_a_split_are_the_columns_of_the_whole(k, world):
-    """What lets a distributed run split GPTQ's factorization: the inverse Hessian's columns solved in
-    shares over ranks, side by side, are bit for bit the whole solve, and so is the factor U."""
-    from hfcompress.algorithms.gptq import identity_solve, inverse_hessian_cholesky
+@pytest.mark.parametrize("k, world", [(64, 2), (96, 3), (576, 2), (7, 2), (1536, 2), (200, 5)])
+def test_inverse_chunks_of_a_split_are_the_factor_of_the_whole(k, world):
+    """What lets a distributed run split GPTQ's factorization: the column chunks of ``U = R^-1``
+    solved in shares over ranks, side by side, are bit for bit the whole ``U``; every chunk is given
+    out once, in order, and the shares' costs are balanced."""
+    from hfcompress.algorithms.gptq import inverse_chunks, inverse_columns, inverse_hessian_cholesky
+    from hfcompress.distributed.solve import inverse_shares
 
     g = torch.Generator().manual_seed(k)
     x = torch.randn(4 * k, k, generator=g) * torch.rand(k, generator=g)
     H = 2 * x.t() @ x / (4 * k)
-    L = torch.linalg.cholesky(H + 0.01 * torch.eye(k))
-    shares = [identity_solve(L, slice(int(c[0]), int(c[-1]) + 1)) for c in torch.arange(k).tensor_split(world)]
-    assert [s.shape for s in shares] == [(k, len(c)) for c in torch.arange(k).tensor_split(world)]
-    assert torch.equal(torch.cat(shares, dim=1), identity_solve(L))
+    shares = inverse_shares(k, world)
+    assert [c for s in shares for c in s] == inverse_chunks(k)
+    cost = [sum(float(b) * b * (b - a) for a, b in s) for s in shares]
+    if k >= 576:
+        assert max(cost) * world / sum(cost) < 1.15, cost
 
-    def split(L):
-        return torch.cat([identity_solve(L, slice(int(c[0]), int(c[-1]) + 1))
-                          for c in torch.arange(L.shape[0]).tensor_split(world)], dim=1)
+    def split(R):  # as the ranks do: each its chunks, then side by side
+        return torch.cat([torch.cat([inverse_columns(R, a, b) for a, b in s], dim=1) for s in shares if s], dim=1)
 
     whole = inverse_hessian_cholesky(H, 0.01)
-    assert torch.equal(inverse_hessian_cholesky(H, 0.01, solve_identity=split), whole)
-    assert torch.allclose(whole.t() @ whole @ (H + 0.01 * H.diagonal().mean() * torch.eye(k)), torch.eye(k), atol=1e-3)
+    assert torch.equal(inverse_hessian_cholesky(H, 0.01, solve_inverse=split), whole)
+    assert torch.equal(whole, whole.triu()) and bool((whole.diagonal() > 0).all())
+    Hd = H.double() + 0.01 * H.diagonal().double().mean() * torch.eye(k, dtype=torch.float64)
+    # the upper Cholesky factor of the damped inverse (unique: upper, positive diagonal)
+    ref = torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True)
+    assert ((whole.double() - ref).norm() / ref.norm()).item() < 1e-5
+    assert torch.allclose(whole.double().t() @ whole.double() @ Hd, torch.eye(k, dtype=torch.float64), atol=1e-3)
 
 
 def test_no_process_group_means_single_process():
@@ -199,17 +206,22 @@ def test_two_ranks_equal_single_process_bit_for_bit(two_ranks, name, single):
 
 
 def test_each_rank_solves_half_of_every_inverse_and_sends_packed_codes(two_ranks):
-    """No GPTQ factorization is solved twice: each rank sends its half of the columns of every
-    inverse Hessian (one per group: q/k/v, o, gate/up, down of each block); the codes travel as
+    """No GPTQ factor is solved twice: each rank sends its share of the column chunks of every factor
+    ``U = R^-1`` (one per group: q/k/v, o, gate/up, down of each block; the all_gather pads a share to
+    the widest), never the whole; the codes travel as
     4-bit words (int32), the scales as fp16, beside the dequantized rows every rank computes with."""
     model = llama_gqa()
     blocks = model.model.layers
     n_weights = sum(m.weight.numel() for m in blocks.modules() if isinstance(m, torch.nn.Linear))
     ks = [b.self_attn.q_proj.in_features for b in blocks] + [b.self_attn.o_proj.in_features for b in blocks] + \
          [b.mlp.gate_proj.in_features for b in blocks] + [b.mlp.down_proj.in_features for b in blocks]
+    from hfcompress.distributed.solve import inverse_shares
+
+    widest = {k: max(sum(b - a for a, b in s) for s in inverse_shares(k, 2)) for k in ks}
+    assert all(widest[k] < k for k in ks if k > 64), widest  # shared out, not solved by one rank
     for rank in (0, 1):
         sent = json.loads((two_ranks / f"rank{rank}-sent.json").read_text())
-        assert sent["factor"] == sum(k * ((k + 1) // 2) * 4 for k in ks), sent  # [K, K/2] fp32 per group
+        assert sent["factor"] == sum(k * widest[k] * 4 for k in ks), sent  # [K, widest share] fp32 per group
         # both ranks' rows (each rank counts what it sends and receives): per weight 4 bits of code and its
         # fp32 dequantized value, plus per group of 32 an fp16 scale and a uint8 zero, plus headers
         assert n_weights * 4.5 < sent["rows"] < n_weights * 4.5 * 1.1, (sent, n_weights)

@@ -33,12 +33,12 @@ def gptq_group(modules: dict[str, nn.Module], H: torch.Tensor, config, where: st
 
 
 def gptq_rows(modules: dict[str, nn.Module], H: torch.Tensor, config, where: str,
-              rows: slice | None = None, solve_identity=None) -> dict[str, torch.Tensor]:
+              rows: slice | None = None, solve_inverse=None) -> dict[str, torch.Tensor]:
     """GPTQ of ``rows`` of the layers' stacked weights ``[sum N_i, K]`` (default: all of them):
     ``{"codes" [n, K], "scale" [n, G], "zero" [n, G] (asymmetric), "g_idx" [K] (act-order)}``.
     Rows are independent given ``H`` (the column order and ``H^-1`` are shared): the rows of a
     split, concatenated, are the rows of the whole (a distributed run splits large layers so;
-    ``solve_identity``: see :func:`~hfcompress.algorithms.gptq.inverse_hessian_cholesky`)."""
+    ``solve_inverse``: see :func:`~hfcompress.algorithms.gptq.inverse_hessian_cholesky`)."""
     weights = [linear_weight(m) for m in modules.values()]  # [N_i, K]
     k = weights[0].shape[1]
     spec = config.spec_for(next(iter(modules)))  # quantize_blocks_ groups layers of one spec
@@ -47,7 +47,7 @@ def gptq_rows(modules: dict[str, nn.Module], H: torch.Tensor, config, where: str
         spec.check_layer(k, where=where)
         codes, scale, zero, g_idx = gptq(stacked if rows is None else stacked[rows], H, spec, damp=config.damp,
                                          static_groups=config.static_groups, mse_clip=config.mse_clip,
-                                         solve_identity=solve_identity)
+                                         solve_inverse=solve_inverse)
     except (ValueError, RuntimeError) as e:  # torch.linalg errors are RuntimeErrors
         raise type(e)(f"{where}: {e}") from None
     out = {"codes": codes, "scale": scale}

@@ -14,7 +14,8 @@ distributed on its own. Per decoder block and per group of layers (q/k/v, o, gat
    owner solves its layers and broadcasts the result (the compressed layer's stored tensors:
    codes/scales/zeros..., or EoRA's ``B``/``A``). GPTQ instead splits a group of layers reading
    one input by output rows over all ranks (:mod:`.solve`): every rank gets the summed ``XᵀX``,
-   the inverse Hessian's columns are solved in shares and gathered, each rank runs the column
+   GPTQ's factor (the inverse of the Hessian's Cholesky factor) is solved in column chunks shared
+   out and gathered, each rank runs the column
    loop on its rows, packs and dequantizes them, and the packed rows (4-bit codes in int32 words)
    travel with their dequantized values;
 4. every rank puts the same results in its block and advances its inputs through it.

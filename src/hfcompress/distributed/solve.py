@@ -5,9 +5,10 @@ GPTQ (a group of layers reading one input: q/k/v, o, gate/up, down) is split by 
 no part of it is done twice where it can be shared:
 
 - ``X^T X`` is summed over the ranks (float64: exact, so every rank's ``H`` is the single process's);
-- the inverse Hessian's columns are independent solves: each rank solves its share of them and the
-  shares are gathered (``identity_solve`` of a column range is bit for bit those columns of the
-  whole); only the two Cholesky factorizations are done by every rank;
+- GPTQ's factor ``U = R^-1`` (``H = R R^T``, :func:`~hfcompress.algorithms.gptq.inverse_hessian_cholesky`)
+  is solved in fixed column chunks, independent solves: each rank solves its share of the chunks and
+  the shares are gathered (each chunk is the single process's own call: the same ``U`` bit for bit);
+  only the one Cholesky factorization of ``H`` is done by every rank;
 - each rank runs GPTQ's column loop on its contiguous share of the stacked rows, then packs its
   rows (4-bit codes in int32 words, fp16 scales) and dequantizes them (the float weight the block
   computes with); the packed rows and the dequantized rows are exchanged: nobody packs or
@@ -45,18 +46,34 @@ def _rows_split(config, step, names: list[str]) -> bool:
             and len(_same_spec(config, step.name, names)) == 1)
 
 
-def split_identity_solve(dist, where: str):
-    """``solve_identity`` for :func:`~hfcompress.algorithms.gptq.inverse_hessian_cholesky`: this
-    rank solves its share of the identity's columns, the shares are gathered on every rank."""
-    from ..algorithms.gptq import identity_solve
+def inverse_shares(k: int, world: int) -> list[list[tuple[int, int]]]:
+    """The column chunks of ``R^-1 [k, k]`` (:func:`~hfcompress.algorithms.gptq.inverse_chunks`) each
+    rank solves: contiguous runs of near-equal cost (chunk ``a:b`` costs ``b^2 (b - a)``), each chunk
+    going to the rank whose share holds its cost's midpoint."""
+    from ..algorithms.gptq import inverse_chunks
 
-    def solve(L: torch.Tensor) -> torch.Tensor:
-        k = L.shape[0]
-        cols = torch.arange(k).tensor_split(dist.world)
-        mine = cols[dist.rank]
-        part = identity_solve(L, slice(int(mine[0]), int(mine[-1]) + 1) if mine.numel() else slice(0, 0))
+    chunks = inverse_chunks(k)
+    cost = [float(b) * b * (b - a) for a, b in chunks]
+    total, done = sum(cost), 0.0
+    shares: list[list[tuple[int, int]]] = [[] for _ in range(world)]
+    for c, w in zip(chunks, cost):
+        shares[min(world - 1, int((done + w / 2) * world / total))].append(c)
+        done += w
+    return shares
+
+
+def split_inverse(dist, where: str):
+    """``solve_inverse`` for :func:`~hfcompress.algorithms.gptq.inverse_hessian_cholesky`: this rank
+    solves its chunks of ``R^-1``'s columns (:func:`inverse_shares`), the shares are gathered on every
+    rank. Each chunk is the very call a single process makes: the gathered ``U`` is bit for bit its ``U``."""
+    from ..algorithms.gptq import inverse_columns
+
+    def solve(R: torch.Tensor) -> torch.Tensor:
+        shares = inverse_shares(R.shape[0], dist.world)
+        mine = [inverse_columns(R, a, b) for a, b in shares[dist.rank]]
+        part = torch.cat(mine, dim=1) if mine else R.new_zeros(R.shape[0], 0)
         dist.check(None, where)  # a rank that failed before this point ends every rank here, not in the gather
-        return dist.gather_columns(part, [len(c) for c in cols], "factor")
+        return dist.gather_columns(part, [sum(b - a for a, b in s) for s in shares], "factor")
     return solve
 
 
@@ -85,7 +102,7 @@ def _solve_rows(dist, step, config, stats, names: list[str], run_load: list[floa
         if b == a:
             return {}
         full = {f"{step.name}.{n}": m for n, m in modules.items()}
-        res = gptq_rows(full, H, config, where, slice(a, b), solve_identity=split_identity_solve(dist, where))
+        res = gptq_rows(full, H, config, where, slice(a, b), solve_inverse=split_inverse(dist, where))
         mine, row = {}, 0
         for n, w in weights.items():  # this rank's rows of each layer: packed, and dequantized
             lo, hi = max(a, row), min(b, row + w.shape[0])
