@@ -79,6 +79,59 @@ def test_gptq_format_outputs_act_order_static_groups_and_dead_inputs():
         output_error(W, stored_weight(rtn(W, cfg.spec, mse_clip=False), cfg.spec, k), H)
 
 
+def _column_loop_readable(W, U, codes, scales, zeros, col_group, perm, static, spec, g, B, mse_clip):
+    """Algorithm 1 as written in the paper (the loop before its per-column operations were trimmed)."""
+    from hfcompress.algorithms.gptq import group_grid
+    from hfcompress.algorithms.grid import quantize_to_codes, quantize_to_codes_float_zero
+
+    k = W.shape[1]
+    to_codes = quantize_to_codes_float_zero if spec.zero_point == "float" else quantize_to_codes
+    for i1 in range(0, k, B):
+        i2 = min(i1 + B, k)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        E1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if static is not None:
+                grp = 0 if spec.group_size == -1 else int(perm[col]) // g
+                scale, zero = static[grp]
+            elif col % g == 0:
+                grp = col // g
+                scale, zero = group_grid(W[:, col:col + g], U.diagonal()[col:col + g], spec, mse_clip)
+                scales[:, grp], zeros[:, grp] = scale, zero
+            col_group[col] = grp
+            w = W1[:, i]
+            q = to_codes(w, scale, zero, spec.bits)
+            codes[:, col] = q.to(torch.uint8)
+            err = (w - (q - zero) * scale) / U1[i, i]
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
+            E1[:, i] = err
+        W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1)
+
+
+@pytest.mark.parametrize("static_groups,zero_point,group_size,mse_clip", [
+    (False, "int", 32, True), (True, "int", 32, True), (False, "float", 32, True), (True, "float", 32, False),
+    (False, "int", -1, True), (False, "int", 32, False)])
+def test_gptq_column_loop_is_the_readable_algorithm_bit_for_bit(monkeypatch, static_groups, zero_point, group_size,
+                                                               mse_clip):
+    """The trimmed column loop computes Algorithm 1's very numbers (codes, grids, g_idx), on a ragged
+    width with a dead input."""
+    import hfcompress.algorithms.gptq as G
+
+    g = torch.Generator().manual_seed(5)
+    n, k = 37, 112  # 112 = 3 groups of 32 + 16
+    X = torch.randn(400, k, generator=g) * torch.linspace(0.1, 3, k)
+    X[:, 9] = 0
+    H = 2 * X.t() @ X / 400
+    W = torch.randn(n, k, generator=g)
+    spec = IntGroupSpec(bits=4, group_size=group_size, act_order=True, zero_point=zero_point)
+    fast = G.gptq(W, H, spec, static_groups=static_groups, mse_clip=mse_clip)
+    monkeypatch.setattr(G, "_column_loop_", _column_loop_readable)
+    ref = G.gptq(W, H, spec, static_groups=static_groups, mse_clip=mse_clip)
+    for a, b in zip(fast, ref):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
 def test_gptq_config_roundtrip_and_errors():
     cfg = hfcompress.GPTQConfig(bits=3, group_size=64, damp=0.05, n_samples=16, seq_len=128)
     d = cfg.to_dict()

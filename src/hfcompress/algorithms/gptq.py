@@ -123,30 +123,39 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, spec: IntGroupSpec, damp: float 
 
 def _column_loop_(W, U, codes, scales, zeros, col_group, perm, static, spec, g, B, mse_clip) -> None:
     """Algorithm 1's loop over column blocks of ``B`` (W [N, K] permuted, U [K, K] upper Cholesky
-    of H^-1); fills ``codes``, ``scales``, ``zeros``, ``col_group`` in place."""
+    of H^-1); fills ``codes``, ``scales``, ``zeros``, ``col_group`` in place.
+
+    A column is a dozen small operations whatever ``N``: its views come from one ``unbind`` per
+    block, its error is computed in place in ``E1``, its codes go to the block's float buffer ``Q1``
+    (converted once per block) and the group of every column is known up front; the arithmetic
+    is the readable one's (``err = (w - (q - zero) * scale) / U[i, i]``), in the same order."""
     k = W.shape[1]
     to_codes = quantize_to_codes_float_zero if spec.zero_point == "float" else quantize_to_codes
+    if static is not None:  # natural group of each (permuted) column
+        groups = [0] * k if spec.group_size == -1 else [p // g for p in perm.tolist()]
+        col_group.copy_(torch.tensor(groups))
+    else:  # a new group starts every g columns (blocks divide g): its grid is fitted there
+        col_group.copy_(torch.arange(k, device=W.device) // g)
     for i1 in range(0, k, B):
         i2 = min(i1 + B, k)
         W1 = W[:, i1:i2].clone()              # [N, b] columns of this block, updated in place
-        E1 = torch.zeros_like(W1)             # [N, b] scaled errors
+        E1 = torch.empty_like(W1)             # [N, b] scaled errors
+        Q1 = torch.empty_like(W1)             # [N, b] codes (float)
         U1 = U[i1:i2, i1:i2]                  # [b, b]
-        for i in range(i2 - i1):
+        cols = zip(W1.unbind(1), Q1.unbind(1), E1.unbind(1), U1.diagonal().unbind(0))
+        for i, (w, q, err, u_ii) in enumerate(cols):                # w, q, err [N]; u_ii = U1[i, i]
             col = i1 + i
-            if static is not None:            # natural group of the original column
-                grp = 0 if spec.group_size == -1 else int(perm[col]) // g
-                scale, zero = static[grp]
+            if static is not None:
+                scale, zero = static[groups[col]]
             elif col % g == 0:                # a new group starts (i == 0): fit its grid on current values
                 grp = col // g
                 scale, zero = group_grid(W[:, col:col + g], U.diagonal()[col:col + g], spec, mse_clip)
                 scales[:, grp], zeros[:, grp] = scale, zero
-            col_group[col] = grp
-            w = W1[:, i]                                             # [N]
-            q = to_codes(w, scale, zero, spec.bits)                  # [N] codes
-            codes[:, col] = q.to(torch.uint8)
-            err = (w - (q - zero) * scale) / U1[i, i]                # [N] rounding error, scaled
+            q.copy_(to_codes(w, scale, zero, spec.bits))             # [N] codes
+            torch.sub(q, zero, out=err).mul_(scale)                  # err = (w - (q - zero) * scale) / U1[i, i]:
+            torch.sub(w, err, out=err).div_(u_ii)                    # the rounding error, scaled
             W1[:, i:].addr_(err, U1[i, i:], alpha=-1)                # spread it over the block's rest
-            E1[:, i] = err
+        codes[:, i1:i2] = Q1
         W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1)                # lazy batch update of later columns
 
 
