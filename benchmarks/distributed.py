@@ -65,6 +65,7 @@ PHASES = [
     ("hfcompress.calibration.blocks", "add_", "InputStats", "X^T X"),
     ("hfcompress.calibration.blocks", "tail_layers", "BlockStep", "probes"),
     ("hfcompress.calibration.blocks", "sequential_groups", "BlockStep", "probes"),
+    ("hfcompress.calibration.blocks", "_probe_", "BlockStep", "probes"),
     ("hfcompress.calibration.blocks", "_advance_", "BlockStep", "advance forward"),
     ("hfcompress.calibration.blocks", "hessian", "InputStats", "hessian"),
     ("hfcompress.algorithms.gptq", "inverse_hessian_cholesky", None, "gptq factor"),

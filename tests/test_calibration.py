@@ -249,7 +249,7 @@ def test_calibration_runs_each_layer_once_per_batch_and_matches_full_passes(arch
     """GPTQ over the blocks, true-sequential: with the engine's shortcuts (a group reading one
     tensor stops before its first layer runs; a child returning its last linear layer's output is
     replayed from that layer's kept input; final children replayed) every linear layer runs once
-    per calibration batch (plus the one-row probes), and the quantized model is bit-identical to
+    per calibration batch (plus the one-row probe), and the quantized model is bit-identical to
     one calibrated with full forwards and no replay at all."""
     import hfcompress
     from hfcompress.calibration import BlockStep
@@ -280,7 +280,7 @@ def test_calibration_runs_each_layer_once_per_batch_and_matches_full_passes(arch
         slow, slow_logits = quantized()
     assert fast.keys() == slow.keys() and all(torch.equal(fast[k], slow[k]) for k in fast)
     assert torch.equal(fast_logits, slow_logits)
-    probes = 2  # sequential_groups' and tail_layers' one-row forwards
+    probes = 1  # the block's one-row probe forward (sequential_groups' and tail_layers' together)
     assert counts and all(c == len(batches) + probes for c in counts.values()), counts
 
 
@@ -337,7 +337,7 @@ def test_calibration_kept_tail_inputs_are_bounded_by_the_model_or_the_block_inpu
     with monkeypatch.context() as m:
         m.setattr(BlockStep, "collect_input_stats", watched)
         sd, counts = quantized()
-    probes = 2
+    probes = 1  # the block's one-row probe forward
     assert counts["self_attn.q_proj"] == len(batches) + probes  # o_proj's inputs kept in every case
     if room == "o_and_down":
         assert counts["mlp.up_proj"] == len(batches) + probes

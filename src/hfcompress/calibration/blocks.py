@@ -459,35 +459,61 @@ class BlockStep:
     def tail_layers(self) -> dict[str, str]:
         """Children of the block that return the output of one of their linear layers as is
         (``self_attn`` -> ``self_attn.o_proj``, ``mlp`` -> ``mlp.down_proj``): child name -> that
-        layer. Found once by a probe forward on one row: the child's output (or the first item of
-        its output tuple, the others being None) is the very tensor the layer returned, unchanged
-        since (same in-place version)."""
+        layer. Found by the block's probe forward (:meth:`_probe_`): the child's output (or the
+        first item of its output tuple, the others being None) is the very tensor the layer
+        returned, unchanged since (same in-place version)."""
         if self._tails is None:
-            outs: dict[str, tuple] = {}
-            got: dict[str, Any] = {}
-            linear = [n for n, m in self.block.named_modules() if n and is_linear(m)]
-
-            def on_linear(name):
-                def hook(module, args, output):
-                    outs[name] = (output, _versions(output))
-                return hook
-
-            def on_child(name):
-                def hook(module, args, output):
-                    got[name] = output
-                return hook
-
-            handles = [self.module(n).register_forward_hook(on_linear(n)) for n in linear]
-            handles += [c.register_forward_hook(on_child(n)) for n, c in self.block.named_children()]
-            self._tails = {}
             try:
-                with torch.no_grad():
-                    self.block(self.inputs[0][:1], *self.args[0], **_first_row(self.kwargs[0]))
+                self._probe_()
             except Exception:  # a block that cannot run on one row: no shortcut (everything recomputed)
-                got.clear()
-            finally:
-                for h in handles:
-                    h.remove()
+                self._tails = {}
+        return self._tails
+
+    def sequential_groups(self) -> list[list[str]]:
+        """The linear layers in execution order, grouped by shared input (q/k/v, gate/up ...):
+        quantizing group by group, each group sees the outputs of the already-changed ones."""
+        if self._groups is None:
+            self._probe_()
+        return self._groups
+
+    def _probe_(self) -> None:
+        """One forward of the block on one row, watched for what :meth:`tail_layers` and
+        :meth:`sequential_groups` have not found yet (one probe per block serves both); the
+        forward's error, if any, is raised."""
+        outs: dict[str, tuple] = {}
+        got: dict[str, Any] = {}
+        order: list[tuple[str, torch.Tensor]] = []
+        linear = [n for n, m in self.block.named_modules() if n and is_linear(m)]
+
+        def on_linear(name):
+            def hook(module, args, output):
+                outs[name] = (output, _versions(output))
+            return hook
+
+        def on_child(name):
+            def hook(module, args, output):
+                got[name] = output
+            return hook
+
+        def on_input(name):
+            def hook(module, args):
+                order.append((name, args[0]))  # keeps the tensor alive: identities stay unique
+            return hook
+
+        handles = []
+        if self._tails is None:
+            handles += [self.module(n).register_forward_hook(on_linear(n)) for n in linear]
+            handles += [c.register_forward_hook(on_child(n)) for n, c in self.block.named_children()]
+        if self._groups is None:
+            handles += [self.module(n).register_forward_pre_hook(on_input(n)) for n in self.linear_names]
+        try:
+            with torch.no_grad():
+                self.block(self.inputs[0][:1], *self.args[0], **_first_row(self.kwargs[0]))
+        finally:
+            for h in handles:
+                h.remove()
+        if self._tails is None:
+            self._tails = {}
             for name, out in got.items():
                 if isinstance(out, (tuple, list)) and out and all(o is None for o in out[1:]):
                     structure, y = type(out), out[0]
@@ -501,26 +527,7 @@ class BlockStep:
                     if o is y and _versions(y) == v:
                         self._tails[name] = n
                         self._tail_shape[name] = (structure, len(out) if structure else 0)
-        return self._tails
-
-    def sequential_groups(self) -> list[list[str]]:
-        """The linear layers in execution order, grouped by shared input (q/k/v, gate/up ...):
-        quantizing group by group, each group sees the outputs of the already-changed ones."""
         if self._groups is None:
-            order: list[tuple[str, torch.Tensor]] = []
-
-            def make(name):
-                def hook(module, args):
-                    order.append((name, args[0]))  # keeps the tensor alive: identities stay unique
-                return hook
-
-            handles = [self.module(n).register_forward_pre_hook(make(n)) for n in self.linear_names]
-            try:
-                with torch.no_grad():
-                    self.block(self.inputs[0][:1], *self.args[0], **_first_row(self.kwargs[0]))
-            finally:
-                for h in handles:
-                    h.remove()
             groups: list[list[str]] = []
             last_input = None
             for name, x in order:
@@ -533,7 +540,6 @@ class BlockStep:
                 last_input = x
             missing = [n for n in self.linear_names if not any(n in g for g in groups)]
             self._groups = groups + [[n] for n in missing]
-        return self._groups
 
 
 def _versions(obj) -> list[int]:
