@@ -2,6 +2,10 @@
 true-sequential, bf16 as stored), streamed from the checkpoint directory, 1 process vs N
 processes (gloo), one thread per process, same calibration windows.
 
+The GPTQ options are set here, not taken from GPTQConfig's defaults (:func:`gptq_options`):
+integer zero points and act-order groups fitted as the columns go (the rows measured since the
+first run), or ``--zero-point float --static-groups``; the results record them.
+
 Each entry is a fresh set of processes started as torchrun starts them (RANK / WORLD_SIZE /
 MASTER_ADDR / MASTER_PORT); every rank reports its own wall time of ``hfcompress.quantize`` (from
 a common start after the process group is up and the tokens are ready), CPU time, peak RSS and
@@ -36,6 +40,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "distributed.json")
 BITS, GROUP = 4, 64
+
+
+def gptq_options(zero_point: str = "int", static_groups: bool = False) -> dict:
+    """Every option of the measured GPTQConfig, explicit (defaults may change; the results keep these)."""
+    return {"bits": BITS, "group_size": GROUP, "sym": False, "act_order": True, "static_groups": static_groups,
+            "zero_point": zero_point, "mse_clip": True, "damp": 0.01, "true_sequential": True}
 
 
 def _rss_mb() -> float:
@@ -150,7 +160,8 @@ def rank_main(args) -> None:
         dist = current()
         dist.barrier()  # a common start: every rank has imported, read its tokens and joined
     rss0, cpu0, t0 = _rss_mb(), _cpu_s(), time.perf_counter()
-    cfg = hfcompress.GPTQConfig(bits=BITS, group_size=GROUP, n_samples=n_samples, seq_len=seq_len)
+    cfg = hfcompress.GPTQConfig(**gptq_options(args.zero_point, args.static_groups), n_samples=n_samples,
+                                seq_len=seq_len)
     device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if args.device == "cuda" else None
     hfcompress.quantize(src, cfg, out_dir=args.out, batches=batches, dtype=torch.bfloat16, device=device)
     if device is not None:
@@ -236,13 +247,22 @@ def tie_flips() -> dict:
                      "2 per batch", "rows": rows_out}
 
 
+def _commit() -> str:
+    """The checked-out commit (``+dirty`` when the source differs from it)."""
+    git = ["git", "-C", HERE]
+    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(git + ["status", "--porcelain", "--", "../src"], capture_output=True, text=True).stdout
+    return head + ("+dirty" if dirty.strip() else "")
+
+
 def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def run_entry(procs: int, blocks: int, size: str, work: str, device: str = "cpu", profile: bool = False) -> dict:
+def run_entry(procs: int, blocks: int, size: str, work: str, device: str = "cpu", profile: bool = False,
+              options: tuple[str, bool] = ("int", False)) -> dict:
     out = os.path.join(work, f"out-{procs}")
     shutil.rmtree(out, ignore_errors=True)
     port = _port()
@@ -256,7 +276,8 @@ def run_entry(procs: int, blocks: int, size: str, work: str, device: str = "cpu"
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         report = os.path.join(work, f"report-{procs}-{rank}.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--rank-entry", "--blocks", str(blocks), "--size", size,
-               "--out", out, "--report", report, "--device", device] + (["--profile"] if profile else [])
+               "--out", out, "--report", report, "--device", device, "--zero-point", options[0]] + \
+            (["--static-groups"] if options[1] else []) + (["--profile"] if profile else [])
         children.append((subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True), report))
     ranks, errors = [], []
     for p, report in children:
@@ -294,7 +315,7 @@ def compare(work: str, procs: list[int], ppl: bool) -> dict:
         diff = total = 0
         for k, v in ref.items():
             if k.endswith(".weight") and v.dtype == torch.int32 and f"{k}_scale" in ref:
-                k_in = ref[f"{k}_g_idx"].numel()
+                k_in = v.shape[-1] * 32 // BITS  # SmolLM2's widths are whole words of codes
                 a, b = unpack_codes(v, BITS, k_in), unpack_codes(other[k], BITS, k_in)
                 diff += int((a != b).sum())
                 total += a.numel()
@@ -339,6 +360,10 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="time the phases of every rank (stats forwards, X^T X, GPTQ factor / column loop, packing, "
                          "collectives, reads, writes: wall and CPU s) into its report")
+    ap.add_argument("--zero-point", default="int", choices=["int", "float"],
+                    help="GPTQ zero points (default int: the rows measured since the first run)")
+    ap.add_argument("--static-groups", action="store_true",
+                    help="GPTQ static groups (default off: act-order groups fitted as the columns go)")
     ap.add_argument("--rank-entry", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--flips-rank", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -385,9 +410,13 @@ def main() -> None:
     os.makedirs(work, exist_ok=True)
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     entries: list[dict] = []
-    result = {"model": "SmolLM2-135M-Instruct (bf16 checkpoint)", "config": f"GPTQ {BITS}-bit g{GROUP} act-order asym "
-              "true-sequential, streamed from the checkpoint", "machine": f"{os.cpu_count()} CPUs, shared with other "
-              "jobs (see load averages)", "command": " ".join(sys.argv), "uptime_before": uptime, "entries": entries}
+    options = gptq_options(args.zero_point, args.static_groups)
+    result = {"model": "SmolLM2-135M-Instruct (bf16 checkpoint)",
+              "config": f"GPTQ {BITS}-bit g{GROUP} act-order asym true-sequential, {options['zero_point']} zero "
+              f"points, {'static' if options['static_groups'] else 'act-order'} groups, streamed from the checkpoint",
+              "gptq_options": options, "commit": _commit(),
+              "machine": f"{os.cpu_count()} CPUs, shared with other jobs (see load averages)",
+              "command": " ".join(sys.argv), "uptime_before": uptime, "entries": entries}
     os.makedirs(os.path.dirname(results), exist_ok=True)
 
     def save():  # after every entry: a run stopped by a time limit keeps what it measured
@@ -397,7 +426,8 @@ def main() -> None:
 
     for _ in range(args.repeats):
         for n in args.procs:
-            e = run_entry(n, args.blocks, args.size, work, args.device, args.profile)
+            e = run_entry(n, args.blocks, args.size, work, args.device, args.profile,
+                          (args.zero_point, args.static_groups))
             print(json.dumps({k: v for k, v in e.items() if k != "ranks"}), flush=True)
             entries.append(e)
             save()
