@@ -228,6 +228,9 @@ def tie_flips() -> dict:
     if any(p.wait() != 0 for p in procs):
         raise RuntimeError("tie-flip ranks failed")
     rows_out = []
+    import torch
+
+    torch.set_num_threads(1)  # as the ranks (OMP_NUM_THREADS=1): MKL's Cholesky rounds otherwise with 2 threads
     for rows in FLIP_ROWS:
         single = _tiny_gptq(rows)
         ref, dist = single.state_dict(), load_file(os.path.join(work, f"rows{rows}.safetensors"))
