@@ -138,7 +138,7 @@ def test_inverse_chunks_of_a_split_are_the_factor_of_the_whole(k, world):
     """What lets a distributed run split GPTQ's factorization: the column chunks of ``U = R^-1``
     solved in shares over ranks, side by side, are bit for bit the whole ``U``; every chunk is given
     out once, in order, and the shares' costs are balanced."""
-    from hfcompress.algorithms.gptq import inverse_chunks, inverse_columns, inverse_hessian_cholesky
+    from hfcompress.algorithms.gptq import inverse_chunks, inverse_columns, inverse_hessian_cholesky, upper_inverse
     from hfcompress.distributed.solve import inverse_shares
 
     g = torch.Generator().manual_seed(k)
@@ -150,8 +150,8 @@ def test_inverse_chunks_of_a_split_are_the_factor_of_the_whole(k, world):
     if k >= 576:
         assert max(cost) * world / sum(cost) < 1.15, cost
 
-    def split(R):  # as the ranks do: each its chunks, then side by side
-        return torch.cat([torch.cat([inverse_columns(R, a, b) for a, b in s], dim=1) for s in shares if s], dim=1)
+    def split(R):  # as the ranks do: each its chunks, then assembled
+        return upper_inverse(R, {c: inverse_columns(R, *c).clone() for s in shares for c in s})
 
     whole = inverse_hessian_cholesky(H, 0.01)
     assert torch.equal(inverse_hessian_cholesky(H, 0.01, solve_inverse=split), whole)
@@ -207,9 +207,9 @@ def test_two_ranks_equal_single_process_bit_for_bit(two_ranks, name, single):
 
 def test_each_rank_solves_half_of_every_inverse_and_sends_packed_codes(two_ranks):
     """No GPTQ factor is solved twice: each rank sends its share of the column chunks of every factor
-    ``U = R^-1`` (one per group: q/k/v, o, gate/up, down of each block; the all_gather pads a share to
-    the widest), never the whole; the codes travel as
-    4-bit words (int32), the scales as fp16, beside the dequantized rows every rank computes with."""
+    ``U = R^-1`` (one per group: q/k/v, o, gate/up, down of each block), their upper triangle only (the
+    all_gather pads a share to the largest), never the whole; the codes travel as 4-bit words (int32),
+    the scales as fp16, beside the dequantized rows every rank computes with."""
     model = llama_gqa()
     blocks = model.model.layers
     n_weights = sum(m.weight.numel() for m in blocks.modules() if isinstance(m, torch.nn.Linear))
@@ -217,11 +217,12 @@ def test_each_rank_solves_half_of_every_inverse_and_sends_packed_codes(two_ranks
          [b.mlp.gate_proj.in_features for b in blocks] + [b.mlp.down_proj.in_features for b in blocks]
     from hfcompress.distributed.solve import inverse_shares
 
-    widest = {k: max(sum(b - a for a, b in s) for s in inverse_shares(k, 2)) for k in ks}
-    assert all(widest[k] < k for k in ks if k > 64), widest  # shared out, not solved by one rank
+    # the largest share's nonzero entries (the upper triangle of its columns), fp32
+    widest = {k: max(sum(b * (b - a) for a, b in s) for s in inverse_shares(k, 2)) for k in ks}
+    assert all(widest[k] < k * (k + 1) / 2 for k in ks if k > 64), widest  # shared out, not solved by one rank
     for rank in (0, 1):
         sent = json.loads((two_ranks / f"rank{rank}-sent.json").read_text())
-        assert sent["factor"] == sum(k * widest[k] * 4 for k in ks), sent  # [K, widest share] fp32 per group
+        assert sent["factor"] == sum(widest[k] * 4 for k in ks), sent
         # both ranks' rows (each rank counts what it sends and receives): per weight 4 bits of code and its
         # fp32 dequantized value, plus per group of 32 an fp16 scale and a uint8 zero, plus headers
         assert n_weights * 4.5 < sent["rows"] < n_weights * 4.5 * 1.1, (sent, n_weights)

@@ -48,20 +48,22 @@ def inverse_chunks(k: int) -> list[tuple[int, int]]:
 
 
 def inverse_columns(R: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    """Columns ``a:b`` of ``R^-1`` (``R [K, K]`` upper triangular), ``[K, b - a]``: column ``j`` solves
-    ``R x = e_j``, whose entries below ``j`` are 0, so the chunk needs only ``R[:b, :b]``
-    (``b^2 (b - a)`` multiply-adds, ``K^3 / 3`` over every chunk: a third of a full triangular solve)."""
+    """Columns ``a:b`` of ``R^-1`` (``R [K, K]`` upper triangular) down to row ``b``: ``[b, b - a]``
+    (the rows below are 0). Column ``j`` solves ``R x = e_j``, whose entries below ``j`` are 0, so
+    the chunk needs only ``R[:b, :b]`` (``b^2 (b - a)`` multiply-adds, ``K^3 / 3`` over every
+    chunk: a third of a full triangular solve)."""
+    eye = torch.eye(b, dtype=R.dtype, device=R.device)[:, a:b]
+    return torch.linalg.solve_triangular(R[:b, :b], eye, upper=True)
+
+
+def upper_inverse(R: torch.Tensor, chunks: dict | None = None) -> torch.Tensor:
+    """``R^-1 [K, K]`` of an upper triangular ``R``, chunk by chunk (:func:`inverse_chunks`);
+    ``chunks`` ``{(a, b): inverse_columns(R, a, b)}`` already solved (elsewhere) are used as they are."""
     k = R.shape[0]
-    out = torch.zeros(k, b - a, dtype=R.dtype, device=R.device)
-    if b > a:
-        eye = torch.eye(b, dtype=R.dtype, device=R.device)[:, a:b]
-        out[:b] = torch.linalg.solve_triangular(R[:b, :b], eye, upper=True)
-    return out
-
-
-def upper_inverse(R: torch.Tensor) -> torch.Tensor:
-    """``R^-1`` of an upper triangular ``R [K, K]``, chunk by chunk (:func:`inverse_chunks`)."""
-    return torch.cat([inverse_columns(R, a, b) for a, b in inverse_chunks(R.shape[0])], dim=1)
+    U = torch.zeros_like(R)
+    for a, b in inverse_chunks(k):
+        U[:b, a:b] = chunks[(a, b)] if chunks is not None else inverse_columns(R, a, b)
+    return U
 
 
 @torch.no_grad()

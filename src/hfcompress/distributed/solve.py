@@ -64,16 +64,22 @@ def inverse_shares(k: int, world: int) -> list[list[tuple[int, int]]]:
 
 def split_inverse(dist, where: str):
     """``solve_inverse`` for :func:`~hfcompress.algorithms.gptq.inverse_hessian_cholesky`: this rank
-    solves its chunks of ``R^-1``'s columns (:func:`inverse_shares`), the shares are gathered on every
-    rank. Each chunk is the very call a single process makes: the gathered ``U`` is bit for bit its ``U``."""
-    from ..algorithms.gptq import inverse_columns
+    solves its chunks of ``R^-1``'s columns (:func:`inverse_shares`), and the chunks (their nonzero
+    rows only: the upper triangle) are gathered on every rank. Each chunk is the very call a single
+    process makes: the assembled ``U`` is bit for bit its ``U``."""
+    from ..algorithms.gptq import inverse_columns, upper_inverse
 
     def solve(R: torch.Tensor) -> torch.Tensor:
         shares = inverse_shares(R.shape[0], dist.world)
-        mine = [inverse_columns(R, a, b) for a, b in shares[dist.rank]]
-        part = torch.cat(mine, dim=1) if mine else R.new_zeros(R.shape[0], 0)
+        mine = [inverse_columns(R, a, b).reshape(1, -1) for a, b in shares[dist.rank]]  # [1, b (b - a)] each
+        part = torch.cat(mine, dim=1) if mine else R.new_zeros(1, 0)
         dist.check(None, where)  # a rank that failed before this point ends every rank here, not in the gather
-        return dist.gather_columns(part, [sum(b - a for a, b in s) for s in shares], "factor")
+        flat = dist.gather_columns(part, [sum(b * (b - a) for a, b in s) for s in shares], "factor")[0]
+        chunks, at = {}, 0
+        for a, b in (c for s in shares for c in s):
+            chunks[(a, b)] = flat[at:at + b * (b - a)].view(b, b - a)
+            at += b * (b - a)
+        return upper_inverse(R, chunks)
     return solve
 
 
