@@ -167,6 +167,30 @@ def test_calibration_input_stats_half_filled_sum_is_full_xtx_and_merges():
     torch.testing.assert_close(H, (2 * ref / 150).float(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [2 * 256 + 37, 100])
+def test_calibration_input_stats_upper_blocks_sum_to_the_merged_stats(k):
+    """What a distributed run reduces: the blocks on and above the diagonal (fewer than K^2 entries
+    when K is wider than a block; the whole matrix, as a view, otherwise), summed over two runs and
+    loaded back, give bit for bit the merged sums."""
+    from hfcompress.calibration import InputStats
+
+    g = torch.Generator().manual_seed(k)
+    xa, xb = torch.randn(3, 40, k, generator=g), torch.randn(2, 40, k, generator=g)
+    a, b, ref = InputStats.zeros(k), InputStats.zeros(k), InputStats.zeros(k)
+    a.add_(xa)
+    b.add_(xb)
+    ref.add_(xa)
+    ref.merge_(InputStats(b.xtx.clone(), b.n_tokens))
+    b.add_(torch.zeros(0, k))  # filled again on and above the diagonal only (reading xtx mirrored it)
+    flat = a.upper()
+    if k > InputStats.BLOCK:
+        assert flat.numel() < 0.75 * k * k
+    else:
+        assert flat.numel() == k * k and flat.data_ptr() == a.xtx.data_ptr()
+    a.load_upper_(flat + b.upper())
+    assert torch.equal(a.xtx, ref.xtx) and torch.equal(a.xtx, a.xtx.t())
+
+
 def test_calibration_input_stats_sum_does_not_depend_on_grouping():
     """The sum over batches is the same bit for bit however the batches are grouped and merged
     (one process adding 6 batches in turn, or 2 / 3 ranks each summing a contiguous run and then

@@ -117,6 +117,7 @@ def _solve_all(dist, layers: dict[str, tuple[nn.Module, InputStats]], solve, ada
         return {n: solve(n, s.xtx) for n, (_, s) in layers.items()}
     from ..calibration.apply import guarded
     from ..distributed import assign, eora_cost
+    from ..distributed.solve import reduce_stats_
 
     def shape(layer):  # [N, K] of the layer compensated
         return layer.lora_B[adapter_name].weight.shape[0], layer.lora_A[adapter_name].weight.shape[1]
@@ -128,7 +129,7 @@ def _solve_all(dist, layers: dict[str, tuple[nn.Module, InputStats]], solve, ada
     for names in shared.values():
         s = layers[names[0]][1]
         owners = sorted({owner[n] for n in names})
-        dist.reduce_(s.xtx, owners, "xtx")
+        reduce_stats_(dist, s, owners)
         if dist.rank not in owners:
             s.release_()  # sent: free this rank's partial sum
     mine = guarded(dist, lambda: {n: solve(n, s.xtx) for n, (_, s) in layers.items() if owner[n] == dist.rank},

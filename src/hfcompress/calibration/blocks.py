@@ -175,6 +175,26 @@ class InputStats:
             self._half = True
         self.n_tokens += x.shape[0]
 
+    def upper(self) -> torch.Tensor:
+        """The entries of the sum a reduction needs, flat (float64): its blocks on and above the
+        diagonal while only those are filled (``add_``; ~0.6x the matrix for K = 1536), else all."""
+        if not self._half:
+            return self._sum.reshape(-1)  # a view: reduced in place
+        k, b = self._sum.shape[0], self.BLOCK
+        return torch.cat([self._sum[i:i + b, i:].reshape(-1) for i in range(0, k, b)])
+
+    def load_upper_(self, flat: torch.Tensor) -> None:
+        """Put back what :meth:`upper` gave (summed over ranks, say)."""
+        if not self._half:
+            if flat.data_ptr() != self._sum.data_ptr():
+                self._sum.copy_(flat.view_as(self._sum))
+            return
+        k, b, at = self._sum.shape[0], self.BLOCK, 0
+        for i in range(0, k, b):
+            block = self._sum[i:i + b, i:]
+            block.copy_(flat[at:at + block.numel()].view_as(block))
+            at += block.numel()
+
     def merge_(self, other: "InputStats") -> "InputStats":
         """Add another run's sums (same layer, other tokens)."""
         self.xtx.add_(other.xtx.to(device=self._sum.device, dtype=torch.float64))

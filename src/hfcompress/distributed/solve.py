@@ -4,7 +4,8 @@
 GPTQ (a group of layers reading one input: q/k/v, o, gate/up, down) is split by output rows, and
 no part of it is done twice where it can be shared:
 
-- ``X^T X`` is summed over the ranks (float64: exact, so every rank's ``H`` is the single process's);
+- ``X^T X`` is summed over the ranks (float64: exact, so every rank's ``H`` is the single process's; only
+  the blocks on and above its diagonal travel);
 - GPTQ's factor ``U = R^-1`` (``H = R R^T``, :func:`~hfcompress.algorithms.gptq.inverse_hessian_cholesky`)
   is solved in fixed column chunks, independent solves: each rank solves its share of the chunks and
   the shares are gathered (each chunk is the single process's own call: the same ``U`` bit for bit);
@@ -44,6 +45,15 @@ def _rows_split(config, step, names: list[str]) -> bool:
 
     return (getattr(config.quantize_group, "__func__", None) is GPTQConfig.quantize_group
             and len(_same_spec(config, step.name, names)) == 1)
+
+
+def reduce_stats_(dist, stats, owners: list[int]) -> None:
+    """Sum an :class:`~hfcompress.calibration.InputStats`' ``X^T X`` over the ranks into ``owners``,
+    sending only the blocks on and above its diagonal (the others mirror them)."""
+    flat = stats.upper()
+    dist.reduce_(flat, owners, "xtx")
+    if dist.rank in owners:
+        stats.load_upper_(flat)
 
 
 def inverse_shares(k: int, world: int) -> list[list[tuple[int, int]]]:
@@ -93,7 +103,7 @@ def _solve_rows(dist, step, config, stats, names: list[str], run_load: list[floa
     n_rows = sum(w.shape[0] for w in weights.values())
     k = next(iter(weights.values())).shape[1]
     spec = config.spec_for(f"{step.name}.{names[0]}")
-    dist.reduce_(stats.xtx, list(range(dist.world)), "xtx")
+    reduce_stats_(dist, stats, list(range(dist.world)))
     stats.n_tokens = dist.all_sum([stats.n_tokens])[0]
     bounds = [(int(p[0]), int(p[-1]) + 1) if p.numel() else (0, 0)
               for p in torch.arange(n_rows).tensor_split(dist.world)]
@@ -164,7 +174,7 @@ def _solve_owners(dist, step, config, stats: dict, units: list[list[str]], run_l
     for u, n_tokens in zip(units, totals):
         s = stats[u[0]]  # shared by every layer of the unit
         owners = sorted({owner[n] for n in u})
-        dist.reduce_(s.xtx, owners, "xtx")
+        reduce_stats_(dist, s, owners)
         s.n_tokens = n_tokens
         if dist.rank not in owners:
             s.release_()  # this rank's partial sum has been sent: free it now
