@@ -58,10 +58,13 @@ class HfCompressConfig(QuantizationConfigMixin):
     data_free: ClassVar[bool] = False
     #: algorithm options beyond the format: name -> (types, allow_none)
     options: ClassVar[dict[str, tuple[tuple, bool]]] = {}
+    #: ``zero_point`` when none is given, for asymmetric grids of a format that stores float zeros
+    #: (symmetric grids and other formats: "int"). A config.json without the field is "int" (from_dict).
+    default_zero_point: ClassVar[str] = "int"
 
     def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, act_order: bool = False,
                  modules_to_not_convert: list[str] | None = None, format: str | None = None,
-                 format_version: int | None = None, zero_point: str = "int", **kwargs):
+                 format_version: int | None = None, zero_point: str | None = None, **kwargs):
         self.quant_method = QUANT_METHOD
         kwargs.pop("quant_method", None)
         kwargs.pop("algorithm", None)
@@ -83,6 +86,9 @@ class HfCompressConfig(QuantizationConfigMixin):
         _check_type("group_size", group_size, (int,))
         _check_type("sym", sym, (bool,))
         _check_type("act_order", act_order, (bool,))
+        if zero_point is None:
+            zero_point = (type(self).default_zero_point
+                          if sym is False and "zero_point" in fmt.spec_fields else "int")
         _check_type("zero_point", zero_point, (str,))
         if zero_point != "int" and "zero_point" not in fmt.spec_fields:
             raise ConfigError(f"quantization_config.zero_point={zero_point!r}: the {format} format stores no float "
@@ -204,6 +210,9 @@ class HfCompressConfig(QuantizationConfigMixin):
         target = _ALGORITHMS.get(algo)
         if target is None:
             raise ConfigError(f"quantization_config.algorithm={algo!r} is unknown; known: {sorted(_ALGORITHMS)}")
+        # to_dict writes zero_point only when it is not "int", and checkpoints from before the field
+        # have none: absent means integer zeros, whatever the config class's default for new configs
+        d.setdefault("zero_point", "int")
         config = target(**d)
         return (config, kwargs) if return_unused_kwargs else config
 
@@ -218,16 +227,20 @@ class HfCompressConfig(QuantizationConfigMixin):
 class RTNConfig(HfCompressConfig):
     """Round-to-nearest, data-free: quantizes each weight as it loads.
 
-    Plain min-max grids by default. ``mse_clip=True`` searches, per group, the grid (scale and
-    integer zero) with the least squared rounding error (``algorithms.grid.search_grid``: clipped
-    ranges, both zeros next to min-max's, least-squares refinement; min-max is one candidate). It
-    is off by default because, although its weight error and per-layer output error are lower,
-    it measured worse in perplexity on a real model (SmolLM2-135M, 4-bit g64, geometric mean of
-    four domains: benchmarks/README.md).
+    Asymmetric grids store float zero points by default (``zero_point="float"``: one fp16 zero per
+    group, HQQ's half-quadratic zero fitted from min-max's integer start; measured better than
+    integer zeros on SmolLM2-135M 4-bit g64: benchmarks/README.md); ``zero_point="int"`` packs
+    integer zeros (the min-max grid; what compressed-tensors export needs).
+    ``mse_clip=True`` searches, per group, the grid with the least squared rounding error
+    (``algorithms.grid.search_grid``: clipped ranges, both zeros next to min-max's, least-squares
+    refinement; min-max is one candidate). It is off by default because, although its weight
+    error and per-layer output error are lower, it measured worse in perplexity on a real model
+    (SmolLM2-135M, 4-bit g64, geometric mean of four domains: benchmarks/README.md).
     """
 
     algorithm = "rtn"
     data_free = True
+    default_zero_point = "float"
     options = {"mse_clip": ((bool,), False)}
 
     def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, mse_clip: bool = False,
@@ -251,8 +264,13 @@ class RTNConfig(HfCompressConfig):
 class GPTQConfig(HfCompressConfig):
     """GPTQ: one-shot second-order quantization, calibrated block by block on text.
 
-    ``act_order`` quantizes columns by descending activation energy (stored as ``g_idx``);
-    ``static_groups`` keeps natural groups with act-order (no ``g_idx`` stored: faster kernels);
+    ``act_order`` quantizes columns by descending activation energy; ``static_groups`` (default)
+    keeps the natural groups, their grids fitted before the column loop (no ``g_idx`` stored:
+    faster kernels), ``static_groups=False`` groups columns in act-order and stores ``g_idx``
+    (with ``act_order=False`` columns and groups are natural either way);
+    asymmetric grids store float zero points by default (``zero_point="float"``: fp16 per group;
+    ``"int"`` packs integer zeros, what compressed-tensors export needs). Float zeros with static
+    groups measured best on SmolLM2 (benchmarks/README.md, "GPTQ defaults");
     ``damp`` is the Hessian dampening relative to its mean diagonal; ``mse_clip`` (default) fits
     each asymmetric group's grid with the searched grid weighted by GPTQ's own cost of each
     column's error (``algorithms.gptq.group_grid``; measured better than min-max grids on SmolLM2:
@@ -263,6 +281,7 @@ class GPTQConfig(HfCompressConfig):
 
     algorithm = "gptq"
     data_free = False
+    default_zero_point = "float"
     options = {
         "static_groups": ((bool,), False),
         "damp": ((float, int), False),
@@ -274,7 +293,7 @@ class GPTQConfig(HfCompressConfig):
     }
 
     def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, act_order: bool = True,
-                 static_groups: bool = False, damp: float = 0.01, mse_clip: bool = True, dataset=None,
+                 static_groups: bool = True, damp: float = 0.01, mse_clip: bool = True, dataset=None,
                  n_samples: int = 128, seq_len: int = 512, true_sequential: bool = True,
                  modules_to_not_convert: list[str] | None = None, tokenizer=None, **kwargs):
         # tokenizer= as in transformers' GPTQConfig: a tokenizer or its directory / Hub id (used to

@@ -45,9 +45,10 @@ def gptq_rows(modules: dict[str, nn.Module], H: torch.Tensor, config, where: str
     stacked = torch.cat(weights)  # [sum N_i, K]
     try:
         spec.check_layer(k, where=where)
+        # static groups only mean something with act-order (natural order has natural groups)
         codes, scale, zero, g_idx = gptq(stacked if rows is None else stacked[rows], H, spec, damp=config.damp,
-                                         static_groups=config.static_groups, mse_clip=config.mse_clip,
-                                         solve_inverse=solve_inverse)
+                                         static_groups=config.static_groups and config.act_order,
+                                         mse_clip=config.mse_clip, solve_inverse=solve_inverse)
     except (ValueError, RuntimeError) as e:  # torch.linalg errors are RuntimeErrors
         raise type(e)(f"{where}: {e}") from None
     out = {"codes": codes, "scale": scale}

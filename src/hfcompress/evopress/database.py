@@ -36,11 +36,13 @@ def header_bytes(key: str) -> int:
 
 def level_config(level, base: str, group_size: int, damp: float):
     """The config that produces one integer level (act-order GPTQ with static groups: no g_idx
-    stored)."""
+    stored). Levels keep integer zero points (the grids EvoPress's sizes and searches were
+    measured with; also what compressed-tensors export reads), not the float zeros that GPTQConfig
+    and RTNConfig default to."""
     if base == "gptq":
         return GPTQConfig(bits=level, group_size=group_size, act_order=True, static_groups=True, damp=damp,
-                          mse_clip=False)
-    return RTNConfig(bits=level, group_size=group_size)
+                          mse_clip=False, zero_point="int")
+    return RTNConfig(bits=level, group_size=group_size, zero_point="int")
 
 
 @dataclass
