@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--cold", action="store_true", help="convert the GGUF again (time the first run)")
     parser.add_argument("--out", default=str(ROOT / "results" / "demo.json"))
     parser.add_argument("--table", action="store_true", help="print the README tables from --out and exit")
+    parser.add_argument("--group-size", type=int, default=None,
+                        help="run the demo with this group size instead of its own default (64)")
     opts = parser.parse_args()
     if opts.table:
         print(table(json.loads(Path(opts.out).read_text())))
@@ -38,7 +40,8 @@ def main() -> None:
     if opts.cold and os.path.isdir(default_cache_dir()):
         shutil.rmtree(default_cache_dir())
     with tempfile.TemporaryDirectory() as tmp:
-        args = build_parser().parse_args(["demo", "--out", os.path.join(tmp, "smollm2-gptq-4bit")])
+        extra = [] if opts.group_size is None else ["--group-size", str(opts.group_size)]
+        args = build_parser().parse_args(["demo", "--out", os.path.join(tmp, "smollm2-gptq-4bit"), *extra])
         from hfcompress.cli.demo import measure, report
 
         r = measure(args)
@@ -54,6 +57,8 @@ def main() -> None:
 
 def table(r: dict) -> str:
     """benchmarks/README.md's demo tables, from a results file."""
+    from hfcompress.cli.demo import grid
+
     ok = lambda flag: "met" if flag else "missed"  # noqa: E731
     t = r["targets"]
     speed = r["tokens_per_s_gptq"] / r["tokens_per_s_float"]
@@ -78,7 +83,7 @@ def table(r: dict) -> str:
         f"| total | {r['total_wall_s']:.1f} | {r['total_cpu_s']:.1f} |",
         "",
         f"Perplexity ({r['eval_tokens']} tokens per domain, window 512, stride 256), GPTQ {r['bits']}-bit "
-        f"g{r['group_size']} act-order, {r['calibration']} calibration tokens ({r.get('calibration_set', 'the default set')}), "
+        f"g{r['group_size']} {grid(r)}, {r['calibration']} calibration tokens ({r.get('calibration_set', 'the default set')}), "
         f"{r['bits_per_weight']:.3f} bits per quantized weight:",
         "",
         f"| domain | float {r['dtype']} | GPTQ {r['bits']}-bit | change |",

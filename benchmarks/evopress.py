@@ -39,9 +39,12 @@ CALIB_TEXT = "shakespeare"
 # the search (kept modest: a shared 2-core CPU): 8 offspring a generation, scored on one 128-token
 # window each, the best 2 again on 4 windows (512 tokens); 16 windows of 128 tokens in the pool
 SEARCH = dict(offspring=8, selection=[[128, 2], [512, 1]], search_seq_len=128, search_samples=16)
-# uniform baselines: name -> GPTQConfig fields (the project's GPTQ defaults: act-order, true-sequential)
-GPTQ_BASELINES = {"gptq-w3-g128": dict(bits=3, group_size=128), "gptq-w3-g32": dict(bits=3, group_size=32),
-                  "gptq-w4-g128": dict(bits=4, group_size=128)}
+# uniform baselines: name -> GPTQConfig fields (act-order with g_idx groups and integer zeros, true-sequential:
+# GPTQ's defaults when the recorded rows were measured, and the integer grids of EvoPress's own levels)
+_INT_GRID = dict(static_groups=False, zero_point="int")
+GPTQ_BASELINES = {"gptq-w3-g128": dict(bits=3, group_size=128, **_INT_GRID),
+                  "gptq-w3-g32": dict(bits=3, group_size=32, **_INT_GRID),
+                  "gptq-w4-g128": dict(bits=4, group_size=128, **_INT_GRID)}
 DB_UNIFORM = {"db-uniform-w2": 2, "db-uniform-w3": 3, "db-uniform-w4": 4}  # every layer at one level of the database
 
 

@@ -213,7 +213,8 @@ def compressed_tensors() -> None:
     ids = load_file(IDS)
     load_start = _load_avg()
     float_model, _ = load_smollm2(str(CACHE / "smollm2-135m-instruct-f32"))
-    rtn = hfcompress.quantize_(float_model, hfcompress.RTNConfig(bits=4, group_size=64, mse_clip=False))
+    rtn = hfcompress.quantize_(float_model, hfcompress.RTNConfig(bits=4, group_size=64, mse_clip=False,
+                                                                        zero_point="int"))  # exportable
     rows = {}
     previous = set_cpu_fast_path("off")  # ours computed exactly (dequantize, fp32 matmul), as the reader does
     try:

@@ -86,7 +86,7 @@ def memory_only(args, device):
 
     for batch, seq in args.memory_shapes:
         args.batch, args.seq = batch, seq
-        rtn_base = lambda: quantize_(build_float(), RTNConfig(bits=3, group_size=args.group_size)).to(device)  # noqa: E731
+        rtn_base = lambda: quantize_(build_float(), RTNConfig(bits=3, group_size=args.group_size, zero_point="int")).to(device)  # noqa: E731
         result["rows"][f"b{batch}x{seq}"] = memory_rows(build_float, rtn_base, args, device, 3)
         print(json.dumps(result["rows"][f"b{batch}x{seq}"]), flush=True)
     write(result, args.out)
@@ -333,15 +333,18 @@ def main(argv=None):
     float_model.cpu()
     for bits in args.bits:
         tag = f"w{bits}g{args.group_size}"
-        # reference: RTN with MSE clipping (exactly L4Q's starting point)
-        rtn_model = quantize_(build_float(), RTNConfig(bits=bits, group_size=args.group_size, mse_clip=True)).to(device)
+        # reference: RTN with MSE clipping and integer zeros (exactly L4Q's starting point)
+        rtn_model = quantize_(build_float(), RTNConfig(bits=bits, group_size=args.group_size, mse_clip=True,
+                                                       zero_point="int")).to(device)
         result["rows"][f"rtn_{tag}"] = {"ppl": ppl_all(rtn_model, evals, device),
                                         "quant_linear_bytes": quant_linear_bytes(rtn_model)}
         del rtn_model
 
         # (a) GPTQ, then LoRA on the quantized base, LoRA kept
         t = time.perf_counter()
-        gptq_model = quantize_(build_float().to(device), GPTQConfig(bits=bits, group_size=args.group_size),
+        # (g_idx groups, integer zeros: GPTQ's defaults when the recorded rows were measured)
+        gptq_model = quantize_(build_float().to(device), GPTQConfig(bits=bits, group_size=args.group_size,
+                                                                    static_groups=False, zero_point="int"),
                                batches=[c.to(device) for c in calib])
         gptq_seconds = time.perf_counter() - t
         row = {"gptq_seconds": round(gptq_seconds, 1), "ppl_without_lora": ppl_all(gptq_model, evals, device),
@@ -412,7 +415,8 @@ def l4q_from_gptq(args, device, build_float, train_w, evals, calib):
         tag = f"w{bits}g{args.group_size}"
         t = time.perf_counter()
         gptq_model = quantize_(build_float().to(device),
-                               GPTQConfig(bits=bits, group_size=args.group_size, static_groups=True),
+                               GPTQConfig(bits=bits, group_size=args.group_size, static_groups=True,
+                                          zero_point="int"),  # L4Q learns integer offsets
                                batches=[c.to(device) for c in calib])
         row = {"gptq_seconds": round(time.perf_counter() - t, 1),
                "ppl_gptq_static_no_lora": ppl_all(gptq_model, evals, device)}

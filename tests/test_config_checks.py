@@ -75,10 +75,13 @@ def _edit_config(path, **fields):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("saved")
-    hfcompress.quantize_(tm.llama_gqa(0), hfcompress.RTNConfig(bits=4, group_size=32)).save_pretrained(root / "asym")
+    # integer zeros (the tensors whose shapes the edited fields change) and g_idx groups
+    hfcompress.quantize_(tm.llama_gqa(0), hfcompress.RTNConfig(bits=4, group_size=32, zero_point="int")
+                         ).save_pretrained(root / "asym")
     hfcompress.quantize_(tm.llama_gqa(0), hfcompress.RTNConfig(bits=4, group_size=32, sym=True)).save_pretrained(
         root / "sym")
-    gptq = hfcompress.GPTQConfig(bits=4, group_size=32, act_order=True, n_samples=2, seq_len=16)
+    gptq = hfcompress.GPTQConfig(bits=4, group_size=32, act_order=True, static_groups=False, zero_point="int",
+                                 n_samples=2, seq_len=16)
     hfcompress.quantize_(tm.llama_gqa(0), gptq, batches=[tm.inputs(batch=2, seq=16)]).save_pretrained(root / "act")
     return root
 

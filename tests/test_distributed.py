@@ -108,8 +108,9 @@ def test_layers_travel_bit_for_bit(method):
     assert b"pickle" not in header and header.startswith(b"{")
 
 
-@pytest.mark.parametrize("act_order, mse_clip", [(True, False), (False, False), (True, True)])
-def test_gptq_rows_of_a_split_are_the_rows_of_the_whole(act_order, mse_clip):
+@pytest.mark.parametrize("act_order, mse_clip, grid", [
+    (True, False, "g_idx-int"), (False, False, "g_idx-int"), (True, True, "g_idx-int"), (True, True, "default")])
+def test_gptq_rows_of_a_split_are_the_rows_of_the_whole(act_order, mse_clip, grid):
     """What lets a distributed run split a layer's rows over ranks: GPTQ of a row range of the
     stacked weights (gate/up here) equals those rows of GPTQ of the whole, bit for bit."""
     import hfcompress
@@ -121,15 +122,19 @@ def test_gptq_rows_of_a_split_are_the_rows_of_the_whole(act_order, mse_clip):
     g = torch.Generator().manual_seed(7)
     x = torch.randn(300, mlp.gate_proj.in_features, generator=g) * torch.rand(mlp.gate_proj.in_features, generator=g)
     H = 2 * x.t() @ x / 300
-    cfg = hfcompress.GPTQConfig(bits=4, group_size=32, act_order=act_order, mse_clip=mse_clip)
+    # "g_idx-int": act-order groups stored as g_idx, integer zeros; "default": static groups, float zeros
+    options = dict(static_groups=False, zero_point="int") if grid == "g_idx-int" else {}
+    cfg = hfcompress.GPTQConfig(bits=4, group_size=32, act_order=act_order, mse_clip=mse_clip, **options)
+    stores_g_idx = act_order and grid == "g_idx-int"
     whole = gptq_rows(modules, H, cfg, "block 0")
     n = whole["codes"].shape[0]
     cuts = [0, 37, n // 2 + 5, n]  # ragged, one cut inside a layer, one across the gate/up boundary
     parts = [gptq_rows(modules, H, cfg, "block 0", slice(a, b)) for a, b in zip(cuts, cuts[1:])]
-    assert whole.keys() == parts[0].keys() and ("g_idx" in whole) == act_order
+    assert whole.keys() == parts[0].keys() and ("g_idx" in whole) == stores_g_idx
+    assert whole["zero"].dtype == (torch.uint8 if grid == "g_idx-int" else torch.float32)
     for key in ("codes", "scale", "zero"):
         assert torch.equal(torch.cat([p[key] for p in parts]), whole[key]), key
-    if act_order:
+    if stores_g_idx:
         assert all(torch.equal(p["g_idx"], whole["g_idx"]) for p in parts)
 
 

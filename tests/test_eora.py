@@ -377,7 +377,7 @@ def test_eora_on_gptq_act_order_base():
     """GPTQ with act-order (g_idx stored): ΔW is taken against the permuted-group dequantization."""
     orig = llama_gqa(seed=5)
     q = hfcompress.quantize_(copy.deepcopy(orig), hfcompress.GPTQConfig(
-        bits=3, group_size=32, act_order=True, dataset=CALIB, n_samples=16, seq_len=48))
+        bits=3, group_size=32, act_order=True, static_groups=False, dataset=CALIB, n_samples=16, seq_len=48))
     layer = q.model.layers[0].mlp.down_proj
     assert layer.spec.act_order and layer.weight_g_idx is not None
     ref, base = _logits(orig), _logits(q)

@@ -46,7 +46,8 @@ def _check_config(path) -> dict:
 @pytest.mark.usefixtures("exact_cpu_reference")  # their fp32 dequantized matmul vs ours: both exact fp32, not the bf16 fast path
 @pytest.mark.parametrize("bits, group_size, sym", [(4, 32, False), (4, 32, True), (8, -1, True), (2, -1, False)])
 def test_rtn_export_loads_in_transformers_with_our_logits(tmp_path, bits, group_size, sym):
-    model = hfcompress.quantize_(llama_gqa(0), hfcompress.RTNConfig(bits=bits, group_size=group_size, sym=sym))
+    model = hfcompress.quantize_(llama_gqa(0), hfcompress.RTNConfig(bits=bits, group_size=group_size, sym=sym,
+                                                                                  zero_point="int"))
     model.save_pretrained(tmp_path / "ours")
     export_compressed_tensors(tmp_path / "ours", tmp_path / "ct")
     info = _check_config(tmp_path / "ct")
@@ -62,6 +63,41 @@ def test_rtn_export_loads_in_transformers_with_our_logits(tmp_path, bits, group_
     for name, mod in model.named_modules():  # decompressed by the first forward: their weights are ours, exactly
         if isinstance(mod, hfcompress.QuantLinear):
             assert torch.equal(theirs.get_submodule(name).weight, mod.dequantize(torch.float32)), name
+
+
+@pytest.mark.usefixtures("exact_cpu_reference")
+def test_gptq_static_groups_export_as_plain_groups(tmp_path):
+    """GPTQ's default static groups (act-order columns, natural groups, no g_idx) with integer zeros
+    export as a plain group scheme (no actorder) and compute our logits."""
+    cfg = hfcompress.GPTQConfig(bits=4, group_size=32, zero_point="int", n_samples=4, seq_len=16)
+    assert cfg.act_order and cfg.static_groups
+    model = hfcompress.quantize_(llama_gqa(0), cfg, batches=[inputs(batch=4, seq=16)])
+    model.save_pretrained(tmp_path / "ours")
+    export_compressed_tensors(tmp_path / "ours", tmp_path / "ct")
+    w = _check_config(tmp_path / "ct")["weights"]
+    assert (w.strategy, w.group_size, w.actorder) == ("group", 32, None)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    x = inputs()
+    with torch.no_grad():
+        assert _relative_error(model(x).logits, theirs(x).logits) <= 1e-3
+    for name, mod in model.named_modules():
+        if isinstance(mod, hfcompress.QuantLinear):
+            assert torch.equal(theirs.get_submodule(name).weight, mod.dequantize(torch.float32)), name
+
+
+def test_default_float_zero_checkpoint_refused_naming_the_field_and_the_fix(tmp_path, capsys):
+    """GPTQ's default grid stores float zeros: the export refuses it, naming zero_point and how to
+    quantize an exportable checkpoint instead (one CLI line, exit 2)."""
+    from hfcompress.cli.main import main as cli
+
+    cfg = hfcompress.GPTQConfig(bits=4, group_size=32, n_samples=4, seq_len=16)
+    hfcompress.quantize_(llama_gqa(0), cfg, batches=[inputs(batch=4, seq=16)]).save_pretrained(tmp_path / "q")
+    assert cli(["export", str(tmp_path / "q"), "--to", "compressed-tensors", "--out", str(tmp_path / "ct")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hfcompress export: error: ")
+    assert all(w in err[0] for w in ("quantization_config.zero_point='float'", "zero_point='int'",
+                                     "--zero-point int"))
+    assert not (tmp_path / "ct").exists()
 
 
 def test_gptq_act_order_round_trip_with_eora(tmp_path):
@@ -111,7 +147,7 @@ def test_gptq_act_order_round_trip_with_eora(tmp_path):
 def test_cli_export_keeps_a_users_card(tmp_path):
     from hfcompress.cli.main import main
 
-    hfcompress.quantize_(llama_gqa(0), hfcompress.RTNConfig(bits=4, group_size=32)).save_pretrained(tmp_path / "q")
+    hfcompress.quantize_(llama_gqa(0), hfcompress.RTNConfig(bits=4, group_size=32, zero_point="int")).save_pretrained(tmp_path / "q")
     (tmp_path / "ct").mkdir()
     (tmp_path / "ct" / "README.md").write_text("my notes\n")
     assert main(["export", str(tmp_path / "q"), "--to", "compressed-tensors", "--out", str(tmp_path / "ct")]) == 0
@@ -124,7 +160,7 @@ def test_cli_export_keeps_a_users_card(tmp_path):
 
 def test_ragged_groups_are_refused_by_layer(tmp_path):
     # hidden 96 with group 64: every layer reading the hidden state has a ragged last group
-    hfcompress.quantize_(llama_gqa(0), hfcompress.RTNConfig(bits=4, group_size=64)).save_pretrained(tmp_path / "q")
+    hfcompress.quantize_(llama_gqa(0), hfcompress.RTNConfig(bits=4, group_size=64, zero_point="int")).save_pretrained(tmp_path / "q")
     with pytest.raises(ConversionError, match=r"model\.layers\.0\.\w+\.\w+_proj: in_features=(96|160) is not a multiple "
                                               r"of group_size=64"):
         export_compressed_tensors(tmp_path / "q", tmp_path / "ct")
@@ -144,7 +180,7 @@ def test_uneven_act_order_groups_are_refused_by_tensor():
 def test_three_bit_is_refused(tmp_path, capsys):
     from hfcompress.cli.main import main as cli
 
-    model = hfcompress.quantize_(llama_gqa(0), hfcompress.RTNConfig(bits=3, group_size=32))
+    model = hfcompress.quantize_(llama_gqa(0), hfcompress.RTNConfig(bits=3, group_size=32, zero_point="int"))
     model.save_pretrained(tmp_path / "q")
     with pytest.raises(ConversionError, match=r"quantization_config\.bits=3: compressed-tensors' 3-bit packing"):
         export_compressed_tensors(tmp_path / "q", tmp_path / "ct")
@@ -163,7 +199,7 @@ def test_three_bit_is_refused(tmp_path, capsys):
 
 def test_export_into_its_own_source_is_refused(tmp_path):
     src = tmp_path / "q"
-    hfcompress.quantize_(llama_gqa(0), hfcompress.RTNConfig(bits=4, group_size=32)).save_pretrained(src)
+    hfcompress.quantize_(llama_gqa(0), hfcompress.RTNConfig(bits=4, group_size=32, zero_point="int")).save_pretrained(src)
     before = {p.name: p.read_bytes() for p in src.iterdir()}
     with pytest.raises(ConversionError, match=r"is the source checkpoint itself"):
         export_compressed_tensors(src, str(src) + "/")

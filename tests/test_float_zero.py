@@ -55,8 +55,43 @@ def test_float_zero_spec_and_config_errors():
         RTNConfig(zero_point=1)
     with pytest.raises(ConfigError, match="spqr format stores no float zero points"):
         hfcompress.SpQRConfig(zero_point="float")
-    assert "zero_point" not in RTNConfig().to_dict()  # default configs are written as before
+    assert "zero_point" not in RTNConfig(zero_point="int").to_dict()  # integer-zero configs are written as before
     assert RTNConfig(zero_point="float").to_dict()["zero_point"] == "float"
+
+
+def test_float_zero_and_static_groups_are_the_defaults():
+    """Asymmetric GPTQ and RTN default to float zeros (GPTQ also to static groups: no g_idx);
+    symmetric grids, formats without float zeros and explicit ``zero_point="int"`` store integers."""
+    g = GPTQConfig(bits=4, group_size=64)
+    assert (g.zero_point, g.static_groups, g.act_order) == ("float", True, True)
+    assert g.spec == IntGroupSpec(bits=4, group_size=64, act_order=False, zero_point="float")
+    assert g.to_dict()["zero_point"] == "float" and g.to_dict()["static_groups"] is True
+    assert RTNConfig().zero_point == "float" and RTNConfig().spec.zero_point == "float"
+    assert GPTQConfig(sym=True).zero_point == RTNConfig(sym=True).zero_point == "int"
+    assert GPTQConfig(zero_point="int").spec.zero_point == RTNConfig(zero_point="int").spec.zero_point == "int"
+    assert GPTQConfig(static_groups=False).spec.act_order is True  # g_idx groups on request
+    assert hfcompress.SpQRConfig().zero_point == "int"  # its format has no float zeros
+    # a round trip keeps what was chosen, either way
+    for cfg in (g, RTNConfig(), GPTQConfig(zero_point="int"), RTNConfig(zero_point="int")):
+        assert hfcompress.HfCompressConfig.from_dict(cfg.to_dict()).zero_point == cfg.zero_point
+
+
+# quantization_config of a GPTQ and an RTN checkpoint written before zero_point existed (verbatim field sets)
+_OLD_GPTQ = {"quant_method": "hfcompress", "format": "int_group", "format_version": 1, "algorithm": "gptq", "bits": 4,
+             "group_size": 64, "sym": False, "act_order": True, "modules_to_not_convert": ["lm_head"],
+             "static_groups": False, "damp": 0.01, "mse_clip": True, "dataset": None, "n_samples": 128,
+             "seq_len": 512, "true_sequential": True}
+_OLD_RTN = {"quant_method": "hfcompress", "format": "int_group", "format_version": 1, "algorithm": "rtn", "bits": 4,
+            "group_size": 128, "sym": False, "act_order": False, "modules_to_not_convert": ["lm_head"],
+            "mse_clip": False}
+
+
+@pytest.mark.parametrize("old", [_OLD_GPTQ, _OLD_RTN], ids=["gptq", "rtn"])
+def test_config_without_zero_point_loads_as_integer_zeros(old):
+    cfg = hfcompress.HfCompressConfig.from_dict(dict(old))
+    assert cfg.zero_point == "int" and cfg.spec.zero_point == "int"
+    assert cfg.spec.act_order is (old["algorithm"] == "gptq")  # the old GPTQ stored g_idx
+    assert cfg.to_dict() == old  # and it is written back unchanged
 
 
 def test_float_zero_dequantize_is_the_formula():
@@ -138,12 +173,20 @@ def test_rtn_float_zero_save_reload_bit_exact(tmp_path):
     assert sqnr_db(y_ref, y) > sqnr_db(y_ref, y_int) > 15.0
 
 
-def test_rtn_default_config_json_unchanged(tmp_path):
+def test_rtn_integer_zero_config_json_unchanged_and_reloads_as_integers(tmp_path):
+    """An integer-zero checkpoint's config.json has no zero_point (as every checkpoint before the
+    field had): a plain reload rebuilds integer zeros, not the float default."""
     llama_gqa().save_pretrained(tmp_path / "src")
-    AutoModelForCausalLM.from_pretrained(tmp_path / "src", quantization_config=RTNConfig(bits=4, group_size=32)
-                                         ).save_pretrained(tmp_path / "q")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "src", quantization_config=RTNConfig(
+        bits=4, group_size=32, zero_point="int"))
+    model.save_pretrained(tmp_path / "q")
     with open(tmp_path / "q" / "config.json") as f:
         assert "zero_point" not in json.load(f)["quantization_config"]
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    layer = back.model.layers[0].mlp.down_proj
+    assert layer.spec.zero_point == "int" and layer.weight_zero.dtype == torch.int32
+    with torch.no_grad():
+        assert torch.equal(back(inputs()).logits, model(inputs()).logits)
 
 
 def test_gptq_float_zero_layer_matches_its_codes():

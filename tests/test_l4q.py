@@ -255,7 +255,8 @@ def test_l4q_init_is_rtn(init_scales):
     """B = 0 at init: the L4Q model computes exactly the RTN-quantized model."""
     ids = inputs()
     pm = get_peft_model(llama_gqa(), L4QConfig(r=4, bits=4, group_size=32, init_scales=init_scales)).eval()
-    rtn_model = quantize_(llama_gqa(), RTNConfig(bits=4, group_size=32, mse_clip=init_scales == "mse"))
+    rtn_model = quantize_(llama_gqa(), RTNConfig(bits=4, group_size=32, mse_clip=init_scales == "mse",
+                                                 zero_point="int"))  # L4Q learns integer offsets
     with torch.no_grad():
         assert torch.equal(pm(input_ids=ids).logits, rtn_model(input_ids=ids).logits)
 
@@ -468,7 +469,7 @@ def test_l4q_on_quantized_base_starts_from_its_grid(tmp_path):
     """L4Q on an hfcompress-quantized model (here RTN; GPTQ without act-order alike) starts from the
     stored grid: at step 0 it computes exactly the quantized model; then trains and exports."""
     ids = inputs()
-    qmodel = quantize_(llama_gqa(), RTNConfig(bits=3, group_size=32, mse_clip=True))
+    qmodel = quantize_(llama_gqa(), RTNConfig(bits=3, group_size=32, mse_clip=True, zero_point="int"))
     with torch.no_grad():
         q_logits = qmodel(input_ids=ids).logits
     pm = get_peft_model(qmodel, L4QConfig(r=4, bits=3, group_size=32, target_modules=PROJ))
@@ -490,9 +491,21 @@ def test_l4q_on_quantized_base_starts_from_its_grid(tmp_path):
 def test_l4q_on_act_order_base_is_refused():
     from hfcompress import GPTQConfig
 
-    qmodel = quantize_(llama_gqa(), GPTQConfig(bits=4, group_size=32, act_order=True, n_samples=2, seq_len=16),
+    qmodel = quantize_(llama_gqa(), GPTQConfig(bits=4, group_size=32, act_order=True, static_groups=False,
+                                               zero_point="int", n_samples=2, seq_len=16),
                        batches=[inputs(batch=2, seq=16)])
     with pytest.raises(ValueError, match="act-order g_idx"):
+        get_peft_model(qmodel, L4QConfig(r=4, bits=4, group_size=32, target_modules=PROJ))
+
+
+def test_l4q_on_float_zero_base_is_refused():
+    """GPTQ's default grid (static groups, float zeros): no g_idx, but zeros L4Q cannot learn as integers."""
+    from hfcompress import GPTQConfig
+
+    qmodel = quantize_(llama_gqa(), GPTQConfig(bits=4, group_size=32, n_samples=2, seq_len=16),
+                       batches=[inputs(batch=2, seq=16)])
+    assert qmodel.model.layers[0].self_attn.q_proj.weight_g_idx is None
+    with pytest.raises(ValueError, match=r"float zero points \(zero_point='float'.*zero_point='int'"):
         get_peft_model(qmodel, L4QConfig(r=4, bits=4, group_size=32, target_modules=PROJ))
 
 

@@ -127,6 +127,7 @@ def measure(args) -> dict:
     wall, cpu = clock.total()
     return {
         "model": name, "dtype": str(dtype).removeprefix("torch."), "bits": args.bits, "group_size": args.group_size,
+        "zero_point": config.zero_point, "static_groups": config.static_groups,
         "calibration": f"{args.n_samples}x{args.seq_len}", "eval_tokens": args.eval_tokens, "out": args.out,
         "original_bytes": _size_bytes(src), "checkpoint_bytes": _size_bytes(args.out),
         "bits_per_weight": summary.quantized_bits_per_weight,
@@ -145,7 +146,7 @@ def report(r: dict) -> str:
     before, after = r["perplexity_float"], r["perplexity_gptq"]
     lines = [
         "",
-        f"{r['model']} ({dt}), GPTQ {r['bits']}-bit, group {r['group_size']}, act-order "
+        f"{r['model']} ({dt}), GPTQ {r['bits']}-bit, group {r['group_size']}, {grid(r)} "
         f"({r['calibration']} calibration tokens)",
         f"  size on disk: original {_mib(fb)} ({dt}) -> {_mib(qb)} = {qb / 1e6:.1f} MB "
         f"({qb / fb:.1%}; embeddings and norms stay in {dt})",
@@ -170,6 +171,12 @@ def report(r: dict) -> str:
               f"{'/'.join(f'{x:.1f}' for x in r['loadavg_start'])}, at end "
               f"{'/'.join(f'{x:.1f}' for x in r['loadavg_end'])}"]
     return "\n".join(lines)
+
+
+def grid(r: dict) -> str:
+    """How the demo's GPTQ grid was stored (results from before these fields: g_idx groups, integer zeros)."""
+    groups = "static groups (no g_idx)" if r.get("static_groups", False) else "g_idx groups"
+    return f"act-order, {groups}, {'float' if r.get('zero_point', 'int') == 'float' else 'integer'} zero points"
 
 
 def run(args) -> int:

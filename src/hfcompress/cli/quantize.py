@@ -31,13 +31,15 @@ def add_parser(sub) -> None:
                    help="search each group's grid (scale, zero point) for the least squared error, "
                         "Hessian-weighted in GPTQ (default: the method's own: off for RTN, on for GPTQ)")
     p.add_argument("--zero-point", default=None, choices=["int", "float"],
-                   help="rtn / gptq: how zero points are stored: int (packed integers, default) or float (one fp16 "
-                        "per group: +12 bits per group; no compressed-tensors export)")
+                   help="rtn / gptq: how asymmetric zero points are stored: float (one fp16 per group, +12 bits per "
+                        "group; the default) or int (packed integers; needed for compressed-tensors export)")
     p.add_argument("--skip", nargs="*", default=None, metavar="MODULE",
                    help="modules to keep in float (default: tied weights and lm_head)")
     g = p.add_argument_group("gptq (calibration; progress bar shows blocks done and ETA)")
     g.add_argument("--no-act-order", action="store_true", help="GPTQ: quantize columns in natural order")
-    g.add_argument("--static-groups", action="store_true", help="GPTQ: act-order with natural groups (no g_idx)")
+    g.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: act-order with natural groups, no g_idx stored (default: on; --no-static-groups "
+                        "groups columns in act-order and stores g_idx)")
     g.add_argument("--damp", type=float, default=0.01, help="GPTQ: Hessian dampening, fraction of mean diag")
     g.add_argument("--dataset", default=None, metavar="TEXT_FILE",
                    help="GPTQ: calibration text file, or wikitext2 / c4 when the datasets library has them cached "
@@ -81,11 +83,15 @@ def make_config(args: argparse.Namespace):
     if getattr(args, "zero_point", None) is not None:
         kwargs["zero_point"] = args.zero_point
     if args.method == "gptq":
-        kwargs.update(act_order=not args.no_act_order, static_groups=args.static_groups, damp=args.damp,
-                      dataset=args.dataset, n_samples=args.n_samples, seq_len=args.seq_len)
+        kwargs.update(act_order=not args.no_act_order, damp=args.damp, dataset=args.dataset,
+                      n_samples=args.n_samples, seq_len=args.seq_len)
+        if args.static_groups is not None:
+            kwargs["static_groups"] = args.static_groups
     else:
-        given = [f"--{n.replace('_', '-')}" for n in ("dataset", "tokenizer", "stream", "static_groups", "no_act_order")
+        given = [f"--{n.replace('_', '-')}" for n in ("dataset", "tokenizer", "stream", "no_act_order")
                  if getattr(args, n)]
+        if args.static_groups is not None:
+            given.append("--static-groups" if args.static_groups else "--no-static-groups")
         if given:
             raise ValueError(f"{', '.join(given)} only apply to --method gptq (rtn is data-free); drop them or "
                              "add --method gptq")

@@ -157,8 +157,11 @@ def _export(src: str, out_dir: str | os.PathLike, shown: str) -> str:
         raise ConversionError(f"{cfg_where}: {floats[0]}.zero_point='float': its layers store fp16 zero points "
                               "(weight_zero [groups, out_features]), which compressed-tensors' pack-quantized "
                               "format cannot hold (integer zero points only); export a checkpoint quantized with "
-                              "zero_point='int'")
-    spec = IntGroupSpec(bits=q["bits"], group_size=q["group_size"], sym=q["sym"], act_order=q["act_order"])
+                              "zero_point='int' (GPTQConfig / RTNConfig(zero_point='int'), or hfcompress quantize "
+                              "--zero-point int; asymmetric GPTQ and RTN default to 'float')")
+    # GPTQ's static groups: act-order columns, natural groups, no g_idx stored (a plain group scheme)
+    spec = IntGroupSpec(bits=q["bits"], group_size=q["group_size"], sym=q["sym"],
+                        act_order=q["act_order"] and not q.get("static_groups", False))
     if 32 % spec.bits:
         raise ConversionError(f"{cfg_where}: quantization_config.bits={spec.bits}: compressed-tensors' "
                               f"{spec.bits}-bit packing differs between its releases (0.17: 10 codes per int32 "

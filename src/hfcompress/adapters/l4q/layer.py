@@ -50,6 +50,10 @@ class L4QLayer(BaseTunerLayer):
             raise ValueError("L4Q on a quantized base needs contiguous groups; this layer has act-order g_idx. "
                              "Quantize with act_order=False (or GPTQConfig(static_groups=True)), or start from "
                              "the float model")
+        if isinstance(base, QuantLinear) and base.spec.zero_point == "float":
+            raise ValueError("L4Q on a quantized base learns integer zero points; this layer stores float zero "
+                             "points (zero_point='float', GPTQConfig's and RTNConfig's default). Quantize with "
+                             "zero_point='int', or start from the float model")
         self.in_features, self.out_features = base.in_features, base.out_features
 
     def _l4q_w0(self) -> torch.Tensor:
