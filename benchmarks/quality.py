@@ -98,6 +98,16 @@ ENTRIES = {
     "hqq-w3-g64": ("hqq", {"bits": 3, "group_size": 64}),
     "bnb-nf4": ("bnb", {}),
 }
+# Every entry but GPTQConfig's / RTNConfig's "defaults" entries (gptq-w{4,3}-g64, rtn-w{4,3}-g64-default)
+# names the grid options it was measured with when those were the defaults (integer zeros; g_idx
+# groups for GPTQ), so it still reproduces its recorded row now that the defaults are float zeros
+# and static groups
+DEFAULT_ENTRIES = ("gptq-w4-g64", "gptq-w3-g64", "rtn-w4-g64-default", "rtn-w3-g64-default")
+for _name, (_kind, _opts) in ENTRIES.items():
+    if _kind == "hfcompress" and _opts["method"] in ("rtn", "gptq") and _name not in DEFAULT_ENTRIES:
+        _opts.setdefault("zero_point", "int")
+        if _opts["method"] == "gptq":
+            _opts.setdefault("static_groups", False)
 # EoRA (and the plain-SVD baseline) on the hfcompress GPTQ g64 checkpoints above: the base is
 # quantized once per bit width (cached under benchmarks/.cache, same code and calibration as the
 # gptq entries), each entry compensates it and scores base + adapter (adapter rounded to fp16)
@@ -254,6 +264,8 @@ def run_entry(name: str) -> dict:
             out["calibration_s"] = round(_setup.calibration_s, 2)
         else:
             cfg = hfcompress.RTNConfig(**{k: v for k, v in opts.items() if k != "method"})
+            # the resolved options (defaults included), as for GPTQ
+            out["rtn_options"] = {k: cfg.to_dict().get(k, "int") for k in ("mse_clip", "sym", "zero_point")}
             AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, quantization_config=cfg).save_pretrained(work)
         out["quantize_s"] = time.perf_counter() - t0 + out.get("calibration_s", 0.0)
         out["quantize_cpu_s"] = time.process_time() - c0
@@ -460,7 +472,11 @@ def table(path: str = RESULTS) -> str:
     rtn4 = rows.get("rtn-w4-g64-default") or rows.get("rtn-w4-g64" + ("-mse" if _rtn_default_mse_clip() else ""))
     if fp and rtn4 and hqq4 and "geomean" in measured(rtn4, hqq4):
         ok = rtn4["ppl_geomean"] < hqq4["ppl_geomean"]
-        lines.append(f"- RTN 4-bit g64 (data-free, default grid: {rtn4['entry']}) geomean {rtn4['ppl_geomean']:.3f} vs "
+        grid = rtn4.get("rtn_options")
+        grid = (f", zero_point={grid['zero_point']!r}, mse_clip={grid['mse_clip']}" if grid
+                else ", integer zeros (measured before float zeros were the default)")
+        lines.append(f"- RTN 4-bit g64 (data-free, default grid: {rtn4['entry']}{grid}, "
+                     f"{rtn4['bits_per_weight']:.3f} bits/weight) geomean {rtn4['ppl_geomean']:.3f} vs "
                      f"HQQ 4-bit g64 {hqq4['ppl_geomean']:.3f} (target: lower): **{'MET' if ok else 'MISSED'}**")
     for name in ("rtn-w4-g64-fz", "rtn-w4-g64-fz-mse"):
         r = rows.get(name)
@@ -520,8 +536,12 @@ def table(path: str = RESULTS) -> str:
             verdict = f"NOT MEASURED on {', '.join(d for d in free if d not in have)}"
         else:
             verdict = "MET" if all(v <= limit for v in ratios.values()) else "MISSED"
-        lines.append(f"- GPTQ {bits}-bit g64 (default calibration) perplexity gap to fp32 / HQQ {bits}-bit g64's, on "
-                     f"the domains not calibrated on: {detail} (target <= {limit}x on each): **{verdict}**")
+        o = ours.get("gptq_options") or {}
+        grid = (f"GPTQConfig's defaults: {'static groups' if o.get('static_groups') else 'g_idx groups'}, "
+                f"{o.get('zero_point', 'int')} zeros, {ours['bits_per_weight']:.3f} bits/weight")
+        lines.append(f"- GPTQ {bits}-bit g64 (default calibration; {grid}) perplexity gap to fp32 / HQQ {bits}-bit "
+                     f"g64's, on the domains not calibrated on: {detail} (target <= {limit}x on each): **{verdict}**"
+                     f"; geomean {ours['ppl_geomean']:.3f}")
     for bits in (4, 3):
         ours, theirs = rows.get(f"gptq-w{bits}-g64"), rows.get(f"gptqmodel-w{bits}-g64")
         if fp and ours and theirs and _calibration(ours) != _calibration(theirs):

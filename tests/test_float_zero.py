@@ -76,6 +76,14 @@ def test_float_zero_and_static_groups_are_the_defaults():
         assert hfcompress.HfCompressConfig.from_dict(cfg.to_dict()).zero_point == cfg.zero_point
 
 
+def test_module_table_entry_with_integer_zeros_in_a_float_zero_config_round_trips():
+    name = "model.layers.0.mlp.down_proj"
+    cfg = RTNConfig(bits=4, group_size=32, module_formats={name: {"bits": 8, "zero_point": "int"}})
+    assert cfg.zero_point == "float" and cfg.spec_for(name).zero_point == "int"
+    back = hfcompress.HfCompressConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back.spec_for(name) == cfg.spec_for(name) and back.spec.zero_point == "float"
+
+
 # quantization_config of a GPTQ and an RTN checkpoint written before zero_point existed (verbatim field sets)
 _OLD_GPTQ = {"quant_method": "hfcompress", "format": "int_group", "format_version": 1, "algorithm": "gptq", "bits": 4,
              "group_size": 64, "sym": False, "act_order": True, "modules_to_not_convert": ["lm_head"],
@@ -167,7 +175,8 @@ def test_rtn_float_zero_save_reload_bit_exact(tmp_path):
         assert torch.equal(back(x).logits, y)
     # against the float model: float zeros (HQQ's zero) closer than integer min-max (17.9 vs 17.1 dB, seeded)
     ref = AutoModelForCausalLM.from_pretrained(src)
-    intq = AutoModelForCausalLM.from_pretrained(src, quantization_config=RTNConfig(bits=4, group_size=32))
+    intq = AutoModelForCausalLM.from_pretrained(src, quantization_config=RTNConfig(bits=4, group_size=32,
+                                                                                  zero_point="int"))
     with torch.no_grad():
         y_ref, y_int = ref(x).logits, intq(x).logits
     assert sqnr_db(y_ref, y) > sqnr_db(y_ref, y_int) > 15.0
@@ -313,8 +322,9 @@ def test_float_zero_cli_quantize_then_inspect(tmp_path, capsys):
 
 
 def test_gptq_float_zero_end_to_end_save_reload(tmp_path):
-    cfg = GPTQConfig(bits=4, group_size=32, zero_point="float", dataset=inputs(8, 40), n_samples=8, seq_len=32)
-    assert cfg.spec.zero_point == "float" and cfg.spec.act_order
+    cfg = GPTQConfig(bits=4, group_size=32, zero_point="float", static_groups=False, dataset=inputs(8, 40),
+                     n_samples=8, seq_len=32)
+    assert cfg.spec.zero_point == "float" and cfg.spec.act_order  # float zeros with g_idx groups
     model = hfcompress.quantize_(llama_gqa(), cfg)
     layer = model.model.layers[1].mlp.up_proj
     assert isinstance(layer, QuantLinear) and layer.weight_zero.dtype == torch.float16

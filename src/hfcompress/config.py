@@ -140,7 +140,12 @@ class HfCompressConfig(QuantizationConfigMixin):
     @property
     def module_formats(self) -> dict[str, dict]:
         """The per-module table as config.json stores it (empty: one spec for every module)."""
-        return table_to_dict(self._module_specs)
+        table = table_to_dict(self._module_specs)
+        for name, spec in self._module_specs.items():
+            # a spec leaves zero_point="int" out, and an entry without it inherits the config's own
+            if getattr(spec, "zero_point", None) == "int" and self.zero_point != "int":
+                table[name]["zero_point"] = "int"
+        return table
 
     @module_formats.setter
     def module_formats(self, table: dict | None) -> None:
