@@ -111,6 +111,13 @@ def test_config_validation_names_the_field():
         EvoPressConfig(target_bits_per_weight=3.0, init="best")
     with pytest.raises(ConfigError, match="needs a budget"):
         hfcompress.quantize_(llama_gqa(), EvoPressConfig())
+    # its levels keep integer zeros whatever GPTQConfig / RTNConfig default to
+    assert EvoPressConfig(target_bits_per_weight=3.0).zero_point == "int"
+    assert all(s is None or s.zero_point == "int" for s in EvoPressConfig(target_bits_per_weight=3.0).level_specs())
+    assert all(s is None or s.zero_point == "int"
+               for s in EvoPressConfig(target_bits_per_weight=3.0, base="rtn").level_specs())
+    with pytest.raises(ConfigError, match="zero_point='float': EvoPress's levels store integer zero points"):
+        EvoPressConfig(target_bits_per_weight=3.0, zero_point="float")
     assert parse_size("70MB") == 70_000_000 and parse_size("1.5MiB") == 1_572_864 and parse_size(123) == 123
 
 

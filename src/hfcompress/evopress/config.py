@@ -89,6 +89,9 @@ class EvoPressConfig(HfCompressConfig):
         _check_dataset(self.dataset)
         if self.base not in ("gptq", "rtn"):
             raise ConfigError(f"quantization_config.base={self.base!r}: the levels are built by 'gptq' or 'rtn'")
+        if self.zero_point != "int":
+            raise ConfigError(f"quantization_config.zero_point={self.zero_point!r}: EvoPress's levels store integer zero "
+                              "points (the grids its sizes are searched over); use zero_point='int' (the default here)")
         if self.init not in ("uniform", "fisher", "kl"):
             raise ConfigError(f"quantization_config.init={self.init!r}: the starting allocation is 'uniform', 'fisher' "
                               "or 'kl'")
