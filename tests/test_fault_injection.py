@@ -242,7 +242,7 @@ def test_fault_injection_export_compressed_tensors(tmp_path):
     src = {}
     for seed in (0, 1):
         src[seed] = str(tmp_path / f"q{seed}")
-        _rtn(seed).save_pretrained(src[seed])
+        _rtn(seed, zero_point="int").save_pretrained(src[seed])  # exportable: integer zeros
     kills = check_writer(tmp_path, lambda t: _exit_ok(cli(["export", src[0], "--to", "compressed-tensors", "--out", t])),
                          lambda t: _exit_ok(cli(["export", src[1], "--to", "compressed-tensors", "--out", t])), seed=8)
     assert kills >= 3
@@ -259,7 +259,7 @@ def test_fault_injection_export_from_memory_cleans_scratch(tmp_path, monkeypatch
     systmp = tmp_path / "systmp"
     systmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(systmp))
-    a, b = _rtn(0), _rtn(1)
+    a, b = _rtn(0, zero_point="int"), _rtn(1, zero_point="int")  # exportable: integer zeros
     kills = check_writer(tmp_path, lambda t: export_compressed_tensors(a, t), lambda t: export_compressed_tensors(b, t),
                          seed=9, user_readme=False)
     assert kills >= 3

@@ -23,7 +23,7 @@ from hfcompress.ops import int_group_mm_ref, set_cpu_fast_path
 def _layer(bits, gs, act, n, k, seed=0):
     """A QuantLinear with random codes, scales and float zeros (some negative, some past maxq)."""
     g = torch.Generator().manual_seed(seed)
-    n_groups = -(-k // gs)
+    n_groups = 1 if gs == -1 else -(-k // gs)
     codes = torch.randint(0, 1 << bits, (n, k), generator=g)
     scale = torch.rand(n, n_groups, generator=g) * 0.02 + 0.005
     zero = G.round_zero(torch.rand(n, n_groups, generator=g) * ((1 << bits) + 2) - 1, bits)
@@ -221,8 +221,8 @@ def test_gptq_float_zero_layer_matches_its_codes():
 
 
 @pytest.mark.parametrize("case", [(4, 32, False, 64, 96), (4, 64, True, 64, 192), (3, 32, False, 70, 96),
-                                  (2, 128, False, 48, 256)], ids=str)
-@pytest.mark.parametrize("m", [3, 300])  # the int4 op, and the dense bf16 path of prefill (4-bit)
+                                  (2, 128, False, 48, 256), (8, -1, False, 64, 96)], ids=str)
+@pytest.mark.parametrize("m", [3, 300])  # the int4 / int8 op, and the dense bf16 path of prefill (4-bit)
 def test_float_zero_cpu_fast_path_matches_reference(case, m):
     bits, gs, act, n, k = case
     layer, *_ = _layer(bits, gs, act, n, k)

@@ -168,7 +168,8 @@ def test_per_layer_sizes_bind_across_tensors_and_mismatch_names_the_tensor():
 
 def test_config_resolves_a_spec_per_module():
     config = hfcompress.GPTQConfig(bits=3, group_size=32, act_order=False)
-    assert config.spec_for("model.layers.0.self_attn.q_proj") == config.spec == IntGroupSpec(bits=3, group_size=32)
+    assert config.spec_for("model.layers.0.self_attn.q_proj") == config.spec == IntGroupSpec(bits=3, group_size=32,
+                                                                                             zero_point="float")
 
 
 def test_plugin_config_classes_are_reachable_from_the_package():

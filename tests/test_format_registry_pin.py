@@ -31,13 +31,14 @@ def _config(case: str):
     if case == "rtn-w4-g32":
         # min-max grids: these pins are about what the format writes, not about the grid search (whose
         # values may improve without a format change)
-        return hfcompress.RTNConfig(bits=4, group_size=32, mse_clip=False)
+        return hfcompress.RTNConfig(bits=4, group_size=32, mse_clip=False, zero_point="int")
     if case == "rtn-w3-sym-perchannel":
         return hfcompress.RTNConfig(bits=3, group_size=-1, sym=True, mse_clip=False)
     if case == "rtn-w8-g-1":
-        return hfcompress.RTNConfig(bits=8, group_size=-1, mse_clip=False)  # (as above)
+        return hfcompress.RTNConfig(bits=8, group_size=-1, mse_clip=False, zero_point="int")  # (as above)
     if case == "gptq-w4-g32-actorder":
-        return hfcompress.GPTQConfig(bits=4, group_size=32, act_order=True, mse_clip=False)  # min-max: as RTN's
+        return hfcompress.GPTQConfig(bits=4, group_size=32, act_order=True, static_groups=False, zero_point="int",
+                                     mse_clip=False)  # min-max: as RTN's; g_idx groups, integer zeros
     if case == "gptq-w2-g16-static":
         return hfcompress.GPTQConfig(bits=2, group_size=16, act_order=True, static_groups=True, sym=True,
                                      mse_clip=False)

@@ -33,7 +33,9 @@ def test_table_resolves_once_and_fills_fields_from_the_config():
     assert get_format(c.spec_for("c.d")).name == "spqr" and c.spec_for("c.d").group_size == 16  # spqr defaults
     assert c.spec_for("x.y") == c.spec
     d = c.to_dict()["module_formats"]
-    assert d["a.b"] == {"format": "int_group", "bits": 3, "group_size": 64, "sym": False, "act_order": False}
+    # (zero_point too: the config's own, RTN's default float zeros)
+    assert d["a.b"] == {"format": "int_group", "bits": 3, "group_size": 64, "sym": False, "act_order": False,
+                        "zero_point": "float"}
     assert hfcompress.HfCompressConfig.from_dict(c.to_dict()) == c
 
 
@@ -85,7 +87,8 @@ def test_gptq_mixed_formats_save_reload_bit_exact_inspect_and_card(tmp_path, exa
     batches = [torch.randint(0, 160, (2, 32), generator=g) for _ in range(2)]
     # SpQR entries need a SpQR algorithm; GPTQ writes int_group ones at several widths
     table = {k: v for k, v in TABLE.items() if v.get("format") != "spqr"}
-    config = GPTQConfig(bits=3, group_size=32, module_formats=table)
+    # integer zeros and g_idx groups, which the bit counts and the card's settings below spell out
+    config = GPTQConfig(bits=3, group_size=32, static_groups=False, zero_point="int", module_formats=table)
     hfcompress.quantize_(model, config, batches=batches)
     specs = _specs(model)
     assert {s.bits for s in specs.values()} == {2, 3, 8}

@@ -14,8 +14,8 @@ from hfcompress.nn import QuantLinear
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _quantized(model_fn=llama_gqa):
-    return hfcompress.quantize_(model_fn(), hfcompress.RTNConfig(bits=4, group_size=32))
+def _quantized(model_fn=llama_gqa, **kw):
+    return hfcompress.quantize_(model_fn(), hfcompress.RTNConfig(bits=4, group_size=32, **kw))
 
 
 def _adapted(peft_model, layer_type) -> set[str]:
@@ -56,7 +56,7 @@ def test_all_linear_matches_bitsandbytes_convention_on_gpt2_conv1d():
 
 @pytest.mark.parametrize("method", ["mos", "l4q", "compacter"])
 def test_all_linear_our_peft_methods_on_quantized_base(method):
-    model = _quantized()
+    model = _quantized(**({"zero_point": "int"} if method == "l4q" else {}))  # L4Q learns integer zeros
     quantized = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if method == "mos":
         cfg = hfcompress.MoSConfig(r=4, lora_alpha=8, shards_per_vector=2, target_modules="all-linear")

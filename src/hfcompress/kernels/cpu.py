@@ -127,7 +127,8 @@ def _prepare_int8(qweight, scale, qzero, sym, k):
     s = scale[:, 0].to(torch.float32)
     zero_term = None
     if not sym:
-        z = _unpack(qzero, 8, n)[0].to(torch.float32)  # [N]
+        # integer zeros packed like the codes ([1, N/4] int32), or fp16 float zeros ([1, N], zero_point="float")
+        z = (qzero if qzero.is_floating_point() else _unpack(qzero, 8, n))[0].to(torch.float32)  # [N]
         zero_term = (128.0 - z) * s  # fp32
     return ("int8", w8, s.to(torch.bfloat16), zero_term)
 
