@@ -35,7 +35,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "gptq_speed.json")
-SIZES = ("32x256", "128x512", "256x1024", "256x2048")
+SIZES = ("32x256", "128x512", "256x1024", "512x1024", "256x2048")
 KINDS = ("mem", "gptqmodel", "stream")  # the order entries of one size run in
 BITS, GROUP = 4, 64
 
