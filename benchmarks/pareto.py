@@ -30,12 +30,17 @@ def points() -> dict[str, list[tuple[float, float, str]]]:
     for name, r in evo.items():
         if name == "fp32" or "ppl_geomean" not in r:
             continue
+        fz = "-fz" in name  # float zero points and the searched grid (GPTQ's defaults since 4271a02)
         if name.startswith("evopress"):
-            init = name.split("-")[1] if name.count("-") == 2 else "uniform"
-            method = {"uniform": "EvoPress (GPTQ levels)", "fisher": "EvoPress, Fisher warm start",
+            parts = name.split("-")[1:-1]
+            init = ([p for p in parts if p in ("fisher", "kl")] or ["uniform"])[0]
+            method = {"uniform": "EvoPress", "fisher": "EvoPress, Fisher warm start",
                       "kl": "EvoPress, KL-score warm start"}.get(init, f"EvoPress ({init})")
+            method += " (float-zero levels" + (", selection on 2048 tokens)" if "s2048" in parts else ")") if fz \
+                else " (integer-zero GPTQ levels)"
         else:
             method = "uniform GPTQ (database levels)" if name.startswith("db-") else "uniform GPTQ"
+            method += ", float zeros" if fz else ""
         out.setdefault(method, []).append((r["bits_per_weight"], r["ppl_geomean"], name))
     for r in load("bitstack.json").get("budgets", {}).values():
         if "ppl_geomean" in r:

@@ -116,8 +116,18 @@ def test_config_validation_names_the_field():
     assert all(s is None or s.zero_point == "int" for s in EvoPressConfig(target_bits_per_weight=3.0).level_specs())
     assert all(s is None or s.zero_point == "int"
                for s in EvoPressConfig(target_bits_per_weight=3.0, base="rtn").level_specs())
-    with pytest.raises(ConfigError, match="zero_point='float': EvoPress's levels store integer zero points"):
-        EvoPressConfig(target_bits_per_weight=3.0, zero_point="float")
+    # float zeros and the searched grid on request; named levels carry their own group size and zero points
+    specs = EvoPressConfig(target_bits_per_weight=3.0, zero_point="float", mse_clip=True,
+                           levels=[2, "w3g128", "w3g64-int", "w3g64", "w4g32", "float"]).level_specs()
+    assert [(s.bits, s.group_size, s.zero_point) for s in specs[:-1]] == [
+        (2, 128, "float"), (3, 128, "float"), (3, 64, "int"), (3, 64, "float"), (4, 32, "float")]
+    assert specs[-1] is None
+    assert EvoPressConfig(target_bits_per_weight=3.0, levels=["w3g64-float"], mse_clip=True).level_grid == {
+        "mse_clip": True}
+    with pytest.raises(ConfigError, match=r"increasing size: 'w3g128' stores 3\.2500 bits per weight"):
+        EvoPressConfig(target_bits_per_weight=3.0, zero_point="float", levels=["w3g64", "w3g128"])
+    with pytest.raises(ConfigError, match=r"levels\[0\]='3bit'.*'w<bits>g<group_size>'"):
+        EvoPressConfig(target_bits_per_weight=3.0, levels=["3bit", 4])
     assert parse_size("70MB") == 70_000_000 and parse_size("1.5MiB") == 1_572_864 and parse_size(123) == 123
 
 
@@ -159,6 +169,35 @@ def test_evopress_quantize_reaches_the_budget_beats_uniform_and_reloads(tmp_path
     saved = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]
     assert saved["algorithm"] == "evopress" and len(saved["module_formats"]) == len(layers)
     assert saved["extra"]["evopress"]["achieved_bits"] <= saved["extra"]["evopress"]["budget_bits"]
+
+
+def test_named_float_zero_levels_reload_natively_and_the_database_records_the_grid(tmp_path, exact_cpu_reference):
+    """Levels of several group sizes and zero points in one checkpoint (GPTQ's searched grid):
+    each module's table entry names its grid, the checkpoint reloads bit for bit, and a cached
+    database fitted with another grid is refused by name."""
+    levels = ["w2g32-float", "w3g32-int", "w3g32-float", "w4g16-float", "float"]
+    db = tmp_path / "levels.safetensors"
+    model = llama_gqa()
+    config = EvoPressConfig(target_bits_per_weight=3.6, levels=levels, mse_clip=True, database=str(db), **_small())
+    hfcompress.quantize_(model, config, batches=_batches())
+    layers = {n: m for n, m in model.named_modules() if is_compressed(m)}
+    grids = {(m.spec.bits, m.spec.group_size, m.spec.zero_point) for m in layers.values()}
+    assert len(grids) >= 2 and grids <= {(2, 32, "float"), (3, 32, "int"), (3, 32, "float"), (4, 16, "float")}
+    assert config.search_log["achieved_bits"] <= config.search_log["budget_bits"]
+    ids = inputs()
+    with torch.no_grad():
+        before = model(ids).logits
+    model.save_pretrained(tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]
+    assert saved.get("zero_point", "int") == "int"  # the config's own; each entry names its grid
+    assert {(e["bits"], e["group_size"], e.get("zero_point", "int")) for e in saved["module_formats"].values()} == grids
+    re = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert {n: m.spec for n, m in re.named_modules() if is_compressed(m)} == {n: m.spec for n, m in layers.items()}
+    with torch.no_grad():
+        assert torch.equal(re(ids).logits, before)
+    minmax = EvoPressConfig(target_bits_per_weight=3.6, levels=levels, database=str(db), **_small())
+    with pytest.raises(ConfigError, match=r"grid options \{'mse_clip': True\}, not \{\}"):
+        hfcompress.quantize_(llama_gqa(), minmax, batches=_batches())
 
 
 def test_evopress_kl_not_worse_than_its_uniform_start(exact_cpu_reference):

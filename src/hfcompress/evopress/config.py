@@ -10,7 +10,7 @@ import os
 import torch
 
 from ..config import ConfigError, HfCompressConfig, _check_dataset, _model_tokenizer, register_algorithm
-from ..formats import FormatError, get_format
+from ..formats import FormatError, get_format, stored_bits
 from ..sizes import parse_size
 
 FLOAT = "float"
@@ -23,9 +23,14 @@ class EvoPressConfig(HfCompressConfig):
     layer, scales and zeros included, divided by their weights) or ``target_size`` (the whole
     checkpoint's tensors: embeddings, norms, biases, float layers, everything), one of the two.
 
-    ``levels``: the per-layer choices, integer bit widths of the ``base`` algorithm's grid
-    (``"gptq"``: GPTQ per layer on the float model's inputs; ``"rtn"``: data-free) with
-    ``group_size``, plus ``"float"`` (layer kept as it is). The search: ``generations`` of
+    ``levels``: the per-layer choices in increasing size, each a grid of the ``base`` algorithm
+    (``"gptq"``: act-order GPTQ with static groups per layer on the float model's inputs;
+    ``"rtn"``: data-free): an integer bit width at ``group_size`` and ``zero_point``, or a named
+    grid ``"w<bits>g<group_size>"`` (e.g. ``"w3g64"``; ``"w3g64-float"`` / ``"w3g64-int"`` name
+    the zero points too), plus ``"float"`` (layer kept as it is). Every level is a per-module
+    setting the checkpoint stores in its format table. ``zero_point`` (default ``"int"``, the
+    grids measured first; ``"float"``: fp16 zeros, GPTQConfig's default) and ``mse_clip``
+    (default off; on: GPTQ's searched grid, its default) apply to every level. The search: ``generations`` of
     ``offspring`` level-switch mutations each, multi-step ``selection`` ``[[tokens, survivors],
     ..., [tokens, 1]]`` scored by KL divergence to the float model on ``search_samples``
     calibration windows (of ``seq_len`` tokens; ``dataset``/``n_samples`` as in GPTQConfig).
@@ -63,6 +68,7 @@ class EvoPressConfig(HfCompressConfig):
         "resume": ((str,), True),
         "time_limit": ((float, int), True),
         "init": ((str,), False),
+        "mse_clip": ((bool,), False),
     }
 
     def __init__(self, target_bits_per_weight: float | None = None, target_size: str | int | None = None,
@@ -70,7 +76,7 @@ class EvoPressConfig(HfCompressConfig):
                  dataset=None, n_samples: int = 128, seq_len: int = 512, search_samples: int = 16,
                  generations: int = 50, offspring: int = 16, selection=((512, 4), (2048, 1)), seed: int = 0,
                  database: str | None = None, search_seq_len: int | None = None, resume: str | None = None,
-                 time_limit: float | None = None, init: str = "uniform",
+                 time_limit: float | None = None, init: str = "uniform", mse_clip: bool = False,
                  bits: int = 4, modules_to_not_convert: list[str] | None = None,
                  tokenizer=None, **kwargs):
         self.tokenizer = tokenizer
@@ -85,13 +91,10 @@ class EvoPressConfig(HfCompressConfig):
                          database=os.fspath(database) if isinstance(database, os.PathLike) else database,
                          search_seq_len=search_seq_len,
                          resume=os.fspath(resume) if isinstance(resume, os.PathLike) else resume,
-                         time_limit=time_limit, init=init, **kwargs)
+                         time_limit=time_limit, init=init, mse_clip=mse_clip, **kwargs)
         _check_dataset(self.dataset)
         if self.base not in ("gptq", "rtn"):
             raise ConfigError(f"quantization_config.base={self.base!r}: the levels are built by 'gptq' or 'rtn'")
-        if self.zero_point != "int":
-            raise ConfigError(f"quantization_config.zero_point={self.zero_point!r}: EvoPress's levels store integer zero "
-                              "points (the grids its sizes are searched over); use zero_point='int' (the default here)")
         if self.init not in ("uniform", "fisher", "kl"):
             raise ConfigError(f"quantization_config.init={self.init!r}: the starting allocation is 'uniform', 'fisher' "
                               "or 'kl'")
@@ -116,27 +119,46 @@ class EvoPressConfig(HfCompressConfig):
                               "ints, the last step keeping 1 survivor (e.g. [[512, 4], [2048, 1]])")
         self.search_log: dict | None = None
 
-    def level_specs(self) -> list:
-        """The spec of each level (``None``: float), in the order of ``levels``; validates them."""
-        levels = self.levels
-        ints = [lv for lv in levels if lv != FLOAT]
-        if not levels or len(set(map(str, levels))) != len(levels) or levels.count(FLOAT) > 1 \
-                or levels[-1:] != [FLOAT] and FLOAT in levels or ints != sorted(ints) \
-                or any(isinstance(lv, bool) or not isinstance(lv, int) for lv in ints):
-            raise ConfigError(f"quantization_config.levels={levels!r} must be distinct increasing bit widths, "
-                              "optionally followed by 'float' (e.g. [2, 3, 4, 8, 'float'])")
+    def level_configs(self) -> list:
+        """The config that builds each level (``None``: float), in the order of ``levels``."""
         from .database import level_config
 
-        specs = []
+        return [None if lv == FLOAT else level_config(lv, self.base, self.group_size, self.damp, self.zero_point,
+                                                      self.mse_clip) for lv in self.levels]
+
+    def level_specs(self) -> list:
+        """The spec of each level (``None``: float), in the order of ``levels``; validates them:
+        distinct, in increasing stored size (bits per weight of a 4096 x 4096 layer), ``"float"``
+        last if present."""
+        levels = self.levels
+        if not levels or len(set(map(str, levels))) != len(levels) or levels.count(FLOAT) > 1 \
+                or levels[-1:] != [FLOAT] and FLOAT in levels:
+            raise ConfigError(f"quantization_config.levels={levels!r} must be distinct levels in increasing size, "
+                              "optionally followed by 'float' (e.g. [2, 3, 4, 8, 'float'] or ['w3g128', 'w3g64', "
+                              "'w4g128', 'float'])")
+        from .database import level_config
+
+        specs, sizes = [], []
         for i, lv in enumerate(levels):
             if lv == FLOAT:
                 specs.append(None)
                 continue
             try:
-                specs.append(level_config(lv, self.base, self.group_size, self.damp).spec)
+                spec = level_config(lv, self.base, self.group_size, self.damp, self.zero_point, self.mse_clip).spec
             except (ConfigError, FormatError) as e:
                 raise ConfigError(f"quantization_config.levels[{i}]={lv!r}: {e}") from None
+            specs.append(spec)
+            sizes.append((stored_bits(spec, 4096, 4096) / 4096**2, lv))
+        for (a, lo), (b, hi) in zip(sizes, sizes[1:]):
+            if not b > a:
+                raise ConfigError(f"quantization_config.levels={levels!r} must be in increasing size: {hi!r} stores "
+                                  f"{b:.4f} bits per weight, not more than {lo!r} before it ({a:.4f})")
         return specs
+
+    @property
+    def level_grid(self) -> dict:
+        """Grid options of the levels beyond their specs, recorded in a level database."""
+        return {"mse_clip": True} if self.mse_clip else {}
 
     def check_can_quantize(self) -> None:
         if (self.target_bits_per_weight is None) == (self.target_size is None):
@@ -154,7 +176,7 @@ class EvoPressConfig(HfCompressConfig):
         """Build (or load) the level database, search the allocation, swap the chosen layers in."""
         from ..algorithms.evopress import evopress_search, proxy_allocation
         from .apply import apply_allocation_, budget_bits
-        from .database import LevelDatabase, build_database, level_config, searched_layers
+        from .database import LevelDatabase, build_database, searched_layers
         from .fitness import KLFitness
 
         batches = self._batches(model, tokenizer, batches)
@@ -162,12 +184,10 @@ class EvoPressConfig(HfCompressConfig):
         specs = self.level_specs()
         shapes = searched_layers(model, skip)
         if self.database and os.path.isfile(self.database):
-            db = LevelDatabase.load(self.database, self.levels, specs, shapes)
+            db = LevelDatabase.load(self.database, self.levels, specs, shapes, grid=self.level_grid)
         else:
-            configs = [None if s is None else level_config(lv, self.base, self.group_size, self.damp)
-                       for lv, s in zip(self.levels, specs)]
-            db = build_database(model, self.levels, specs, configs, self.base, batches, skip, device=device,
-                                progress=progress)
+            db = build_database(model, self.levels, specs, self.level_configs(), self.base, batches, skip,
+                                device=device, progress=progress, grid=self.level_grid)
             if self.database:
                 db.save(self.database)
         float_bits = torch.finfo(next(iter(model.get_submodule(n) for n in shapes)).weight.dtype).bits

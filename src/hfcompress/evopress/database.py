@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -34,15 +35,34 @@ def header_bytes(key: str) -> int:
     return 2 * len(key) + 150
 
 
-def level_config(level, base: str, group_size: int, damp: float):
+#: a level named by its grid: ``"w<bits>g<group_size>"``, optionally ``"-int"`` / ``"-float"`` zero points
+LEVEL_NAME = re.compile(r"w(\d+)g(-1|\d+)(?:-(int|float))?")
+
+
+def parse_level(level, group_size: int, zero_point: str) -> tuple[int, int, str]:
+    """``(bits, group_size, zero_point)`` of an integer level: an int is a bit width at the
+    config's ``group_size`` and ``zero_point``; ``"w3g64"`` names its group size (zero points the
+    config's), ``"w3g64-float"`` / ``"w3g64-int"`` its zero points too."""
+    if isinstance(level, int) and not isinstance(level, bool):
+        return level, group_size, zero_point
+    m = LEVEL_NAME.fullmatch(level) if isinstance(level, str) else None
+    if m is None:
+        raise ConfigError(f"{level!r} is not a level: give a bit width (int), 'w<bits>g<group_size>' with optional "
+                          "'-int' / '-float' zero points (e.g. 'w3g64-float'), or 'float'")
+    return int(m.group(1)), int(m.group(2)), m.group(3) or zero_point
+
+
+def level_config(level, base: str, group_size: int, damp: float, zero_point: str = "int", mse_clip: bool = False):
     """The config that produces one integer level (act-order GPTQ with static groups: no g_idx
-    stored). Levels keep integer zero points (the grids EvoPress's sizes and searches were
-    measured with; also what compressed-tensors export reads), not the float zeros that GPTQConfig
-    and RTNConfig default to."""
+    stored). ``zero_point`` and ``mse_clip`` (the searched grid) are EvoPressConfig's; they stay
+    integer zeros and min-max grids unless set (the grids of the levels measured first), whatever
+    GPTQConfig and RTNConfig default to. A level may name its own group size and zero points
+    (:func:`parse_level`)."""
+    bits, group_size, zero_point = parse_level(level, group_size, zero_point)
     if base == "gptq":
-        return GPTQConfig(bits=level, group_size=group_size, act_order=True, static_groups=True, damp=damp,
-                          mse_clip=False, zero_point="int")
-    return RTNConfig(bits=level, group_size=group_size, zero_point="int")
+        return GPTQConfig(bits=bits, group_size=group_size, act_order=True, static_groups=True, damp=damp,
+                          mse_clip=mse_clip, zero_point=zero_point)
+    return RTNConfig(bits=bits, group_size=group_size, zero_point=zero_point, mse_clip=mse_clip)
 
 
 @dataclass
@@ -51,6 +71,7 @@ class LevelDatabase:
     specs: list                                    # spec per level (None: float)
     shapes: dict[str, tuple[int, int]]             # module -> (in_features, out_features)
     tensors: dict[str, list[dict[str, torch.Tensor] | None]] = field(default_factory=dict)  # module -> per level
+    grid: dict = field(default_factory=dict)       # how the values were fitted beyond the specs ({"mse_clip": True})
 
     @property
     def names(self) -> list[str]:
@@ -90,12 +111,15 @@ class LevelDatabase:
         meta = {"version": DB_VERSION, "levels": self.levels,
                 "specs": [None if s is None else {"format": get_format(s).name, **s.to_dict()} for s in self.specs],
                 "shapes": {k: list(v) for k, v in self.shapes.items()}}
+        if self.grid:  # written only when set: databases of min-max grids stay as they were
+            meta["grid"] = self.grid
         tmp = f"{path}.tmp-{os.getpid()}"
         save_file(flat, tmp, metadata={"hfcompress.evopress_database": json.dumps(meta)})
         os.replace(tmp, path)  # a killed save never leaves a half-written database
 
     @classmethod
-    def load(cls, path: str, levels: list, specs: list, shapes: dict[str, tuple[int, int]]) -> "LevelDatabase":
+    def load(cls, path: str, levels: list, specs: list, shapes: dict[str, tuple[int, int]],
+             grid: dict | None = None) -> "LevelDatabase":
         from safetensors import safe_open
 
         with safe_open(path, "pt") as f:
@@ -108,10 +132,13 @@ class LevelDatabase:
                 raise ConfigError(f"EvoPressConfig.database={path!r} holds levels {meta.get('levels')} "
                                   f"({meta.get('specs')}), not {levels} ({want}); delete it or point database= "
                                   "elsewhere to build a new one")
+            if meta.get("grid", {}) != (grid or {}):
+                raise ConfigError(f"EvoPressConfig.database={path!r} was fitted with grid options "
+                                  f"{meta.get('grid', {})}, not {grid or {}}; delete it or point database= elsewhere")
             if {k: tuple(v) for k, v in meta.get("shapes", {}).items()} != shapes:
                 raise ConfigError(f"EvoPressConfig.database={path!r} was built for other layers than this model's "
                                   "(names or shapes differ); delete it or point database= elsewhere")
-            db = cls(levels, specs, shapes)
+            db = cls(levels, specs, shapes, grid=dict(grid or {}))
             per: dict[str, list] = {name: [None if s is None else {} for s in specs] for name in shapes}
             for key in f.keys():
                 j, _, rest = key.partition(":")
@@ -128,14 +155,15 @@ def searched_layers(model: nn.Module, skip: list[str]) -> dict[str, tuple[int, i
 
 @torch.no_grad()
 def build_database(model: nn.Module, levels: list, specs: list, configs: list, base: str, batches, skip: list[str],
-                   device=None, progress: bool = False) -> LevelDatabase:
+                   device=None, progress: bool = False, grid: dict | None = None) -> LevelDatabase:
     """Compress every searched layer of ``model`` at every integer level (``configs[j]`` makes
-    level ``j``; ``None`` for float), without changing ``model``."""
+    level ``j``; ``None`` for float), without changing ``model``. ``grid``: the configs' grid
+    options beyond the specs, recorded in the database (see :meth:`LevelDatabase.load`)."""
     from ..api import quantize_weight
     from ..calibration.blocks import iterate_blocks
 
     shapes = searched_layers(model, skip)
-    db = LevelDatabase(levels, specs, shapes, {name: [None] * len(levels) for name in shapes})
+    db = LevelDatabase(levels, specs, shapes, {name: [None] * len(levels) for name in shapes}, dict(grid or {}))
 
     def store(name: str, j: int, layer) -> None:
         db.tensors[name][j] = {t: v.detach().cpu().clone() for t, v in layer.stored_tensors().items()}
