@@ -56,7 +56,12 @@ SEARCH_SAMPLES = {"fz": 64, "fz30": 64}
 # larger selection budgets (entry name "-<preset>"): "s2048": one calibration window (256 tokens) per offspring, the best
 # 2 again on 8 windows (2048 tokens), whole 256-token calibration windows (the first fz search, with the small budget
 # above, changed its parent in 95% of the generations and drifted: the selection's noise exceeded the differences)
-SEARCH_PRESETS = {"s2048": dict(offspring=8, selection=[[256, 2], [2048, 1]], search_seq_len=256, search_samples=32)}
+# "f2048": the same budget on fixed windows (resample=False: the same windows per step in every generation of a
+# chunk, each allocation scored once, the parent always re-compared on the last step: hill climbing on a fixed
+# objective; each chunk draws its own windows)
+SEARCH_PRESETS = {"s2048": dict(offspring=8, selection=[[256, 2], [2048, 1]], search_seq_len=256, search_samples=32),
+                  "f2048": dict(offspring=8, selection=[[256, 2], [2048, 1]], search_seq_len=256, search_samples=32,
+                                resample=False)}
 # uniform baselines: name -> GPTQConfig fields. The first three: act-order with g_idx groups and integer zeros,
 # min-max grids (GPTQ's defaults when those rows were measured, and the integer grids of the "int" levels); the
 # "-fz" rows: GPTQConfig's defaults since 4271a02 (float zeros, static groups, searched grid), named explicitly

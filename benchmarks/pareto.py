@@ -36,7 +36,8 @@ def points() -> dict[str, list[tuple[float, float, str]]]:
             init = ([p for p in parts if p in ("fisher", "kl")] or ["uniform"])[0]
             method = {"uniform": "EvoPress", "fisher": "EvoPress, Fisher warm start",
                       "kl": "EvoPress, KL-score warm start"}.get(init, f"EvoPress ({init})")
-            method += " (float-zero levels" + (", selection on 2048 tokens)" if "s2048" in parts else ")") if fz \
+            budget = {"s2048": ", selection on 2048 tokens", "f2048": ", fixed 2048-token windows"}
+            method += " (float-zero levels" + "".join(budget.get(p, "") for p in parts) + ")" if fz \
                 else " (integer-zero GPTQ levels)"
         else:
             method = "uniform GPTQ (database levels)" if name.startswith("db-") else "uniform GPTQ"

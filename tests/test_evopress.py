@@ -73,6 +73,29 @@ def test_search_finds_the_optimum_of_a_separable_problem():
     assert fits[-1] < fits[0]
 
 
+def test_fixed_windows_never_accept_a_worse_parent_and_score_each_allocation_once():
+    """resample=False: each step scores on the same windows every generation, so the parent's
+    fitness never rises, and no allocation is scored twice in a step (even under noise that would
+    make fresh windows drift)."""
+    err = [[8.0, 4.0, 2.0, 0.5], [3.0, 2.0, 1.5, 1.4], [50.0, 10.0, 4.0, 1.0], [5.0, 1.0, 0.8, 0.1]]
+    calls: list[tuple] = []
+
+    def fitness(a, n_tokens, seed):
+        calls.append((tuple(a), n_tokens, seed))
+        noise = torch.randn(1, generator=torch.Generator().manual_seed(seed + 7 * sum(a))).item() * 0.3
+        return sum(err[i][j] for i, j in enumerate(a)) + noise
+
+    g = torch.Generator().manual_seed(1)
+    res = evopress_search(COST, 56.0, fitness, generations=30, offspring=6, selection=[(1, 3), (16, 1)], generator=g,
+                          initial=[3, 3, 1, 3], resample=False)
+    fits = [r["fitness"] for r in res.log]
+    assert all(b <= a for a, b in zip(fits, fits[1:])) and fits[-1] < 12.0 - 3.0  # the start scores 12 +- noise
+    assert len({seed for _, n, seed in calls if n == 1}) == 1 and len({seed for _, n, seed in calls if n == 16}) == 1
+    assert len(calls) == len(set(calls)) == sum(r["candidates"] for r in res.log)
+    assert allocation_cost(res.allocation, COST) <= 56.0
+    assert EvoPressConfig(target_bits_per_weight=3.0, resample=False).to_dict()["resample"] is False
+
+
 def test_proxy_allocation_is_the_knapsack_optimum_of_additive_scores():
     """For additive scores the Lagrangian allocation (plus the greedy fill) must fit the budget and
     be optimal or within one level step of it; checked by brute force on random problems."""

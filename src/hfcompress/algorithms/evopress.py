@@ -19,7 +19,11 @@ The search (Algorithm 1 of the paper), a (1 + lambda) evolutionary algorithm:
    budget again, so every candidate stays on budget;
 3. *multi-step selection*: the candidates (parent included) are scored on a few calibration
    tokens, the best ``survivors[0]`` are scored again on more tokens, and so on; the best of the
-   last step becomes the parent. Each generation draws fresh calibration windows.
+   last step becomes the parent. Each generation draws fresh calibration windows (the
+   paper's), or, with ``resample=False``, every generation scores on the same windows per step
+   (a fixed objective: a candidate is never re-scored, the parent always reaches the last step,
+   and it changes only when a child scores lower there; for small token budgets, where fresh windows' noise exceeds the differences
+   between neighbouring allocations and the search drifts).
 
 Pure torch and Python: the fitness is a callable ``fitness(allocation, n_tokens, generator) ->
 float`` (``hfcompress.evopress.fitness`` builds it); no I/O.
@@ -161,14 +165,15 @@ def evopress_search(cost: Sequence[Sequence[float]], budget: float, fitness: Cal
                     generations: int, offspring: int, selection: Sequence[tuple[int, int]],
                     generator: torch.Generator, initial: Sequence[int] | None = None,
                     on_generation: Callable[[dict], None] | None = None,
-                    time_limit: float | None = None) -> SearchResult:
+                    time_limit: float | None = None, resample: bool = True) -> SearchResult:
     """Search the allocation of least ``fitness`` within ``budget`` bits.
 
     ``selection``: ``((n_tokens_1, survivors_1), ..., (n_tokens_S, 1))``: step ``s`` scores the
     remaining candidates on ``n_tokens_s`` fresh calibration tokens and keeps the best
     ``survivors_s`` (the last step keeps one: the next parent). ``fitness(allocation, n_tokens,
     seed)`` must score every candidate of one step on the same tokens (given by ``seed``).
-    ``time_limit`` (seconds): no generation starts after it has passed."""
+    ``time_limit`` (seconds): no generation starts after it has passed. ``resample=False``: the
+    same windows for a step in every generation (seeds drawn once), each score computed once."""
     if not selection or selection[-1][1] != 1:
         raise ValueError("selection must end with a step that keeps 1 candidate")
     parent = list(initial) if initial is not None else initial_allocation(cost, budget, generator)
@@ -176,6 +181,8 @@ def evopress_search(cost: Sequence[Sequence[float]], budget: float, fitness: Cal
         raise ValueError("the initial allocation exceeds the budget")
     parent_fitness = math.inf
     log: list[dict] = []
+    fixed_seeds = [] if resample else [int(torch.randint(2**31 - 1, (1,), generator=generator)) for _ in selection]
+    scored: dict[tuple[int, tuple[int, ...]], float] = {}  # (step, allocation) -> score (resample=False)
     start = time.perf_counter()
     for gen in range(generations):
         t0 = time.perf_counter()
@@ -188,11 +195,20 @@ def evopress_search(cost: Sequence[Sequence[float]], budget: float, fitness: Cal
                 candidates.append(child)
         evaluated = 0
         scores: list[float] = []
-        for n_tokens, keep in selection:
-            seed = int(torch.randint(2**31 - 1, (1,), generator=generator))  # fresh windows per step
-            scores = [fitness(c, n_tokens, seed) for c in candidates]
-            evaluated += len(candidates)
+        for step, (n_tokens, keep) in enumerate(selection):
+            if resample:
+                seed = int(torch.randint(2**31 - 1, (1,), generator=generator))  # fresh windows per step
+                scores = [fitness(c, n_tokens, seed) for c in candidates]
+                evaluated += len(candidates)
+            else:
+                for c in candidates:
+                    if (step, tuple(c)) not in scored:
+                        scored[step, tuple(c)] = fitness(c, n_tokens, fixed_seeds[step])
+                        evaluated += 1
+                scores = [scored[step, tuple(c)] for c in candidates]
             order = sorted(range(len(candidates)), key=lambda i: scores[i])[:keep]
+            if not resample and step + 1 < len(selection) and candidates.index(parent) not in order:
+                order.append(candidates.index(parent))  # scored once, free: never replaced by a worse child
             candidates, scores = [candidates[i] for i in order], [scores[i] for i in order]
         changed = candidates[0] != parent
         parent, parent_fitness = candidates[0], scores[0]

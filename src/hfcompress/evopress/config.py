@@ -35,6 +35,9 @@ class EvoPressConfig(HfCompressConfig):
     ..., [tokens, 1]]`` scored by KL divergence to the float model on ``search_samples``
     calibration windows (of ``seq_len`` tokens; ``dataset``/``n_samples`` as in GPTQConfig).
     ``database``: a safetensors file caching the level database (built there if missing);
+    ``resample`` (default, the paper's): fresh windows every generation; ``False``: the same windows
+    per selection step in every generation, each allocation scored once (a fixed objective that
+    cannot drift under small token budgets; it may fit those windows).
     ``resume``: a saved search log to continue from; ``time_limit``: seconds after which no new
     generation starts. ``init``: the starting allocation, ``"uniform"`` (the paper's: the uniform
     level nearest the budget, random layers moved to fit it) or ``"fisher"`` (the allocation that is
@@ -69,6 +72,7 @@ class EvoPressConfig(HfCompressConfig):
         "time_limit": ((float, int), True),
         "init": ((str,), False),
         "mse_clip": ((bool,), False),
+        "resample": ((bool,), False),
     }
 
     def __init__(self, target_bits_per_weight: float | None = None, target_size: str | int | None = None,
@@ -77,6 +81,7 @@ class EvoPressConfig(HfCompressConfig):
                  generations: int = 50, offspring: int = 16, selection=((512, 4), (2048, 1)), seed: int = 0,
                  database: str | None = None, search_seq_len: int | None = None, resume: str | None = None,
                  time_limit: float | None = None, init: str = "uniform", mse_clip: bool = False,
+                 resample: bool = True,
                  bits: int = 4, modules_to_not_convert: list[str] | None = None,
                  tokenizer=None, **kwargs):
         self.tokenizer = tokenizer
@@ -91,7 +96,8 @@ class EvoPressConfig(HfCompressConfig):
                          database=os.fspath(database) if isinstance(database, os.PathLike) else database,
                          search_seq_len=search_seq_len,
                          resume=os.fspath(resume) if isinstance(resume, os.PathLike) else resume,
-                         time_limit=time_limit, init=init, mse_clip=mse_clip, **kwargs)
+                         time_limit=time_limit, init=init, mse_clip=mse_clip, resample=resample,
+                         **kwargs)
         _check_dataset(self.dataset)
         if self.base not in ("gptq", "rtn"):
             raise ConfigError(f"quantization_config.base={self.base!r}: the levels are built by 'gptq' or 'rtn'")
@@ -223,7 +229,8 @@ class EvoPressConfig(HfCompressConfig):
         generator = torch.Generator().manual_seed(self.seed)
         result = evopress_search(cost, budget, fitness, self.generations, self.offspring,
                                  [tuple(s) for s in self.selection], generator, initial=initial,
-                                 on_generation=on_generation, time_limit=self.time_limit)
+                                 on_generation=on_generation, time_limit=self.time_limit,
+                                 resample=self.resample)
         if bar is not None:
             bar.close()
         del fitness
