@@ -142,7 +142,7 @@ def test_gptq_rows_of_a_split_are_the_rows_of_the_whole(act_order, mse_clip, gri
 def test_inverse_chunks_of_a_split_are_the_factor_of_the_whole(k, world):
     """What lets a distributed run split GPTQ's factorization: the column chunks of ``U = R^-1``
     solved in shares over ranks, side by side, are bit for bit the whole ``U``; every chunk is given
-    out once, in order, and the shares' costs are balanced."""
+    out once, and the shares' costs are balanced."""
     from hfcompress.algorithms.gptq import inverse_chunks, inverse_columns, inverse_hessian_cholesky, upper_inverse
     from hfcompress.distributed.solve import inverse_shares
 
@@ -150,7 +150,7 @@ def test_inverse_chunks_of_a_split_are_the_factor_of_the_whole(k, world):
     x = torch.randn(4 * k, k, generator=g) * torch.rand(k, generator=g)
     H = 2 * x.t() @ x / (4 * k)
     shares = inverse_shares(k, world)
-    assert [c for s in shares for c in s] == inverse_chunks(k)
+    assert sorted(c for s in shares for c in s) == inverse_chunks(k)
     cost = [sum(float(b) * b * (b - a) for a, b in s) for s in shares]
     if k >= 576:
         assert max(cost) * world / sum(cost) < 1.15, cost

@@ -15,8 +15,7 @@ from contextlib import contextmanager
 import torch
 
 from ..formats.int_group import IntGroupSpec
-from .grid import (fit_grid, hqq_float_grid, quantize_to_codes, quantize_to_codes_float_zero, search_float_grid,
-                   search_grid)
+from .grid import fit_grid, hqq_float_grid, search_float_grid, search_grid
 
 
 #: columns of ``U = R^-1`` solved per call (:func:`inverse_columns`); fixed, so the chunks a distributed
@@ -34,11 +33,10 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float, solve_inverse=None) -
     factored again (GPTQ's reference: Cholesky, ``cholesky_inverse``, Cholesky: ~2.5x the time on
     CPU, and less accurate). ``solve_inverse(R)`` -> ``R^-1`` may solve its column chunks
     elsewhere (a distributed run splits them over ranks: :func:`inverse_columns`)."""
-    H = H.clone()
-    k = H.shape[0]
     lam = damp * torch.mean(torch.diag(H))
-    H[range(k), range(k)] += lam
-    R = torch.linalg.cholesky(H.flip(0, 1)).flip(0, 1)             # H = R R^T, R upper
+    Hf = H.flip(0, 1)                                               # a copy: H itself is left as it is
+    Hf.diagonal().add_(lam)                                         # J (H + λI) J
+    R = torch.linalg.cholesky(Hf).flip(0, 1)                        # H + λI = R R^T, R upper
     return (solve_inverse or upper_inverse)(R)  # [K, K] upper
 
 
@@ -52,7 +50,8 @@ def inverse_columns(R: torch.Tensor, a: int, b: int) -> torch.Tensor:
     (the rows below are 0). Column ``j`` solves ``R x = e_j``, whose entries below ``j`` are 0, so
     the chunk needs only ``R[:b, :b]`` (``b^2 (b - a)`` multiply-adds, ``K^3 / 3`` over every
     chunk: a third of a full triangular solve)."""
-    eye = torch.eye(b, dtype=R.dtype, device=R.device)[:, a:b]
+    eye = torch.zeros(b, b - a, dtype=R.dtype, device=R.device)   # columns a:b of the identity [b, b]
+    eye[a:].fill_diagonal_(1.0)
     return torch.linalg.solve_triangular(R[:b, :b], eye, upper=True)
 
 
@@ -78,16 +77,18 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, spec: IntGroupSpec, damp: float 
     ``spec.zero_point == "float"``; None if symmetric),
     ``g_idx [K]`` (int32 or None). ``solve_inverse``: see :func:`inverse_hessian_cholesky`.
     """
-    W = weight.detach().to(torch.float32).clone()  # [N, K]
-    H = H.detach().to(device=W.device, dtype=torch.float32).clone()  # [K, K]
+    W = weight.detach().to(torch.float32, copy=True)  # [N, K]
+    H = H.detach().to(device=W.device, dtype=torch.float32)  # [K, K] (not changed: the permuted copy is)
     n, k = W.shape
     g = spec.effective_group_size(k)
     n_groups = spec.n_groups(k)
     act_order = spec.act_order or static_groups
 
-    # dead inputs (never active): pin their Hessian diagonal, their weights cannot matter
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
+    # dead inputs (never active): pin their Hessian diagonal (in the permuted copy below), their
+    # weights cannot matter
+    h_diag = H.diagonal().clone()
+    dead = h_diag == 0
+    h_diag[dead] = 1.0
     W[:, dead] = 0.0
 
     # static groups / per-channel: grids fitted on the original weight, natural groups
@@ -96,15 +97,15 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, spec: IntGroupSpec, damp: float 
     zeros = torch.zeros(n, n_groups, device=W.device)
     if static_groups or spec.group_size == -1:
         # (weighted by diag(H): no column is quantized yet, so no conditional inverse applies)
-        h_diag = torch.diag(H)
         static = [group_grid(W[:, j * g:(j + 1) * g], h_diag[j * g:(j + 1) * g].rsqrt(), spec, mse_clip)
                   for j in range(n_groups)]
         for j, (s_j, z_j) in enumerate(static):
             scales[:, j], zeros[:, j] = s_j, z_j
 
     # act-order: quantize the columns with the largest Hessian diagonal first
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k, device=W.device)
+    perm = torch.argsort(h_diag, descending=True) if act_order else torch.arange(k, device=W.device)
     W, H = W.index_select(1, perm), H.index_select(0, perm).index_select(1, perm)  # (3-7x faster than H[perm][:, perm])
+    H.diagonal()[dead[perm]] = 1.0
     U = inverse_hessian_cholesky(H, damp, solve_inverse)  # [K, K] upper Cholesky of H^-1
 
     codes = torch.zeros(n, k, dtype=torch.uint8, device=W.device)
@@ -127,24 +128,29 @@ def _column_loop_(W, U, codes, scales, zeros, col_group, perm, static, spec, g, 
     """Algorithm 1's loop over column blocks of ``B`` (W [N, K] permuted, U [K, K] upper Cholesky
     of H^-1); fills ``codes``, ``scales``, ``zeros``, ``col_group`` in place.
 
-    A column is a dozen small operations whatever ``N``: its views come from one ``unbind`` per
-    block, its error is computed in place in ``E1``, its codes go to the block's float buffer ``Q1``
-    (converted once per block) and the group of every column is known up front; the arithmetic
-    is the readable one's (``err = (w - (q - zero) * scale) / U[i, i]``), in the same order."""
-    k = W.shape[1]
-    to_codes = quantize_to_codes_float_zero if spec.zero_point == "float" else quantize_to_codes
+    A column is nine small operations whatever ``N``, each on contiguous memory: the block is
+    worked on transposed (``W1t [b, N]``: a column of W is a row there), its codes are rounded in
+    place in ``Q1t`` and its errors computed in place in ``E1t`` (both allocated once); every
+    column's views come from one ``unbind`` per block. The arithmetic is the readable one's
+    (``q = clamp(round(w / scale) + zero)``, ``err = (w - (q - zero) * scale) / U[i, i]``,
+    ``W[:, j] -= err * U[i, j]`` for the block's later columns ``j``), in the same order."""
+    n, k = W.shape
+    maxq = (1 << spec.bits) - 1
+    float_zero = spec.zero_point == "float"
     if static is not None:  # natural group of each (permuted) column
         groups = [0] * k if spec.group_size == -1 else [p // g for p in perm.tolist()]
         col_group.copy_(torch.tensor(groups))
     else:  # a new group starts every g columns (blocks divide g): its grid is fitted there
         col_group.copy_(torch.arange(k, device=W.device) // g)
+    Qt = torch.empty(min(B, k), n, dtype=W.dtype, device=W.device)   # [B, N] codes (float) of a block
+    Et = torch.empty_like(Qt)                                         # [B, N] scaled errors of a block
     for i1 in range(0, k, B):
         i2 = min(i1 + B, k)
-        W1 = W[:, i1:i2].clone()              # [N, b] columns of this block, updated in place
-        E1 = torch.empty_like(W1)             # [N, b] scaled errors
-        Q1 = torch.empty_like(W1)             # [N, b] codes (float)
+        b = i2 - i1
+        W1t = W[:, i1:i2].t().contiguous()    # [b, N] columns of this block (as rows), updated in place
+        Q1t, E1t = Qt[:b], Et[:b]
         U1 = U[i1:i2, i1:i2]                  # [b, b]
-        cols = zip(W1.unbind(1), Q1.unbind(1), E1.unbind(1), U1.diagonal().unbind(0))
+        cols = zip(W1t.unbind(0), Q1t.unbind(0), E1t.unbind(0), U1.diagonal().unbind(0))
         for i, (w, q, err, u_ii) in enumerate(cols):                # w, q, err [N]; u_ii = U1[i, i]
             col = i1 + i
             if static is not None:
@@ -153,12 +159,15 @@ def _column_loop_(W, U, codes, scales, zeros, col_group, perm, static, spec, g, 
                 grp = col // g
                 scale, zero = group_grid(W[:, col:col + g], U.diagonal()[col:col + g], spec, mse_clip)
                 scales[:, grp], zeros[:, grp] = scale, zero
-            q.copy_(to_codes(w, scale, zero, spec.bits))             # [N] codes
+            if float_zero:                                           # q = clamp(round(w / scale + zero))
+                torch.div(w, scale, out=q).add_(zero).round_().clamp_(0, maxq)
+            else:                                                    # q = clamp(round(w / scale) + zero)
+                torch.div(w, scale, out=q).round_().add_(zero).clamp_(0, maxq)
             torch.sub(q, zero, out=err).mul_(scale)                  # err = (w - (q - zero) * scale) / U1[i, i]:
             torch.sub(w, err, out=err).div_(u_ii)                    # the rounding error, scaled
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)                # spread it over the block's rest
-        codes[:, i1:i2] = Q1
-        W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1)                # lazy batch update of later columns
+            W1t[i:].addr_(U1[i, i:], err, alpha=-1)                  # spread it over the block's rest
+        codes[:, i1:i2] = Q1t.t()
+        W[:, i2:].addmm_(E1t.t().contiguous(), U[i1:i2, i2:], alpha=-1)   # lazy batch update of later columns
 
 
 def group_grid(Wg: torch.Tensor, u_diag: torch.Tensor, spec: IntGroupSpec, mse_clip: bool):

@@ -49,11 +49,11 @@ def fit_grid(w: torch.Tensor, bits: int, sym: bool, mse_clip: bool = False, mask
         return search_grid(w, bits, mask=mask)
     w = w.to(torch.float32)
     if mask is None:
-        lo, hi = w.min(dim=1).values, w.max(dim=1).values
+        lo, hi = w.amin(dim=1), w.amax(dim=1)
     else:
         big = torch.finfo(torch.float32).max
-        lo = torch.where(mask, w, big).min(dim=1).values
-        hi = torch.where(mask, w, -big).max(dim=1).values
+        lo = torch.where(mask, w, big).amin(dim=1)
+        hi = torch.where(mask, w, -big).amax(dim=1)
     lo, hi = torch.minimum(lo, torch.zeros_like(lo)) if sym else lo, torch.maximum(hi, torch.zeros_like(hi)) if sym else hi
     scale, zero = _minmax_grid(lo, hi, bits, sym)
     if not mse_clip:
@@ -77,10 +77,10 @@ def fit_grid(w: torch.Tensor, bits: int, sym: bool, mse_clip: bool = False, mask
 
 def _row_range(w, mask):
     """Per row of ``w [R, g]``, the least and largest entry where ``mask [R, g]`` (all if None)."""
-    if mask is None:
-        return w.min(dim=1).values, w.max(dim=1).values
+    if mask is None:  # (amin / amax: the same values, ~10x faster than min / max, which also find indices)
+        return w.amin(dim=1), w.amax(dim=1)
     big = torch.finfo(torch.float32).max
-    return torch.where(mask, w, big).min(dim=1).values, torch.where(mask, w, -big).max(dim=1).values
+    return torch.where(mask, w, big).amin(dim=1), torch.where(mask, w, -big).amax(dim=1)
 
 
 def _entry_weights(w, importance, mask):

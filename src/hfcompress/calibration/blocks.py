@@ -208,7 +208,9 @@ class InputStats:
 
     def hessian(self) -> torch.Tensor:
         """GPTQ's ``H = 2 X X^T / n`` (``[K, K]``, fp32)."""
-        return (self.xtx * (2.0 / max(self.n_tokens, 1))).to(torch.float32)
+        xtx = self.xtx
+        # (the float64 product rounded once to fp32, with no float64 temporary)
+        return torch.mul(xtx, 2.0 / max(self.n_tokens, 1), out=torch.empty(xtx.shape, dtype=torch.float32, device=xtx.device))
 
 
 @dataclass

@@ -58,18 +58,16 @@ def reduce_stats_(dist, stats, owners: list[int]) -> None:
 
 def inverse_shares(k: int, world: int) -> list[list[tuple[int, int]]]:
     """The column chunks of ``R^-1 [k, k]`` (:func:`~hfcompress.algorithms.gptq.inverse_chunks`) each
-    rank solves: contiguous runs of near-equal cost (chunk ``a:b`` costs ``b^2 (b - a)``), each chunk
-    going to the rank whose share holds its cost's midpoint."""
+    rank solves, balanced by cost (chunk ``a:b`` costs ``b^2 (b - a)``) with greedy LPT as
+    :func:`~hfcompress.distributed.plan.assign`: every rank gets large and small chunks alike, so
+    the per-chunk overheads (a call and its copies each) are shared out too, not just the flops
+    (shares of contiguous chunks left the rank with the many small ones ~10% slower). Each share
+    is in chunk order."""
     from ..algorithms.gptq import inverse_chunks
 
     chunks = inverse_chunks(k)
-    cost = [float(b) * b * (b - a) for a, b in chunks]
-    total, done = sum(cost), 0.0
-    shares: list[list[tuple[int, int]]] = [[] for _ in range(world)]
-    for c, w in zip(chunks, cost):
-        shares[min(world - 1, int((done + w / 2) * world / total))].append(c)
-        done += w
-    return shares
+    owner = assign({c: float(c[1]) * c[1] * (c[1] - c[0]) for c in chunks}, world)
+    return [[c for c in chunks if owner[c] == r] for r in range(world)]
 
 
 def split_inverse(dist, where: str):
