@@ -138,6 +138,28 @@ def test_gptq_rows_of_a_split_are_the_rows_of_the_whole(act_order, mse_clip, gri
         assert all(torch.equal(p["g_idx"], whole["g_idx"]) for p in parts)
 
 
+@pytest.mark.parametrize("model_bytes", [100_000, 1_000])
+def test_a_rank_keeps_tail_inputs_exactly_when_one_process_would(model_bytes):
+    """A rank holds 1/world of the calibration activations and gets 1/world of the model-relative budget
+    for kept tail inputs (the floor, its block inputs, is its own): it keeps a tail layer's inputs when
+    one process holding every batch would, never more (SmolLM2 at 128x512 kept down_proj's inputs on the
+    ranks, 100 MB each, and not in one process: the ranks' peak RSS was above the single process's)."""
+    from hfcompress.calibration import BlockStep
+
+    x = torch.zeros(8, 16, 32, dtype=torch.bfloat16)  # 8 windows of 16 tokens: 8192 bytes of block inputs
+
+    def step(inputs, world):
+        return BlockStep(0, "b", torch.nn.Identity(), inputs, [()] * len(inputs), [{}] * len(inputs), [],
+                         model_bytes=model_bytes, world=world)
+
+    one = step(list(x.split(2)), 1)
+    ranks = [step(list(part.split(2)), 2) for part in x.split(4)]
+    if model_bytes == 100_000:  # the model-relative budget: halved
+        assert one.tail_budget() == 50_000 and [r.tail_budget() for r in ranks] == [25_000, 25_000]
+    else:  # the floor: each process's own block inputs
+        assert one.tail_budget() == 8192 and [r.tail_budget() for r in ranks] == [4096, 4096]
+
+
 @pytest.mark.parametrize("k, world", [(64, 2), (96, 3), (576, 2), (7, 2), (1536, 2), (200, 5)])
 def test_inverse_chunks_of_a_split_are_the_factor_of_the_whole(k, world):
     """What lets a distributed run split GPTQ's factorization: the column chunks of ``U = R^-1``

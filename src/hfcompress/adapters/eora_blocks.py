@@ -75,7 +75,7 @@ def sequential_compensate_(model: nn.Module, targets: list[str], batches: list[t
     run_load = [0.0] * dist.world if dist is not None else None
     done: set[str] = set()
     for step in iterate_blocks(model, batches, progress=progress, desc="eora",
-                               check=None if dist is None else dist.check):
+                               check=None if dist is None else dist.check, world=1 if dist is None else dist.world):
         mine = [t[len(step.name) + 1:] for t in targets if t.startswith(step.name + ".")]
         if not mine:
             continue

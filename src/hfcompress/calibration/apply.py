@@ -107,7 +107,7 @@ def quantize_blocks_(model: nn.Module, config, batches: list[torch.Tensor], devi
 
     for step in iterate_blocks(model, batches, skip=skip, device=device, load_block=load_block,
                                release_block=swap_then_release, progress=progress, desc=f"{config.algorithm} blocks",
-                               check=None if dist is None else dist.check):
+                               check=None if dist is None else dist.check, world=1 if dist is None else dist.world):
         groups = guarded(dist, lambda: step.sequential_groups() if config.true_sequential
                          else [list(step.linear_names)], f"{step.name}: grouping")
         for group in groups:

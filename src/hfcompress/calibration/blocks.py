@@ -230,6 +230,7 @@ class BlockStep:
     kwargs: list[dict]
     linear_names: list[str]
     model_bytes: int = 0  # bytes of the whole model's weights (as stored): what TAIL_BUDGET is relative to
+    world: int = 1  # processes sharing the calibration batches (distributed: this one holds ~1/world of them)
     _groups: list[list[str]] | None = field(default=None, repr=False)
     _final: set[str] = field(default_factory=set, repr=False)
     _replay: dict[str, list] = field(default_factory=dict, repr=False)  # child name -> its output per input
@@ -245,8 +246,14 @@ class BlockStep:
     TAIL_BUDGET = 0.5
 
     def tail_budget(self) -> int:
-        """Bytes the kept inputs of tail layers may take: ``max(TAIL_BUDGET x model_bytes, bytes of
-        the block inputs)`` (0 when ``TAIL_BUDGET`` is 0).
+        """Bytes the kept inputs of tail layers may take: ``max(TAIL_BUDGET x model_bytes / world, bytes
+        of the block inputs)`` (0 when ``TAIL_BUDGET`` is 0).
+
+        ``world``: a process of a distributed run holds ~1/world of the calibration activations, and
+        gets as much of the model-relative budget: it keeps a tail layer's inputs exactly when one
+        process holding every batch would, so no rank's peak memory is above the single process's
+        (with the whole budget, SmolLM2's ranks at 128x512 kept ``down_proj``'s inputs, 100 MB each,
+        which one process does not: +101 / +109 MB of peak RSS over it).
 
         The floor makes the shortcut depend on the calibration, not on how small the model is: the
         engine holds the block inputs through the whole block, so tail inputs kept up to their size
@@ -260,7 +267,7 @@ class BlockStep:
         if self.TAIL_BUDGET <= 0:
             return 0
         held = sum(h.numel() * h.element_size() for h in self.inputs)
-        return int(max(self.TAIL_BUDGET * self.model_bytes, held))
+        return int(max(self.TAIL_BUDGET * self.model_bytes / max(self.world, 1), held))
 
     def module(self, name: str) -> nn.Module:
         """The module now at block-relative ``name`` (a QuantLinear once the caller replaced it)."""
@@ -631,7 +638,8 @@ def iterate_blocks(model: nn.Module, batches: list[torch.Tensor], skip: list[str
                    load_block: Callable[[int, str, nn.Module], None] | None = None,
                    release_block: Callable[[int, str, nn.Module], None] | None = None,
                    progress: bool = False, desc: str = "calibrate",
-                   check: Callable[[BaseException | None, str], None] | None = None) -> Iterator[BlockStep]:
+                   check: Callable[[BaseException | None, str], None] | None = None,
+                   world: int = 1) -> Iterator[BlockStep]:
     """Yield a :class:`BlockStep` per decoder block, true-sequentially.
 
     After the caller's loop body has changed ``step.block``, the runner runs the changed block on
@@ -641,7 +649,8 @@ def iterate_blocks(model: nn.Module, batches: list[torch.Tensor], skip: list[str
     block's weights before its turn and free them after (see hfcompress.streaming).
     ``check(error_or_None, where)`` (distributed runs: every rank calls it at the same points) is
     called after each of the runner's own steps (capture, load, advance, release) with the step's
-    error, so a failure on one rank ends every rank (see hfcompress.distributed).
+    error, so a failure on one rank ends every rank (see hfcompress.distributed). ``world``: the
+    number of processes sharing ``batches`` (:meth:`BlockStep.tail_budget`).
     """
     skip = skip or []
     prefix, blocks = find_blocks(model)
@@ -676,7 +685,7 @@ def iterate_blocks(model: nn.Module, batches: list[torch.Tensor], skip: list[str
             home = next((p.device for p in block.parameters()), device)
             block.to(device)
             return home, BlockStep(i, name, block, hidden, args, kwargs, block_linear_names(block, name, skip),
-                                   model_bytes=weight_bytes)
+                                   model_bytes=weight_bytes, world=world)
 
         home, step = guarded(load, f"{name}: loading")
         yield step
