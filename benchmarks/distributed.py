@@ -105,17 +105,17 @@ def _install_phase_timers() -> dict:
     import importlib
 
     totals: dict[str, list] = {}
-    stack: list[list] = []  # [wall of timed children, cpu of timed children]
+    stack: list[list] = []  # [wall of timed children, cpu of timed children, phase]
 
     def wrap(fn, phase):
         @functools.wraps(fn)
         def timed(*a, **kw):
             w0, c0 = time.perf_counter(), time.process_time()
-            stack.append([0.0, 0.0])
+            stack.append([0.0, 0.0, phase])
             try:
                 return fn(*a, **kw)
             finally:
-                child_w, child_c = stack.pop()
+                child_w, child_c, _ = stack.pop()
                 w, c = time.perf_counter() - w0, time.process_time() - c0
                 t = totals.setdefault(phase, [0.0, 0.0, 0])
                 t[0] += w - child_w
@@ -134,7 +134,34 @@ def _install_phase_timers() -> dict:
         owner = getattr(mod, cls) if cls else mod
         if hasattr(owner, attr):
             setattr(owner, attr, wrap(getattr(owner, attr), phase))
+    totals[_STACK] = stack
     return totals
+
+
+_STACK = "_stack"  # key of the timers' stack in the dict _install_phase_timers returns
+
+
+def _sample_rss(phases: dict, every_s: float = 0.01) -> dict:
+    """Sample the resident set every ``every_s`` in a thread; returns ``{phase: largest RSS MB seen
+    while it was the innermost timed phase}`` (filled as the job runs; "other" outside every phase)."""
+    import threading
+
+    peak: dict[str, float] = {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    stack = phases[_STACK]
+
+    def run():
+        with open("/proc/self/statm") as f:
+            while True:
+                f.seek(0)
+                mb = int(f.read().split()[1]) * page / 2**20
+                top = stack[-1][2] if stack else "other"
+                if mb > peak.get(top, 0.0):
+                    peak[top] = mb
+                time.sleep(every_s)
+
+    threading.Thread(target=run, daemon=True).start()
+    return peak
 
 
 def rank_main(args) -> None:
@@ -143,6 +170,7 @@ def rank_main(args) -> None:
 
     torch.set_num_threads(1)
     phases = _install_phase_timers() if args.profile else None
+    rss_by_phase = _sample_rss(phases) if args.profile else None
     from transformers import AutoTokenizer
 
     import hfcompress
@@ -176,8 +204,10 @@ def rank_main(args) -> None:
               "peak_rss_mb": round(_rss_mb(), 1), "rss_before_mb": round(rss0, 1),
               "torch_threads": torch.get_num_threads(), "sent_bytes": dict(dist.sent) if dist else {}}
     if phases is not None:
+        phases.pop(_STACK)
         report["phases"] = {k: {"wall_s": round(w, 3), "cpu_s": round(c, 3), "calls": n}
                             for k, (w, c, n) in sorted(phases.items(), key=lambda kv: -kv[1][0])}
+        report["peak_rss_mb_by_phase"] = {k: round(v, 1) for k, v in sorted(rss_by_phase.items(), key=lambda kv: -kv[1])}
     with open(args.report, "w") as f:
         json.dump(report, f)
     if dist is not None:
@@ -367,7 +397,8 @@ def main() -> None:
                          "results/distributed_tie_flips.json)")
     ap.add_argument("--profile", action="store_true",
                     help="time the phases of every rank (stats forwards, X^T X, GPTQ factor / column loop, packing, "
-                         "collectives, reads, writes: wall and CPU s) into its report")
+                         "collectives, reads, writes: wall and CPU s) into its report, with the largest RSS sampled "
+                         "(every 10 ms) while each phase ran")
     ap.add_argument("--zero-point", default="int", choices=["int", "float"],
                     help="GPTQ zero points (default int: the rows measured since the first run)")
     ap.add_argument("--static-groups", action="store_true",
