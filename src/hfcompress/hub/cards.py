@@ -70,6 +70,15 @@ def _quant_config(model: nn.Module):
     return q.to_dict() if hasattr(q, "to_dict") else dict(q)
 
 
+
+def _group_stats(q: dict) -> str:
+    """What each group stores beside its codes, as the quantization config says."""
+    if q.get("sym", False):
+        return "one fp16 scale"
+    zero = "one fp16 zero point" if q.get("zero_point", "int") == "float" else "one integer zero point"
+    return f"one fp16 scale and {zero}"
+
+
 def render_card(model, card_data: dict | None = None, has_original_card: bool = False, source: str | None = None):
     """The model card (a ``huggingface_hub.ModelCard``) of an hfcompress-quantized ``model``
     (an ``nn.Module``, or the path of a saved checkpoint: statistics from its headers).
@@ -138,6 +147,7 @@ def render_card(model, card_data: dict | None = None, has_original_card: bool = 
         "auto_class": _auto_class(model),
         "repo_id": data.get("repo_id") or _PLACEHOLDERS[0],
         "group_size": "per output channel" if group == -1 else str(group),
+        "group_stats": _group_stats(q),
     }
     return ModelCard(_fill("quantized.md", fields))
 
