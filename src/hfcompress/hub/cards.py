@@ -237,9 +237,10 @@ def _method_table(q: dict, stats: SizeStats) -> str:
             ("bits per weight (scales, zeros, g_idx included)", f"{stats.bits_per_weight:.3f}"),
             ("quantized linear layers", stats.quantized_layers),
             ("kept in float", ", ".join(q.get("modules_to_not_convert") or []) or "none")]
+    # (save_id names the save that wrote the checkpoint: not a setting)
     extra = {k: v for k, v in q.items() if k not in ("quant_method", "format", "format_version", "algorithm", "bits",
                                                      "group_size", "sym", "act_order", "modules_to_not_convert",
-                                                     "module_formats")}
+                                                     "module_formats", "save_id")}
     rows += [(k, v) for k, v in sorted(extra.items())]
     return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]) + _allocation_table(q)
 
