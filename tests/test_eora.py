@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import hfcompress
-from hfcompress.adapters.eora import RECORD_KEY, compressed_weight, delta_weight, find_targets
+from hfcompress.adapters.eora import (DEFAULT_SHRINKAGE, RECORD_KEY, compressed_weight, delta_weight, find_targets,
+                                      shrink_to_diagonal)
 from hfcompress.algorithms.eora import activation_eigenbasis, eora_compensation, output_error, svd_compensation
 from hfcompress.config import ConfigError
 from hfcompress.formats import IntGroupSpec
@@ -68,6 +69,39 @@ def test_eora_full_rank_reproduces_delta_and_floors_bad_eigenvalues():
     b, a = eora_compensation(dw, xtx, 16)
     assert torch.isfinite(b).all() and torch.isfinite(a).all()
     torch.testing.assert_close(b @ a, dw, atol=1e-4, rtol=1e-4)  # full rank: ΔW exactly (any floor)
+
+
+def test_eora_shrinkage_moves_from_eora_to_svd():
+    """``shrinkage`` s solves on XᵀX + s·mean(diag XᵀX)·I: s = 0 is the paper's EoRA bit for bit,
+    s -> ∞ gives plain SVD's B A, and in between the output error on the calibration inputs grows
+    from EoRA's optimum while the plain weight error shrinks toward SVD's."""
+    g = torch.Generator().manual_seed(5)
+    dw = torch.randn(40, 48, generator=g)  # ΔW [N, K]
+    xtx = (lambda x: x.t() @ x)(_correlated_inputs())
+    rank = 6
+    b0, a0 = eora_compensation(dw, xtx, rank)
+    bs, as_ = eora_compensation(dw, xtx, rank, shrinkage=0.0)
+    assert torch.equal(b0, bs) and torch.equal(a0, as_)  # s = 0: the old EoRA exactly
+    basis = activation_eigenbasis(xtx)
+    b_big, a_big = eora_compensation(dw, xtx, rank, basis=basis, shrinkage=1e9)
+    b_svd, a_svd = svd_compensation(dw, rank)
+    torch.testing.assert_close(b_big @ a_big, b_svd @ a_svd, atol=1e-4, rtol=1e-4)  # s -> ∞: SVD's adapter
+
+    def frob(b, a):
+        return float((dw.double() - b.double() @ a.double()).square().sum())
+
+    out_err = [output_error(dw, *eora_compensation(dw, xtx, rank, basis=basis, shrinkage=s), xtx)
+               for s in (0.0, 0.01, 0.1, 1.0, 10.0)]
+    w_err = [frob(*eora_compensation(dw, xtx, rank, basis=basis, shrinkage=s)) for s in (0.0, 0.01, 0.1, 1.0, 10.0)]
+    assert all(x < y for x, y in zip(out_err, out_err[1:])), out_err  # EoRA's optimum, then worse on XᵀX
+    assert all(x > y for x, y in zip(w_err, w_err[1:])), w_err  # closer and closer to ΔW in Frobenius
+    assert w_err[-1] == pytest.approx(frob(b_svd, a_svd), rel=0.02) and out_err[-1] < output_error(dw, b_svd, a_svd, xtx)
+    # the shift is relative to the activation scale: scaling XᵀX changes nothing
+    b1, a1 = eora_compensation(dw, xtx, rank, shrinkage=0.1)
+    b2, a2 = eora_compensation(dw, 1000 * xtx, rank, shrinkage=0.1)
+    torch.testing.assert_close(b1 @ a1, b2 @ a2, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="shrinkage"):
+        eora_compensation(dw, xtx, rank, shrinkage=-0.5)
 
 
 def test_eora_algorithm_rejects_bad_shapes():
@@ -287,6 +321,52 @@ def test_eora_bitsandbytes_nf4_base(tmp_path):
         hfcompress.merge_compensation(pm)
 
 
+def _lora_products(pm) -> dict[str, torch.Tensor]:
+    return {n: m.lora_B["default"].weight.double() @ m.lora_A["default"].weight.double()
+            for n, m in pm.base_model.model.named_modules() if hasattr(m, "lora_A")}
+
+
+def test_eora_shrinkage_toward_the_diagonal():
+    """EoRAConfig.shrinkage t solves on (1 - t) XᵀX + t diag(XᵀX): t = 0 is XᵀX itself (the paper's
+    EoRA), t = 1 weights each input channel by its scale alone (SVD of ΔW D^½, mapped back by D^-½);
+    in between, the error on the calibration inputs grows from EoRA's optimum as t grows."""
+    g = torch.Generator().manual_seed(7)
+    dw = torch.randn(40, 48, generator=g).double()  # ΔW [N, K]
+    xtx = (lambda x: x.t() @ x)(_correlated_inputs()).double()
+    rank = 6
+    assert shrink_to_diagonal(xtx, 0.0) is xtx
+    torch.testing.assert_close(shrink_to_diagonal(xtx, 0.25), 0.75 * xtx + 0.25 * torch.diag(xtx.diagonal()))
+    b1, a1 = eora_compensation(dw, shrink_to_diagonal(xtx, 1.0), rank)
+    d = xtx.diagonal().sqrt()  # D^½ [K]
+    u, sv, vh = torch.linalg.svd(dw * d, full_matrices=False)
+    torch.testing.assert_close((b1 @ a1).double(), (u[:, :rank] * sv[:rank]) @ vh[:rank] / d, atol=1e-5, rtol=1e-5)
+    errs = [output_error(dw, *eora_compensation(dw, shrink_to_diagonal(xtx, t), rank), xtx)
+            for t in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    assert all(x < y for x, y in zip(errs, errs[1:])), errs
+    assert errs[-1] < output_error(dw, *svd_compensation(dw, rank), xtx)  # still better than SVD on XᵀX here
+
+
+def _lora_products(pm) -> dict[str, torch.Tensor]:
+    return {n: m.lora_B["default"].weight.double() @ m.lora_A["default"].weight.double()
+            for n, m in pm.base_model.model.named_modules() if hasattr(m, "lora_A")}
+
+
+def test_eora_shrinkage_in_compensate(llama_rtn3, llama_compensated):
+    """compensate(shrinkage=0) is the paper's EoRA; the default shrinks; the value is recorded in
+    adapter_config.json; on held-out inputs both beat plain SVD here (in-domain calibration)."""
+    orig, q = llama_rtn3
+    assert hfcompress.EoRAConfig().shrinkage == DEFAULT_SHRINKAGE == 0.5
+    paper = hfcompress.compensate(copy.deepcopy(q), orig, hfcompress.EoRAConfig(rank=8, dataset=CALIB, shrinkage=0))
+    default = llama_compensated["eora"]
+    assert paper.peft_config["default"].auto_mapping[RECORD_KEY]["config"]["shrinkage"] == 0.0
+    assert default.peft_config["default"].auto_mapping[RECORD_KEY]["config"]["shrinkage"] == 0.5
+    differ = [n for n, p in _lora_products(paper).items() if not torch.allclose(p, _lora_products(default)[n])]
+    assert len(differ) == len(_lora_products(paper))
+    ref = _logits(orig)
+    e_paper, e_default, e_svd = (sqnr_db(ref, _logits(m)) for m in (paper, default, llama_compensated["svd"]))
+    assert e_paper > e_svd + 1.0 and e_default > e_svd + 0.5, (e_paper, e_default, e_svd)
+
+
 def test_eora_rank_pattern_and_capping(llama_rtn3):
     orig, q = llama_rtn3
     cfg = hfcompress.EoRAConfig(rank=40, method="svd", rank_pattern={"q_proj": 4},
@@ -307,6 +387,11 @@ def test_eora_rank_pattern_and_capping(llama_rtn3):
     (dict(method="pca"), "method"),
     (dict(rank_pattern={"q_proj": 0}), "rank_pattern"),
     (dict(target_modules=[]), "target_modules"),
+    (dict(shrinkage=-0.1), "shrinkage"),
+    (dict(shrinkage=1.5), "shrinkage"),
+    (dict(shrinkage=float("nan")), "shrinkage"),
+    (dict(shrinkage="0.1"), "shrinkage"),
+    (dict(shrinkage=True), "shrinkage"),
 ])
 def test_eora_config_errors(kwargs, match):
     with pytest.raises(ConfigError, match=f"EoRAConfig.{match}"):
@@ -347,12 +432,14 @@ def test_eora_cli(llama_rtn3, tmp_path, capsys):
     text = tmp_path / "calib.txt"
     text.write_text("To be, or not to be, that is the question.\n" * 40)
     rc = main(["compensate", str(tmp_path / "q"), "--original", str(tmp_path / "float"), "--rank", "6",
-               "--dataset", str(text), "--n-samples", "4", "--seq-len", "32", "--out", str(tmp_path / "adapter")])
+               "--dataset", str(text), "--n-samples", "4", "--seq-len", "32", "--shrinkage", "0.25",
+               "--out", str(tmp_path / "adapter")])
     assert rc == 0
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["r"] == 6 and cfg["base_model_name_or_path"] == str(tmp_path / "q")
     assert cfg["auto_mapping"][RECORD_KEY]["original_model"] == str(tmp_path / "float")
     assert cfg["auto_mapping"][RECORD_KEY]["config"]["n_samples"] == 4
+    assert cfg["auto_mapping"][RECORD_KEY]["config"]["shrinkage"] == 0.25
     saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert saved and all(t.dtype == torch.float16 for t in saved.values())  # --save-dtype float16 (default)
     capsys.readouterr()

@@ -33,6 +33,8 @@ from ..modules import is_linear, linear_weight, matches
 from ..formats import is_compressed
 
 METHODS = ("eora", "svd")
+#: EoRAConfig.shrinkage default (benchmarks/README.md, "EoRA": the SmolLM2-135M sweep it was chosen by)
+DEFAULT_SHRINKAGE = 0.5
 #: key of the compensation record inside adapter_config.json's ``auto_mapping`` (a dict PEFT keeps)
 RECORD_KEY = "hfcompress_compensation"
 
@@ -51,6 +53,10 @@ class EoRAConfig:
       1-D token tensors, or a list of strings (then pass ``tokenizer=`` to :func:`compensate`).
     * ``n_samples`` x ``seq_len``: calibration windows cut from ``dataset``; ``batch_size`` per forward.
     * ``eig_rel_floor``: eigenvalues of XᵀX below this fraction of the largest are raised to it.
+    * ``shrinkage`` ``t`` in [0, 1]: ``"eora"`` solves on ``(1 - t) XᵀX + t diag(XᵀX)`` instead of ``XᵀX``:
+      the input channels' scales are kept, their correlations (which a few calibration windows
+      over-fit) shrunk. 0 is the paper's EoRA, 1 weights each input channel by its scale only.
+      Chosen on SmolLM2-135M (``benchmarks/eora_shrink.py``). Ignored by ``"svd"``.
     """
 
     rank: int = 32
@@ -62,6 +68,7 @@ class EoRAConfig:
     seq_len: int = 512
     batch_size: int = 4
     eig_rel_floor: float = EIG_REL_FLOOR
+    shrinkage: float = DEFAULT_SHRINKAGE
 
     def __post_init__(self):
         def bad(name, what):
@@ -86,6 +93,10 @@ class EoRAConfig:
                 bad("rank_pattern", "must be a dict {module-name pattern (str): rank (positive int)}")
         if not (isinstance(self.eig_rel_floor, float) and 0 < self.eig_rel_floor < 1):
             bad("eig_rel_floor", "must be a float in (0, 1)")
+        if (not isinstance(self.shrinkage, (int, float)) or isinstance(self.shrinkage, bool)
+                or not 0 <= self.shrinkage <= 1):
+            bad("shrinkage", "must be a number in [0, 1] (0: the paper's EoRA; 1: input-channel scales only)")
+        self.shrinkage = float(self.shrinkage)
 
     def rank_for(self, name: str) -> int:
         for pattern, r in (self.rank_pattern or {}).items():
@@ -303,20 +314,30 @@ def compensate(compressed_model: nn.Module, original, config: EoRAConfig | None 
             tokenizer = _tokenizer_for(original, compressed_model)
         batches = calibration_batches(config, tokenizer)
 
-        last: list = [None, None]  # (XᵀX, eigenbasis) of the previous layer: q/k/v and gate/up share inputs
+        last: list = [None, None, None]  # (XᵀX, shrunk XᵀX, eigenbasis) of the previous layer: q/k/v, gate/up share inputs
 
         def solve(name, xtx):
             t = targets[name]
             delta = delta_weight(inner.get_submodule(name).get_base_layer(), t.original, name)
             if last[0] is None or last[0].shape != xtx.shape or not torch.equal(last[0], xtx):
-                last[:] = [xtx, activation_eigenbasis(xtx, config.eig_rel_floor)]
-            return eora_compensation(delta, xtx, t.rank, config.eig_rel_floor, basis=last[1])
+                c = shrink_to_diagonal(xtx, config.shrinkage)
+                last[:] = [xtx, c, activation_eigenbasis(c, config.eig_rel_floor)]
+            return eora_compensation(delta, last[1], t.rank, config.eig_rel_floor, basis=last[2])
 
         sequential_compensate_(inner, sorted(targets), batches, solve, adapter_name, progress=progress)
     if save_dtype is not None:
         cast_lora_(peft_model, save_dtype, round_only=True)
         setattr(peft_model, SAVE_DTYPE_ATTR, save_dtype)
     return peft_model
+
+
+def shrink_to_diagonal(xtx: torch.Tensor, t: float) -> torch.Tensor:
+    """``(1 - t) XᵀX + t diag(XᵀX)`` (fp64; ``t = 0``: ``XᵀX`` itself, untouched): the covariance EoRA
+    solves on, its off-diagonal part (input-channel correlations) shrunk by ``t``."""
+    if not t:
+        return xtx
+    c = xtx.to(torch.float64)
+    return (1 - t) * c + t * torch.diag(c.diagonal())
 
 
 def _tokenizer_for(original, compressed_model):

@@ -21,6 +21,9 @@ def add_parser(sub) -> None:
     p.add_argument("--n-samples", type=int, default=32, help="eora: calibration windows")
     p.add_argument("--seq-len", type=int, default=512, help="eora: tokens per calibration window")
     p.add_argument("--batch-size", type=int, default=4, help="eora: calibration windows per forward")
+    p.add_argument("--shrinkage", type=float, default=None,
+                   help="eora: solve on (1 - SHRINKAGE)·XᵀX + SHRINKAGE·diag(XᵀX), in [0, 1] (0: the paper's "
+                        "EoRA; default: EoRAConfig's, 0.5)")
     p.add_argument("--target-modules", nargs="*", default=None, metavar="PATTERN",
                    help="module-name patterns to compensate (default: every layer that differs from the original)")
     p.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
@@ -59,7 +62,8 @@ def _run(args: argparse.Namespace) -> int:
             tokenizer = load_tokenizer(None, args.model)
     config = hfcompress.EoRAConfig(rank=args.rank, method=args.method, dataset=args.dataset,
                                    n_samples=args.n_samples, seq_len=args.seq_len, batch_size=args.batch_size,
-                                   target_modules=args.target_modules)
+                                   target_modules=args.target_modules,
+                                   **({} if args.shrinkage is None else {"shrinkage": args.shrinkage}))
     model = load_model(args.model, dtype=torch.float32)
     peft_model = hfcompress.compensate(model, args.original, config, tokenizer=tokenizer, progress=True,
                                        save_dtype=getattr(torch, args.save_dtype))
