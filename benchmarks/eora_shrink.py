@@ -1,17 +1,19 @@
 """EoRA shrinkage sweep on SmolLM2-135M-Instruct: which ``EoRAConfig.shrinkage`` to default to.
 
-EoRA solves each layer on the eigenspace of its calibration ``XᵀX``; ``shrinkage = s`` solves on
-``XᵀX + s · mean(diag XᵀX) · I`` instead (same eigenvectors, eigenvalues shifted), moving from the
-paper's EoRA (``s = 0``) toward plain SVD (``s -> ∞``). One base (``gptq-w{bits}-g64`` of
+EoRA solves each layer on the eigenspace of its calibration ``XᵀX``. Variants measured (see
+:func:`solve`): the identity shift ``XᵀX + s · mean(diag XᵀX) · I`` (``--shrinkage s``: same
+eigenvectors, eigenvalues shifted, from the paper's EoRA at ``s = 0`` toward plain SVD as ``s -> ∞``),
+the eigenvalue power ``Λ^a`` and shrinkage toward the diagonal ``(1 - t) XᵀX + t diag(XᵀX)``
+(``diag:t``, what ``EoRAConfig.shrinkage`` became). One base (``gptq-w{bits}-g64`` of
 ``benchmarks/quality.py``: GPTQConfig's defaults, the same cached checkpoint, the same calibration
-and evaluation tokens) is compensated once, block by block as ``hfcompress.compensate`` does, at
-``--stats-shrinkage``; every layer's ``XᵀX`` and its eigendecomposition are kept, and each ``s`` of
-the sweep then re-solves every layer from them (one SVD per layer) and is scored on every
-evaluation domain (``--variants``: other forms of the solve, see :func:`solve`), beside plain SVD (``method="svd"``) in the same run. Only the ``s`` equal to
-``--stats-shrinkage`` is exactly what ``compensate`` gives; the others reuse its inputs (the
-block-by-block pass feeds compensated outputs forward, so each ``s`` would see slightly different
-inputs): confirm the chosen value with ``benchmarks/quality.py``. Adapters are rounded to fp16
-before scoring, as quality.py does.
+and evaluation tokens) is compensated once, block by block as ``hfcompress.compensate`` does, with
+``EoRAConfig.shrinkage = --stats-shrinkage`` (default 0: the paper's EoRA); every layer's ``XᵀX`` and
+eigendecomposition are kept, and each variant then re-solves every layer from them (one SVD per
+layer) and is scored on every evaluation domain, beside plain SVD (``method="svd"``) in the same run.
+Only the variant the pass itself used is exactly what ``compensate`` gives; the others reuse its
+inputs (the block-by-block pass feeds compensated outputs forward, so each would see slightly
+different inputs): confirm the chosen value with ``benchmarks/quality.py``. Adapters are rounded to
+fp16 before scoring, as quality.py does.
 
     python benchmarks/eora_shrink.py --bits 4 --shrinkage 0 0.1 0.3 1 --out benchmarks/results/eora_shrink_w4.json
 """
@@ -65,10 +67,10 @@ def capture_compensate(model, float_model, config):
 
 
 def solve(variant, delta, xtx, basis, rank):
-    """One layer's ``(B, A)`` for a variant: a float ``s`` (``EoRAConfig.shrinkage``), ``"svd"``, or the
+    """One layer's ``(B, A)`` for a variant: a float ``s`` (the identity shift), ``"svd"``, or the
     string forms ``"shift:s"`` (the same as ``s``), ``"power:a"`` (eigenvalues ``Λ^a``: 0 is SVD, 1 EoRA)
     and ``"diag:t"`` (``(1-t) XᵀX + t·diag(XᵀX)``, its own eigendecomposition)."""
-    from hfcompress.algorithms.eora import activation_eigenbasis, eora_compensation, svd_compensation
+    from hfcompress.algorithms.eora import activation_eigenbasis, eora_compensation, shrink_to_diagonal, svd_compensation
 
     if isinstance(variant, float):
         variant = f"shift:{variant}"
@@ -76,14 +78,14 @@ def solve(variant, delta, xtx, basis, rank):
     if form == "svd":
         return svd_compensation(delta, rank)
     v = float(v)
-    if form == "shift":
-        return eora_compensation(delta, xtx, rank, basis=basis, shrinkage=v)
+    if form == "shift":  # same eigenvectors, eigenvalues + s·mean(diag XᵀX)
+        q, lam, n = basis
+        return eora_compensation(delta, xtx, rank, basis=(q, lam + v * xtx.diagonal().to(torch.float64).mean(), n))
     if form == "power":
         q, lam, n = basis
         return eora_compensation(delta, xtx, rank, basis=(q, lam ** v, n))
-    if form == "diag":
-        c = xtx.double()
-        c = (1 - v) * c + v * torch.diag(c.diagonal())
+    if form == "diag":  # EoRAConfig.shrinkage
+        c = shrink_to_diagonal(xtx, v)
         return eora_compensation(delta, c, rank, basis=activation_eigenbasis(c))
     raise SystemExit(f"unknown variant {variant!r}")
 
@@ -106,10 +108,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bits", type=int, choices=(3, 4), required=True)
     ap.add_argument("--rank", type=int, default=32)
-    ap.add_argument("--shrinkage", type=float, nargs="*", default=[], help="values of s to score")
+    ap.add_argument("--shrinkage", type=float, nargs="*", default=[], help="identity shifts s to score")
     ap.add_argument("--variants", nargs="*", default=[], help="other solves: power:a, diag:t (see solve())")
     ap.add_argument("--stats-shrinkage", type=float, default=0.0,
-                    help="the s of the block-by-block pass whose XᵀX every s reuses")
+                    help="EoRAConfig.shrinkage of the block-by-block pass whose XᵀX every variant reuses")
     ap.add_argument("--no-svd", action="store_true", help="skip the plain-SVD row")
     ap.add_argument("--budget-s", type=float, default=660, help="start no new row after this many seconds")
     ap.add_argument("--out", required=True)

@@ -26,7 +26,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ..algorithms.eora import EIG_REL_FLOOR, activation_eigenbasis, eora_compensation, svd_compensation
+from ..algorithms.eora import (EIG_REL_FLOOR, activation_eigenbasis, eora_compensation, shrink_to_diagonal,
+                               svd_compensation)
 from ..api import requantize_
 from ..config import ConfigError
 from ..modules import is_linear, linear_weight, matches
@@ -329,15 +330,6 @@ def compensate(compressed_model: nn.Module, original, config: EoRAConfig | None 
         cast_lora_(peft_model, save_dtype, round_only=True)
         setattr(peft_model, SAVE_DTYPE_ATTR, save_dtype)
     return peft_model
-
-
-def shrink_to_diagonal(xtx: torch.Tensor, t: float) -> torch.Tensor:
-    """``(1 - t) XᵀX + t diag(XᵀX)`` (fp64; ``t = 0``: ``XᵀX`` itself, untouched): the covariance EoRA
-    solves on, its off-diagonal part (input-channel correlations) shrunk by ``t``."""
-    if not t:
-        return xtx
-    c = xtx.to(torch.float64)
-    return (1 - t) * c + t * torch.diag(c.diagonal())
 
 
 def _tokenizer_for(original, compressed_model):

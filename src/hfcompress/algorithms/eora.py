@@ -15,11 +15,10 @@ really computes with, find ``B [N, r]``, ``A [r, K]`` so that ``W_c + B A`` repr
 
 :func:`svd_compensation` is the plain-SVD baseline (step 2 skipped: ``Λ = I``).
 
-Shrinkage (not in the paper): ``XᵀX`` of a few calibration windows over-fits them, so the
-eigenspace may be replaced by that of ``C_s = XᵀX + s · mean(diag XᵀX) · I``: the same ``Q``,
-eigenvalues ``Λ + s · mean(diag XᵀX)``. ``s = 0`` is the paper's EoRA; as ``s -> ∞`` the
-product ``B A`` tends to plain SVD's (``√Λ`` becomes a multiple of ``I``). One eigendecomposition
-serves every ``s``.
+Shrinkage (not in the paper; ``EoRAConfig.shrinkage``): ``XᵀX`` of a few calibration windows
+over-fits them, so step 2 may take :func:`shrink_to_diagonal` ``(1 - t) XᵀX + t diag(XᵀX)`` instead:
+each input channel keeps its scale, the cross-channel correlations are shrunk by ``t``
+(``t = 0``: the paper's EoRA; ``t = 1``: SVD of ``ΔW D^½`` mapped back by ``D^-½``, ``D = diag(XᵀX)``).
 Pure torch; no I/O.
 """
 
@@ -47,6 +46,16 @@ def activation_eigenbasis(xtx: torch.Tensor, rel_floor: float = EIG_REL_FLOOR) -
     return q, lam, n_floored
 
 
+def shrink_to_diagonal(xtx: torch.Tensor, t: float) -> torch.Tensor:
+    """``(1 - t) XᵀX + t diag(XᵀX)`` [K, K] (fp64), ``t`` in [0, 1]; ``t = 0`` returns ``xtx`` itself."""
+    if not (isinstance(t, (int, float)) and 0 <= t <= 1):
+        raise ValueError(f"shrinkage must be a number in [0, 1], got {t!r}")
+    if not t:
+        return xtx
+    c = xtx.to(torch.float64)
+    return (1 - t) * c + t * torch.diag(c.diagonal())  # correlations shrunk, channel scales kept
+
+
 def _truncated_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``m [N, K]`` (fp64) -> ``U_r [N, r]``, ``Σ_r [r]``, ``V_rᵀ [r, K]``."""
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
@@ -62,20 +71,14 @@ def _check(delta_w: torch.Tensor, rank: int) -> int:
 
 
 def eora_compensation(delta_w: torch.Tensor, xtx: torch.Tensor, rank: int, rel_floor: float = EIG_REL_FLOOR,
-                      basis: tuple[torch.Tensor, torch.Tensor, int] | None = None,
-                      shrinkage: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                      basis: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """EoRA: ``ΔW [N, K]``, ``XᵀX [K, K]`` -> ``B [N, r]``, ``A [r, K]`` (fp32), ``r = min(rank, N, K)``.
-    ``basis``: :func:`activation_eigenbasis` of this ``XᵀX`` if already computed (layers sharing an input).
-    ``shrinkage`` ``s >= 0``: solve on ``XᵀX + s · mean(diag XᵀX) · I`` (0: the paper's EoRA)."""
+    ``basis``: :func:`activation_eigenbasis` of this ``XᵀX`` if already computed (layers sharing an input)."""
     r = _check(delta_w, rank)
     if xtx.shape != (delta_w.shape[1], delta_w.shape[1]):
         raise ValueError(f"XᵀX has shape {tuple(xtx.shape)}, expected [{delta_w.shape[1]}, {delta_w.shape[1]}] "
                          "(in_features of ΔW)")
-    if not (isinstance(shrinkage, (int, float)) and 0 <= shrinkage < float("inf")):
-        raise ValueError(f"shrinkage must be a finite number >= 0, got {shrinkage!r}")
     q, lam, _ = basis if basis is not None else activation_eigenbasis(xtx, rel_floor)  # Q [K, K], λ [K]
-    if shrinkage:
-        lam = lam + shrinkage * xtx.diagonal().to(torch.float64).mean()  # eigenvalues of XᵀX + s·mean(diag)·I
     sqrt_lam = lam.sqrt()  # √Λ [K]
     dw = delta_w.to(torch.float64)  # ΔW [N, K]
     dw_proj = (dw @ q) * sqrt_lam  # ΔW' = ΔW Q √Λ  [N, K]
