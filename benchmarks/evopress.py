@@ -5,9 +5,11 @@ domain of benchmarks/quality.py and their geometric mean.
 The steps run separately (each well under 10 minutes on the shared 2-core machine; intermediate
 results cached under benchmarks/.cache/evopress/):
 
-    python benchmarks/evopress.py db                          # level database: GPTQ 2/3/4/8-bit g128 + float
-    python benchmarks/evopress.py baselines                   # (db if missing) + uniform GPTQ checkpoints
+    python benchmarks/evopress.py db [--set fz]               # level database (default "int": GPTQ 2/3/4/8-bit g128
+                                                              # + float; "fz"/"fz30": float-zero levels, LEVEL_SETS)
+    python benchmarks/evopress.py baselines [--only NAME ...] # uniform GPTQ checkpoints, database levels everywhere
     python benchmarks/evopress.py search --target 3.0 --seconds 400      # one search chunk (resumes the last)
+    python benchmarks/evopress.py search --set fz --preset f2048 --target 3.5   # float-zero levels, larger budget
     python benchmarks/evopress.py eval --entries fp32 evopress-3.0 ...   # perplexities -> results/evopress.json
     python benchmarks/evopress.py table                       # the markdown table of benchmarks/README.md
 
