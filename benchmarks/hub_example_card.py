@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import hfcompress
-from hfcompress.calibration import bundled_text
+from hfcompress.calibration import eval_texts
 from hfcompress.hub import size_stats
 
 ROOT = Path(__file__).resolve().parent
@@ -63,12 +63,12 @@ def main() -> None:
 
     src = float_checkpoint()
     tok = AutoTokenizer.from_pretrained(src)
-    texts = {"hamlet": ("Hamlet (Project Gutenberg): Shakespeare, like part of the calibration set, a play it does not contain", "eval"),
-             "sqlite": ("SQLite documentation, a domain the calibration set does not contain", "eval_technical"),
-             "code": ("Python source code (CPython standard library), not in the calibration set", "eval_code"),
-             "dialogue": ("short two-speaker chat conversations, not in the calibration set", "eval_dialogue")}
-    ids = {k: tok(bundled_text(name), return_tensors="pt").input_ids[0][: args.eval_windows * 512].view(-1, 512)
-           for k, (_, name) in texts.items()}
+    # the evaluation domains (hfcompress.calibration.EVAL_DOMAINS), as the card describes them
+    domains = {"hamlet": "Hamlet (Project Gutenberg): Shakespeare, like part of the calibration set, a play it "
+                         "does not contain",
+               "sqlite": "SQLite documentation, a domain the calibration set does not contain",
+               "code": "Python source code (CPython standard library), not in the calibration set",
+               "dialogue": "short two-speaker chat conversations, not in the calibration set"}
 
     config = hfcompress.GPTQConfig(bits=4, group_size=64, sym=False, act_order=True, n_samples=args.n_samples,
                                    seq_len=args.seq_len)
@@ -79,6 +79,8 @@ def main() -> None:
                              "run without --render-only")
         ppl_base, ppl_q = done["perplexity_float"], done["perplexity_gptq"]
     else:
+        ids = {k: tok(text, return_tensors="pt").input_ids[0][: args.eval_windows * 512].view(-1, 512)
+               for k, text in eval_texts().items()}
         base = AutoModelForCausalLM.from_pretrained(src, dtype="auto").eval()
         ppl_base = {k: perplexity(base, v) for k, v in ids.items()}
         del base
@@ -102,7 +104,7 @@ def main() -> None:
         "evaluations": [
             {"metric": "perplexity", "dataset_name": desc, "value": round(ppl_q[key], 3),  # no Hub dataset id
              "base": round(ppl_base[key], 3), "dataset_split": f"first {args.eval_windows}x512 tokens"}
-            for key, (desc, _) in texts.items()],
+            for key, desc in domains.items()],
     }
     out = Path(args.out)
     if args.render_only:

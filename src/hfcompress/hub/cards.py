@@ -70,7 +70,6 @@ def _quant_config(model: nn.Module):
     return q.to_dict() if hasattr(q, "to_dict") else dict(q)
 
 
-
 def _group_stats(q: dict) -> str:
     """What each group stores beside its codes, as the quantization config says."""
     if q.get("sym", False):
