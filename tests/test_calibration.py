@@ -167,6 +167,32 @@ def test_calibration_input_stats_half_filled_sum_is_full_xtx_and_merges():
     torch.testing.assert_close(H, (2 * ref / 150).float(), rtol=1e-5, atol=1e-5)
 
 
+def test_calibration_input_stats_bf16_inputs_exact_products_fp32_inputs_full_precision():
+    """bf16 activations go through the bf16 product path (their values are exact in bf16): the sum
+    is as close to the float64 product as the fp32 path's; fp32 activations are not rounded to bf16
+    on the way (an error of ~1e-3 relative if they were); the process-wide matmul setting is the
+    same after add_ as before, also when the product raises."""
+    from hfcompress.calibration import InputStats
+
+    g = torch.Generator().manual_seed(3)
+    k = 2 * InputStats.BLOCK + 37
+    matmul = torch.backends.mkldnn.matmul
+    before = matmul.fp32_precision
+    for dtype in (torch.bfloat16, torch.float32):
+        x = (torch.randn(2, 300, k, generator=g) * (1 + torch.rand(k, generator=g) * 4)).to(dtype)
+        s = InputStats.zeros(k)
+        s.add_(x)
+        flat = x.reshape(-1, k).double()
+        ref = flat.t() @ flat
+        err = ((s.xtx - ref).abs() / ref.abs().amax()).amax().item()
+        assert err < 2e-6, (dtype, err)
+        assert matmul.fp32_precision == before
+    s = InputStats.zeros(4)
+    with pytest.raises(RuntimeError):
+        s.add_(torch.ones(3, 5, dtype=torch.bfloat16))  # K = 5 does not fit the [4, 4] sum
+    assert matmul.fp32_precision == before
+
+
 @pytest.mark.parametrize("k", [2 * 256 + 37, 100])
 def test_calibration_input_stats_upper_blocks_sum_to_the_merged_stats(k):
     """What a distributed run reduces: the blocks on and above the diagonal (fewer than K^2 entries
