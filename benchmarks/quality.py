@@ -92,6 +92,15 @@ ENTRIES = {
                                                      "stat_group_size": 32, "outlier_threshold": 0.7, "damp": 0.1}),
     "spqr-w3-g16-sg64-t0.5-damp0.1": ("hfcompress", {"method": "spqr", "bits": 3, "group_size": 16,
                                                      "stat_group_size": 64, "outlier_threshold": 0.5, "damp": 0.1}),
+    # per-layer bit widths under the 3.6-bit budget (benchmarks/spqr_mixed.py: the module_formats table chosen
+    # from calibration statistics, Fisher-weighted rounding error); the other layers as the entry above
+    "spqr-mixed-3.6-t0.5-damp0.1": ("hfcompress", {"method": "spqr", "bits": 3, "group_size": 16,
+                                                   "stat_group_size": 64, "outlier_threshold": 0.5, "damp": 0.1,
+                                                   "module_formats_from": "results/spqr_mixed_3.6.json"}),
+    # the same without outliers: the whole budget for the levels (table of --outlier-reserve 0)
+    "spqr-mixed-3.6-noout-damp0.1": ("hfcompress", {"method": "spqr", "bits": 3, "group_size": 16,
+                                                    "stat_group_size": 64, "outlier_threshold": None, "damp": 0.1,
+                                                    "module_formats_from": "results/spqr_mixed_3.6_r0.json"}),
     "gptqmodel-w4-g64": ("gptqmodel", {"bits": 4, "group_size": 64}),
     "gptqmodel-w3-g64": ("gptqmodel", {"bits": 3, "group_size": 64}),
     "hqq-w4-g64": ("hqq", {"bits": 4, "group_size": 64}),
@@ -245,7 +254,13 @@ def run_entry(name: str) -> dict:
         import hfcompress
 
         if opts["method"] == "spqr":  # streamed like GPTQ, same calibration
-            cfg = hfcompress.SpQRConfig(**{k: v for k, v in opts.items() if k != "method"}, **CALIB)
+            kw = {k: v for k, v in opts.items() if k not in ("method", "module_formats_from")}
+            if "module_formats_from" in opts:  # a per-layer table written by benchmarks/spqr_mixed.py
+                with open(os.path.join(HERE, opts["module_formats_from"]), "rb") as f:
+                    raw = f.read()
+                out["module_formats_sha256"] = hashlib.sha256(raw).hexdigest()
+                kw["module_formats"] = json.loads(raw)["module_formats"]
+            cfg = hfcompress.SpQRConfig(**kw, **CALIB)
             hfcompress.quantize(src, cfg, out_dir=work, batches=batches, dtype=torch.float32)
         elif opts["method"] == "gptq":
             # GPTQConfig's own defaults for every option the entry does not name

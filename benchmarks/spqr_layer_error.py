@@ -14,6 +14,7 @@ layers and its weighted bits per weight. Writes benchmarks/results/spqr_layer_er
 
     python benchmarks/spqr_layer_error.py [--configs NAME ...] [--held-out mixed] [--merge]
     python benchmarks/spqr_layer_error.py --table     # the markdown table of benchmarks/README.md
+    python benchmarks/spqr_layer_error.py --calibration mixed --held-out shakespeare --out F.json --configs ...
 
 ``--merge`` adds the configurations run to the results already in the file (same calibration and
 held-out set; each run recomputes the Hessians and the GPTQ rows, which are deterministic), so a
@@ -62,6 +63,11 @@ CONFIGS = {
     "spqr-w3-g16-sg32-t0.7-noclip": (dict(stat_group_size=32), 0.7, 0.01, dict(grid_clip=False)),
     "spqr-w3-g16-sg32-t0.7-noclip-damp0.1": (dict(stat_group_size=32), 0.7, 0.1, dict(grid_clip=False)),
     "spqr-w3-g16-sg32-t0.7-damp0.1-noact": (dict(stat_group_size=32, act_order=False), 0.7, 0.1, {}),
+    # the levels of benchmarks/spqr_mixed.py (per-layer bit widths): which column order for the 4-bit layers
+    "spqr-w3-g32-sg64-t0.5-damp0.1": (dict(group_size=32, stat_group_size=64), 0.5, 0.1, {}),
+    "spqr-w4-g32-sg64-t0.5-damp0.1": (dict(bits=4, group_size=32, stat_group_size=64), 0.5, 0.1, {}),
+    "spqr-w4-g32-sg64-t0.5-damp0.1-noact": (dict(bits=4, group_size=32, stat_group_size=64, act_order=False), 0.5,
+                                            0.1, {}),
 }
 GPTQ = {"gptq-w4-g128": (4, 128), "gptq-w3-g64": (3, 64)}
 
@@ -117,6 +123,8 @@ def table(path: str) -> str:
 
 def main() -> None:
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "spqr_layer_error.json")
+    if "--out" in sys.argv:  # another results file (another calibration / held-out pair)
+        out = sys.argv[sys.argv.index("--out") + 1]
     if "--table" in sys.argv:
         print(table(out))
         return
@@ -124,6 +132,7 @@ def main() -> None:
     ap.add_argument("--configs", nargs="*", default=None, help=f"SpQR configurations (default all: {list(CONFIGS)})")
     ap.add_argument("--held-out", default="mixed", help="bundled text whose Hessians score generalisation")
     ap.add_argument("--calibration", default="shakespeare", help="bundled text every method quantizes on")
+    ap.add_argument("--out", default=out, help="results file (default results/spqr_layer_error.json)")
     ap.add_argument("--merge", action="store_true", help="keep the other configurations already in the results file")
     args = ap.parse_args()
     configs = {k: CONFIGS[k] for k in (args.configs or CONFIGS)}

@@ -19,7 +19,10 @@ class SpQRConfig(HfCompressConfig):
     0.04% of the first block's weights (3.58 bits per weight, everything counted); 0.2 kept 2% of
     the first two blocks' (4.23). ``act_order`` quantizes (and stores) the columns by descending
     activation energy. ``damp``, ``dataset``, ``n_samples``,
-    ``seq_len``, ``true_sequential`` as in :class:`~hfcompress.GPTQConfig`.
+    ``seq_len``, ``true_sequential`` as in :class:`~hfcompress.GPTQConfig`. ``module_formats``
+    (a per-module table of spqr spec fields, ``hfcompress.formats.table``) gives single layers
+    their own bits / group sizes / act-order, e.g. 4-bit layers where the error costs most
+    (``benchmarks/spqr_mixed.py`` chooses such a table from calibration statistics).
     """
 
     algorithm = "spqr"
@@ -47,6 +50,11 @@ class SpQRConfig(HfCompressConfig):
                          stat_group_size=stat_group_size, outlier_threshold=outlier_threshold, damp=damp,
                          dataset=dataset, n_samples=n_samples, seq_len=seq_len, true_sequential=true_sequential,
                          **kwargs)
+        for name, spec in self._module_specs.items():
+            if spec.format != self.format_name:
+                raise ConfigError(f"quantization_config.module_formats[{name!r}].format={spec.format!r}: SpQRConfig "
+                                  f"quantizes every layer with SpQR; its entries are spqr spec fields "
+                                  f"(bits, group_size, stat_bits, stat_group_size, act_order)")
         tau = self.outlier_threshold
         if tau is not None and not (tau > 0):
             raise ConfigError(f"quantization_config.outlier_threshold={tau!r} must be > 0 (or None: no outliers)")
@@ -82,10 +90,11 @@ class SpQRConfig(HfCompressConfig):
         from ...modules import linear_weight
         from .layer import SpQRLinear
 
-        spec = self.spec
+        first = next(iter(modules))
+        spec = self.spec_for(first)  # the per-module table (module_formats) may give a layer its own spec
         out = {}
         try:
-            k = next(iter(modules.values()))
+            k = modules[first]
             spec.check_layer(linear_weight(k).shape[1], where=where)
             hessian = prepare_hessian(H, self.damp, spec.act_order)
             for name, module in modules.items():
