@@ -36,10 +36,12 @@ from hfcompress.formats.spqr import SpQRSpec
 HERE = os.path.dirname(os.path.abspath(__file__))
 CALIB = dict(n_samples=32, seq_len=256)  # benchmarks/quality.py's calibration windows
 # name -> spec fields (second-level groups of --stat-group-size rows); cheapest first (bits per
-# weight without outliers at 576 x 576, stat groups of 64: 3.26, 3.46, 4.29, 4.32)
+# weight without outliers at 576 x 576, stat groups of 64: 3.26, 3.29, 3.46, 3.52, 4.29, 4.32)
 LEVELS = {
     "w3-g32": dict(bits=3, group_size=32),
+    "w3-g32-s4": dict(bits=3, group_size=32, stat_bits=4),
     "w3-g16": dict(bits=3, group_size=16),
+    "w3-g16-s4": dict(bits=3, group_size=16, stat_bits=4),
     "w4-g32": dict(bits=4, group_size=32),
     "w4-g32-s4": dict(bits=4, group_size=32, stat_bits=4),
 }
