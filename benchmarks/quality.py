@@ -97,6 +97,16 @@ ENTRIES = {
     "spqr-mixed-3.6-t0.5-damp0.1": ("hfcompress", {"method": "spqr", "bits": 3, "group_size": 16,
                                                    "stat_group_size": 64, "outlier_threshold": 0.5, "damp": 0.1,
                                                    "module_formats_from": "results/spqr_mixed_3.6.json"}),
+    # the same table with fewer outliers (a larger threshold), and a table with more bits set aside for them
+    "spqr-mixed-3.6-t0.6-damp0.1": ("hfcompress", {"method": "spqr", "bits": 3, "group_size": 16,
+                                                   "stat_group_size": 64, "outlier_threshold": 0.6, "damp": 0.1,
+                                                   "module_formats_from": "results/spqr_mixed_3.6.json"}),
+    "spqr-mixed-3.6-t0.7-damp0.1": ("hfcompress", {"method": "spqr", "bits": 3, "group_size": 16,
+                                                   "stat_group_size": 64, "outlier_threshold": 0.7, "damp": 0.1,
+                                                   "module_formats_from": "results/spqr_mixed_3.6.json"}),
+    "spqr-mixed-3.6r0.18-t0.5-damp0.1": ("hfcompress", {"method": "spqr", "bits": 3, "group_size": 16,
+                                                        "stat_group_size": 64, "outlier_threshold": 0.5, "damp": 0.1,
+                                                        "module_formats_from": "results/spqr_mixed_3.6_r0.18.json"}),
     # the same without outliers: the whole budget for the levels (table of --outlier-reserve 0)
     "spqr-mixed-3.6-noout-damp0.1": ("hfcompress", {"method": "spqr", "bits": 3, "group_size": 16,
                                                     "stat_group_size": 64, "outlier_threshold": None, "damp": 0.1,

@@ -113,8 +113,16 @@ def main() -> None:
     ap.add_argument("--natural-order-4bit", action="store_true",
                     help="4-bit levels quantize in the natural column order (default: act-order, as the others)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "spqr_mixed_3.6.json"))
+    ap.add_argument("--scores", default=None,
+                    help="a table this script wrote: reuse its per-layer scores (same levels), allocate again")
     args = ap.parse_args()
     t0 = time.perf_counter()
+    specs = {}
+    for lv, fields in LEVELS.items():
+        act = fields["bits"] < 4 or not args.natural_order_4bit
+        specs[lv] = SpQRSpec(**fields, stat_group_size=args.stat_group_size, act_order=act)
+    if args.scores:
+        return reallocate(args, specs, t0)
     torch.manual_seed(0)  # as benchmarks/quality.py's _setup: the same calibration windows
     src = smollm2_checkpoint()
     batches = get_calibration_batches(AutoTokenizer.from_pretrained(src), None, batch_size=8, **CALIB)
@@ -124,10 +132,6 @@ def main() -> None:
     fisher, energy = fisher_and_energy(model, windows, names)
     t_fisher = time.perf_counter() - t0
 
-    specs = {}
-    for lv, fields in LEVELS.items():
-        act = fields["bits"] < 4 or not args.natural_order_4bit
-        specs[lv] = SpQRSpec(**fields, stat_group_size=args.stat_group_size, act_order=act)
     scores, cost, per_layer = [], [], {}
     for n in names:
         w = model.get_submodule(n).weight.detach()
@@ -140,12 +144,35 @@ def main() -> None:
             row_c.append(spec.bits_per_weight(*w.shape, nnz=0) * w.numel())
         scores.append(row_s)
         cost.append(row_c)
-        per_layer[n] = dict(numel=w.numel(), fisher_sum=float(fisher[n].sum()),
+        per_layer[n] = dict(numel=w.numel(), shape=list(w.shape), fisher_sum=float(fisher[n].sum()),
                             score={lv: s for lv, s in zip(specs, row_s)})
     total = sum(v["numel"] for v in per_layer.values())
     for i, reserve in enumerate(args.outlier_reserve):
         path = args.out if i == 0 else args.out.replace(".json", f"_r{reserve:g}.json")
         write_table(path, args, reserve, names, specs, scores, cost, per_layer, total, t0, t_fisher)
+
+
+def reallocate(args, specs, t0) -> None:
+    """``--scores``: the per-layer scores of an earlier run, allocated again (e.g. another reserve)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hfcompress.smollm2 import smollm2_checkpoint
+
+    with open(args.scores) as f:
+        old = json.load(f)
+    if list(old["levels"]) != list(specs) or any(old["levels"][lv] != specs[lv].to_dict() for lv in specs):
+        raise SystemExit(f"--scores {args.scores}: its levels differ from this script's ({list(old['levels'])})")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(smollm2_checkpoint()))
+    per_layer = old["per_layer"]
+    names = list(per_layer)
+    shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
+    scores = [[per_layer[n]["score"][lv] for lv in specs] for n in names]
+    cost = [[specs[lv].bits_per_weight(*shapes[n], nnz=0) * per_layer[n]["numel"] for lv in specs] for n in names]
+    total = sum(v["numel"] for v in per_layer.values())
+    for i, reserve in enumerate(args.outlier_reserve):
+        path = args.out if i == 0 else args.out.replace(".json", f"_r{reserve:g}.json")
+        write_table(path, args, reserve, names, specs, scores, cost, per_layer, total, t0, old["fisher_seconds"])
 
 
 def write_table(path, args, reserve, names, specs, scores, cost, per_layer, total, t0, t_fisher) -> None:
