@@ -136,6 +136,9 @@ for _bits in (3, 4):
         for _method in ("eora", "svd"):
             ENTRIES[f"gptq-w{_bits}-g64+{_method}-r{_rank}"] = (
                 "compensate", {"base": f"gptq-w{_bits}-g64", "method": _method, "rank": _rank})
+    # EoRAConfig(shrinkage="cv"): the shrinkage chosen per layer by cross-validation on the calibration windows
+    ENTRIES[f"gptq-w{_bits}-g64+eora-cv-r32"] = (
+        "compensate", {"base": f"gptq-w{_bits}-g64", "method": "eora", "rank": 32, "shrinkage": "cv"})
 CACHE = os.path.join(HERE, ".cache")
 
 
@@ -307,7 +310,8 @@ def run_entry(name: str) -> dict:
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
         out["bits_per_weight"] = _linear_bits(model, linears)
         cfg = hfcompress.EoRAConfig(rank=opts["rank"], method=opts["method"], dataset=torch.cat(batches),
-                                    n_samples=CALIB["n_samples"], seq_len=CALIB["seq_len"], batch_size=8)
+                                    n_samples=CALIB["n_samples"], seq_len=CALIB["seq_len"], batch_size=8,
+                                    **{k: opts[k] for k in ("shrinkage",) if k in opts})
         t0, c0 = time.perf_counter(), time.process_time()
         model = hfcompress.compensate(model, float_model, cfg)
         out["compensate_s"] = time.perf_counter() - t0
@@ -318,6 +322,13 @@ def run_entry(name: str) -> dict:
         hfcompress.adapters.eora.cast_lora_(model, torch.float16, round_only=True)  # stored (and scored) in fp16
         rec = model.peft_config["default"].auto_mapping[hfcompress.adapters.eora.RECORD_KEY]
         out["added_bits_per_weight"] = rec["added_bits_per_weight_fp16"]
+        out["shrinkage"] = rec["config"].get("shrinkage")
+        if "cv_choices" in rec:  # per layer kind: how often each candidate was chosen
+            counts: dict = {}
+            for layer, c in rec["cv_choices"].items():
+                kind = counts.setdefault(layer.rsplit(".", 1)[-1], {})
+                kind[str(c)] = kind.get(str(c), 0) + 1
+            out["cv_choices"] = counts
         out["bits_per_weight"] = round(out["bits_per_weight"] + rec["added_bits_per_weight_fp16"], 4)
         adapter_bytes = 2 * sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
         out["size_mb"] = (_dir_size(base_dir) + adapter_bytes) / 2**20
@@ -389,7 +400,9 @@ def _gptq_dir(cfg, batches) -> str:
     key.update(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
     pkg = os.path.join(HERE, "..", "src", "hfcompress")
     # (defaults set in config.py are in cfg.to_dict(): a changed default changes the key by itself)
-    for f in sorted(glob.glob(os.path.join(pkg, "algorithms", "*.py")) + glob.glob(os.path.join(pkg, "calibration", "*.py"))):
+    # (algorithms/eora*.py: the compensation, never the GPTQ checkpoint it sits on)
+    for f in sorted(f for f in glob.glob(os.path.join(pkg, "algorithms", "*.py")) + glob.glob(os.path.join(pkg, "calibration", "*.py"))
+                    if not os.path.basename(f).startswith("eora")):
         with open(f, "rb") as fh:
             key.update(fh.read())
     return os.path.join(CACHE, f"gptq-w{cfg.bits}-g{cfg.group_size}-{key.hexdigest()[:16]}")
@@ -628,7 +641,7 @@ def eora_table(data: dict) -> str:
         lines.append(f"| gptq-w{bits}-g64 | 0 | 0 | none | "
                      + " | ".join(_fmt(base.get(f"ppl_{d}"), 3) for d in cols) + " | | | |")
         for rank in EORA_RANKS:
-            got = {m: rows.get(f"gptq-w{bits}-g64+{m}-r{rank}") for m in ("eora", "svd")}
+            got = {m: rows.get(f"gptq-w{bits}-g64+{m}-r{rank}") for m in ("eora", "eora-cv", "svd")}
             for method, r in got.items():
                 if not r:
                     continue
@@ -636,27 +649,30 @@ def eora_table(data: dict) -> str:
                 closed = ((base["ppl_geomean"] - r["ppl_geomean"]) / (base["ppl_geomean"] - fp["ppl_geomean"])
                           if "geomean" in have else None)
                 ratio = ""
-                if method == "eora" and got["svd"]:
+                if method != "svd" and got["svd"]:
                     rs = [r[f"ppl_{d}"] / got["svd"][f"ppl_{d}"] if d in have else float("nan") for d in cols]
                     ratio = " / ".join("n/a" if math.isnan(v) else f"{v:.3f}" for v in rs)
-                    wins.append((bits, rank, dict(zip(cols, rs))))
+                    wins.append((bits, rank, dict(zip(cols, rs)), method))
                 lines.append(f"| | {rank} | {r['added_bits_per_weight']:.2f} | {method} | "
                              + " | ".join(_fmt(r.get(f"ppl_{d}"), 3) for d in cols)
                              + f" | {'n/a' if closed is None else f'{closed:.0%}'} | {ratio} | {r['compensate_s']:.0f} |")
     lines.append("")
-    r32 = [(b, rs) for b, rank, rs in wins if rank == 32]
-    if r32:
+    for variant in sorted({m for *_, m in wins}):
+        r32 = [(b, rs) for b, rank, rs, m in wins if rank == 32 and m == variant]
+        if not r32:
+            continue
         lost = [f"{b}-bit {d} ({rs[d]:.3f})" for b, rs in r32 for d in doms if rs[d] >= 1]
         unmeasured = sorted({d for _, rs in r32 for d in doms if math.isnan(rs[d])})
         verdict = "MISSED" if lost else (f"NOT MEASURED on {', '.join(unmeasured)}" if unmeasured else "MET")
         stale = [k for k, r in rows.items() if k.endswith("-r32") and "-g64+" in k and not _current(r)]
         if stale:  # calibrated on an earlier default set: not the target's setting
             verdict = f"NOT MEASURED with the current default calibration set ({len(stale)} rank-32 rows are older)"
-        lines.append(f"- EoRA rank 32 beats SVD rank 32 on every domain, 3- and 4-bit: "
+        label = "EoRA" if variant == "eora" else f"EoRA ({variant})"
+        lines.append(f"- {label} rank 32 beats SVD rank 32 on every domain, 3- and 4-bit: "
                      f"{'not on ' + ', '.join(lost) if lost else 'on every measured one'}: **{verdict}**")
     for d in cols:
         if wins:
-            scored = [rs[d] for _, _, rs in wins if not math.isnan(rs[d])]
+            scored = [rs[d] for _, _, rs, m in wins if not math.isnan(rs[d]) and m == "eora"]
             if scored:
                 lines.append(f"- EoRA beats SVD on {d}: {sum(v < 1 for v in scored)} of {len(scored)} (bits, rank) pairs")
     times = [r["compensate_s"] for k, r in rows.items() if k.endswith("-r32") and "+eora" in k]

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..algorithms.eora import (EIG_REL_FLOOR, activation_eigenbasis, eora_compensation, shrink_to_diagonal,
                                svd_compensation)
+from ..algorithms.eora_cv import SVD, choose_shrinkage
 from ..api import requantize_
 from ..config import ConfigError
 from ..modules import is_linear, linear_weight, matches
@@ -36,6 +37,8 @@ from ..formats import is_compressed
 METHODS = ("eora", "svd")
 #: EoRAConfig.shrinkage default (benchmarks/README.md, "EoRA": the SmolLM2-135M sweep it was chosen by)
 DEFAULT_SHRINKAGE = 0.5
+#: ``EoRAConfig.shrinkage`` value that chooses it per layer by cross-validation (algorithms/eora_cv.py)
+CV = "cv"
 #: key of the compensation record inside adapter_config.json's ``auto_mapping`` (a dict PEFT keeps)
 RECORD_KEY = "hfcompress_compensation"
 
@@ -58,6 +61,11 @@ class EoRAConfig:
       the input channels' scales are kept, their correlations (which a few calibration windows
       over-fit) shrunk. 0 is the paper's EoRA, 1 weights each input channel by its scale only.
       Chosen on SmolLM2-135M (``benchmarks/eora_shrink.py``). Ignored by ``"svd"``.
+      ``"cv"``: chosen per layer from ``cv_grid`` by cross-validation on the calibration windows
+      (``cv_folds`` contiguous folds; each candidate fitted on the other folds and scored by the output
+      error it leaves on the held-out one; :mod:`hfcompress.algorithms.eora_cv`); ``"svd"`` in the grid
+      lets a layer take plain SVD. Not with distributed calibration.
+    * ``cv_folds``, ``cv_grid``: used only by ``shrinkage="cv"``.
     """
 
     rank: int = 32
@@ -69,7 +77,9 @@ class EoRAConfig:
     seq_len: int = 512
     batch_size: int = 4
     eig_rel_floor: float = EIG_REL_FLOOR
-    shrinkage: float = DEFAULT_SHRINKAGE
+    shrinkage: float | str = DEFAULT_SHRINKAGE
+    cv_folds: int = 4
+    cv_grid: tuple = (0.0, 0.25, 0.5, 0.75, 1.0, SVD)
 
     def __post_init__(self):
         def bad(name, what):
@@ -94,10 +104,21 @@ class EoRAConfig:
                 bad("rank_pattern", "must be a dict {module-name pattern (str): rank (positive int)}")
         if not (isinstance(self.eig_rel_floor, float) and 0 < self.eig_rel_floor < 1):
             bad("eig_rel_floor", "must be a float in (0, 1)")
-        if (not isinstance(self.shrinkage, (int, float)) or isinstance(self.shrinkage, bool)
-                or not 0 <= self.shrinkage <= 1):
-            bad("shrinkage", "must be a number in [0, 1] (0: the paper's EoRA; 1: input-channel scales only)")
-        self.shrinkage = float(self.shrinkage)
+        if self.shrinkage != CV and (not isinstance(self.shrinkage, (int, float)) or isinstance(self.shrinkage, bool)
+                                     or not 0 <= self.shrinkage <= 1):
+            bad("shrinkage", f"must be a number in [0, 1] (0: the paper's EoRA; 1: input-channel scales only) "
+                             f"or {CV!r} (chosen per layer by cross-validation)")
+        if self.shrinkage != CV:
+            self.shrinkage = float(self.shrinkage)
+        if not isinstance(self.cv_folds, int) or isinstance(self.cv_folds, bool) or self.cv_folds < 2:
+            bad("cv_folds", "must be an int >= 2")
+        grid = list(self.cv_grid) if isinstance(self.cv_grid, (list, tuple)) else None
+        if not grid or not all(c == SVD or (isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c <= 1)
+                               for c in grid):
+            bad("cv_grid", f"must be a non-empty list of shrinkages in [0, 1] and/or {SVD!r}")
+        self.cv_grid = tuple(c if c == SVD else float(c) for c in grid)
+        if self.shrinkage == CV and self.cv_folds > self.n_samples:
+            bad("cv_folds", f"needs at least one calibration window per fold (n_samples={self.n_samples})")
 
     def rank_for(self, name: str) -> int:
         for pattern, r in (self.rank_pattern or {}).items():
@@ -108,6 +129,10 @@ class EoRAConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("dataset")
+        if self.shrinkage != CV:  # only what the solve used (records of fixed shrinkages unchanged)
+            d.pop("cv_folds"), d.pop("cv_grid")
+        else:
+            d["cv_grid"] = list(self.cv_grid)
         return d
 
 
@@ -315,17 +340,33 @@ def compensate(compressed_model: nn.Module, original, config: EoRAConfig | None 
             tokenizer = _tokenizer_for(original, compressed_model)
         batches = calibration_batches(config, tokenizer)
 
-        last: list = [None, None, None]  # (XᵀX, shrunk XᵀX, eigenbasis) of the previous layer: q/k/v, gate/up share inputs
+        last: list = [None, None, None, None]  # (XᵀX, t, shrunk XᵀX, eigenbasis) of the previous layer: q/k/v, gate/up share inputs
+        chosen: dict[str, float | str] = {}  # shrinkage="cv": each layer's choice
+        cv_cache: list = [None, {}]  # (fold list, correlation bases) of the previous layer
 
-        def solve(name, xtx):
+        def solve(name, xtx, fold_xtx=None):
             t = targets[name]
             delta = delta_weight(inner.get_submodule(name).get_base_layer(), t.original, name)
-            if last[0] is None or last[0].shape != xtx.shape or not torch.equal(last[0], xtx):
-                c = shrink_to_diagonal(xtx, config.shrinkage)
-                last[:] = [xtx, c, activation_eigenbasis(c, config.eig_rel_floor)]
-            return eora_compensation(delta, last[1], t.rank, config.eig_rel_floor, basis=last[2])
+            shrinkage = config.shrinkage
+            if shrinkage == CV and fold_xtx is None:  # outside the decoder blocks (e.g. lm_head): no folds
+                shrinkage = chosen[name] = DEFAULT_SHRINKAGE
+            elif shrinkage == CV:
+                if cv_cache[0] is not fold_xtx:
+                    cv_cache[:] = [fold_xtx, {}]
+                shrinkage = chosen[name] = choose_shrinkage([delta], fold_xtx, [t.rank], config.cv_grid,
+                                                            cache=cv_cache[1])[0]
+                if shrinkage == SVD:
+                    return svd_compensation(delta, t.rank)
+            if (last[0] is None or last[1] != shrinkage or last[0].shape != xtx.shape
+                    or not torch.equal(last[0], xtx)):
+                c = shrink_to_diagonal(xtx, shrinkage)
+                last[:] = [xtx, shrinkage, c, activation_eigenbasis(c, config.eig_rel_floor)]
+            return eora_compensation(delta, last[2], t.rank, config.eig_rel_floor, basis=last[3])
 
-        sequential_compensate_(inner, sorted(targets), batches, solve, adapter_name, progress=progress)
+        sequential_compensate_(inner, sorted(targets), batches, solve, adapter_name, progress=progress,
+                               folds=config.cv_folds if config.shrinkage == CV else 0)
+        if chosen:  # written into adapter_config.json beside the config
+            peft_model.peft_config[adapter_name].auto_mapping[RECORD_KEY]["cv_choices"] = dict(sorted(chosen.items()))
     if save_dtype is not None:
         cast_lora_(peft_model, save_dtype, round_only=True)
         setattr(peft_model, SAVE_DTYPE_ATTR, save_dtype)

@@ -55,16 +55,24 @@ def _in_features(module: nn.Module) -> int:
 @torch.no_grad()
 def sequential_compensate_(model: nn.Module, targets: list[str], batches: list[torch.Tensor],
                            solve: Callable[[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                           adapter_name: str, progress: bool = False, dist="auto") -> None:
+                           adapter_name: str, progress: bool = False, dist="auto", folds: int = 0) -> None:
     """Fill the LoRA weights of ``targets`` (already wrapped by PEFT inside ``model``, B = 0
     so far) block by block, true-sequentially. ``solve(name, XᵀX) -> (B, A)``. ``dist``: a
     :class:`hfcompress.distributed.DistContext` (data parallel: ``XᵀX`` summed into each layer's
-    owner, owners solve, ``B``/``A`` exchanged), None, or "auto" (the initialised process group's)."""
+    owner, owners solve, ``B``/``A`` exchanged), None, or "auto" (the initialised process group's).
+    ``folds`` > 0: the calibration windows are also split into that many contiguous folds and
+    ``solve(name, XᵀX, [XᵀX of each fold])`` is called (cross-validation; not distributed)."""
     from ..calibration.apply import guarded
     from ..distributed import current, shard_batches
     from .eora import set_lora_
 
     dist = current() if dist == "auto" else dist
+    if folds and dist is not None:
+        raise ConfigError("EoRAConfig.shrinkage='cv' (cross-validation) does not run distributed; use a fixed "
+                          "shrinkage, or calibrate in one process")
+    if folds and folds > sum(b.shape[0] for b in batches):
+        raise ConfigError(f"EoRAConfig.cv_folds={folds} is more than the {sum(b.shape[0] for b in batches)} "
+                          "calibration windows")
     if dist is not None:
         from ..calibration.apply import job_fingerprint
 
@@ -82,9 +90,15 @@ def sequential_compensate_(model: nn.Module, targets: list[str], batches: list[t
         step.linear_names = mine  # the LoRA-wrapped targets, block-relative; groups follow execution order
         for group in guarded(dist, step.sequential_groups, f"{step.name}: grouping"):
             # XᵀX with earlier groups already compensated
-            stats = guarded(dist, lambda: step.collect_input_stats(group), f"{step.name}: calibration forward")
+            if folds:
+                stats, by_fold = _collect_with_folds(step, group, folds, sum(b.shape[0] for b in batches))
+                fold_solve = {f"{step.name}.{rel}": by_fold[rel] for rel in group}
+                layer_solve = lambda n, xtx: solve(n, xtx, fold_solve[n])  # noqa: E731
+            else:
+                stats = guarded(dist, lambda: step.collect_input_stats(group), f"{step.name}: calibration forward")
+                layer_solve = solve
             full = {f"{step.name}.{rel}": (step.module(rel), stats[rel]) for rel in group}
-            for name, (b, a) in _solve_all(dist, full, solve, adapter_name, run_load).items():
+            for name, (b, a) in _solve_all(dist, full, layer_solve, adapter_name, run_load).items():
                 set_lora_(full[name][0], adapter_name, b, a)
                 done.add(name)
     rest = [t for t in targets if t not in done]
@@ -107,6 +121,51 @@ def sequential_compensate_(model: nn.Module, targets: list[str], batches: list[t
         full = {n: (model.get_submodule(n), stats[n]) for n in rest}
         for name, (b, a) in _solve_all(dist, full, solve, adapter_name, run_load).items():
             set_lora_(full[name][0], adapter_name, b, a)
+
+
+def _collect_with_folds(step, group: list[str], folds: int, n_windows: int):
+    """``step.collect_input_stats(group)`` plus ``XᵀX`` of each of ``folds`` contiguous folds of the
+    calibration windows (window ``i`` of ``n_windows`` in fold ``i * folds // n_windows``), per layer
+    of ``group`` (layers reading one tensor share one list): ``(stats, {layer: [XᵀX_f [K, K] fp64]})``."""
+    acc: dict[str, list[torch.Tensor]] = {}
+    rows = {}  # windows seen so far, per owning layer
+    last: list = [None, None]  # (layer, input) of the hook that fired last: q/k/v read one tensor
+
+    def make(rel):
+        def pre_hook(module, args):
+            x = args[0]
+            if last[1] is x:
+                return  # the same tensor as the previous layer's: counted there
+            last[:] = [rel, x]
+            if rel not in acc:
+                acc[rel] = [torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
+                            for _ in range(folds)]
+                rows[rel] = 0
+            x3 = x.reshape(x.shape[0], -1, x.shape[-1]) if x.ndim == 3 else x.reshape(1, -1, x.shape[-1])
+            fold = [(rows[rel] + j) * folds // n_windows for j in range(x3.shape[0])]
+            for f in sorted(set(fold)):
+                xf = x3[[j for j, g in enumerate(fold) if g == f]].reshape(-1, x.shape[-1]).to(torch.float32)
+                acc[rel][f].add_(torch.mm(xf.t(), xf))  # fp32 product, fp64 sum (as InputStats)
+            rows[rel] += x3.shape[0]
+        return pre_hook
+
+    handles = [step.module(rel).register_forward_pre_hook(make(rel)) for rel in group]
+    try:  # registered before the engine's own hooks: they run first, before it stops the forward
+        stats = step.collect_input_stats(group)
+    finally:
+        for h in handles:
+            h.remove()
+    by_fold = {}
+    for rel in group:  # layers sharing one input tensor share one InputStats: and one fold list
+        owner = next((o for o in acc if stats[o] is stats[rel]), None)
+        if owner is None:
+            raise RuntimeError(f"{step.name}.{rel}: its input was never seen by the cross-validation hooks")
+        total, xtx = sum(acc[owner]), stats[rel].xtx
+        if not torch.allclose(total, xtx.to(total.dtype), rtol=1e-4, atol=1e-6 * float(xtx.diagonal().max())):
+            raise RuntimeError(f"{step.name}.{rel}: the folds' XᵀX do not add up to the layer's ({rows[owner]} "
+                               "windows seen); the calibration engine ran this layer differently than expected")
+        by_fold[rel] = acc[owner]
+    return stats, by_fold
 
 
 def _solve_all(dist, layers: dict[str, tuple[nn.Module, InputStats]], solve, adapter_name: str,
