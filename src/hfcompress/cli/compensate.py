@@ -21,9 +21,10 @@ def add_parser(sub) -> None:
     p.add_argument("--n-samples", type=int, default=32, help="eora: calibration windows")
     p.add_argument("--seq-len", type=int, default=512, help="eora: tokens per calibration window")
     p.add_argument("--batch-size", type=int, default=4, help="eora: calibration windows per forward")
-    p.add_argument("--shrinkage", type=float, default=None,
+    p.add_argument("--shrinkage", type=_shrinkage, default=None,
                    help="eora: solve on (1 - SHRINKAGE)·XᵀX + SHRINKAGE·diag(XᵀX), in [0, 1] (0: the paper's "
-                        "EoRA; default: EoRAConfig's, 0.5)")
+                        "EoRA; default: EoRAConfig's, 0.5), or 'cv': chosen per layer by cross-validation "
+                        "on the calibration windows")
     p.add_argument("--target-modules", nargs="*", default=None, metavar="PATTERN",
                    help="module-name patterns to compensate (default: every layer that differs from the original)")
     p.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
@@ -31,6 +32,10 @@ def add_parser(sub) -> None:
                         "float16 is what the added bits per weight in adapter_config.json count")
     p.add_argument("--out", required=True, help="adapter output directory")
     p.set_defaults(func=run)
+
+
+def _shrinkage(v: str):
+    return v if v == "cv" else float(v)
 
 
 def run(args: argparse.Namespace) -> int:
