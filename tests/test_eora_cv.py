@@ -140,3 +140,14 @@ def test_cv_compensate_chooses_per_layer_and_beats_svd(llama_rtn3):
 def test_cv_config_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         hfcompress.EoRAConfig(**kwargs)
+
+
+def test_cli_shrinkage_cv():
+    from hfcompress.cli.main import build_parser
+
+    args = build_parser().parse_args(["compensate", "q", "--original", "f", "--shrinkage", "cv", "--out", "a"])
+    assert args.shrinkage == "cv"
+    assert build_parser().parse_args(["compensate", "q", "--original", "f", "--shrinkage", "0.3",
+                                      "--out", "a"]).shrinkage == 0.3
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compensate", "q", "--original", "f", "--shrinkage", "half", "--out", "a"])
