@@ -19,6 +19,7 @@ Shrinkage (not in the paper; ``EoRAConfig.shrinkage``): ``XᵀX`` of a few calib
 over-fits them, so step 2 may take :func:`shrink_to_diagonal` ``(1 - t) XᵀX + t diag(XᵀX)`` instead:
 each input channel keeps its scale, the cross-channel correlations are shrunk by ``t``
 (``t = 0``: the paper's EoRA; ``t = 1``: SVD of ``ΔW D^½`` mapped back by ``D^-½``, ``D = diag(XᵀX)``).
+:mod:`hfcompress.algorithms.eora_cv` chooses ``t`` per layer by cross-validation.
 Pure torch; no I/O.
 """
 
