@@ -167,6 +167,26 @@ def test_calibration_input_stats_half_filled_sum_is_full_xtx_and_merges():
     torch.testing.assert_close(H, (2 * ref / 150).float(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [40, 256, 2 * 256 + 37, 1536])
+def test_calibration_hessian_of_the_half_filled_sum_is_the_mirrored_sum_scaled_bit_for_bit(k):
+    """hessian() scales only the blocks add_ fills and mirrors them in fp32: every entry is the one
+    of the readable formula (the float64 sum mirrored, times 2 / n, rounded to fp32), and the
+    stats are left as they were (still half-filled: a later add_ or a reduction sends the same)."""
+    from hfcompress.calibration import InputStats
+
+    g = torch.Generator().manual_seed(k)
+    stats = InputStats.zeros(k)
+    for _ in range(3):
+        stats.add_(torch.randn(37, k, generator=g) * torch.rand(k, generator=g) * 3)  # uneven channel scales
+    half = stats._half
+    before = stats.upper().clone()
+    H = stats.hessian()
+    assert stats._half == half and torch.equal(stats.upper(), before)
+    ref = torch.mul(stats.xtx, 2.0 / 111, out=torch.empty(k, k))  # mirrored float64 sum, scaled, fp32
+    assert H.dtype == torch.float32 and torch.equal(H, ref)
+    assert half == (k > InputStats.BLOCK) and (not half or torch.equal(H, H.t()))
+
+
 def test_calibration_input_stats_bf16_inputs_exact_products_fp32_inputs_full_precision():
     """bf16 activations go through the bf16 product path (their values are exact in bf16): the sum
     is as close to the float64 product as the fp32 path's; fp32 activations are not rounded to bf16

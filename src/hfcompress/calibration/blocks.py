@@ -231,10 +231,21 @@ class InputStats:
         self._half = False
 
     def hessian(self) -> torch.Tensor:
-        """GPTQ's ``H = 2 X X^T / n`` (``[K, K]``, fp32)."""
-        xtx = self.xtx
-        # (the float64 product rounded once to fp32, with no float64 temporary)
-        return torch.mul(xtx, 2.0 / max(self.n_tokens, 1), out=torch.empty(xtx.shape, dtype=torch.float32, device=xtx.device))
+        """GPTQ's ``H = 2 X X^T / n`` (``[K, K]``, fp32): each float64 entry times ``2 / n``, rounded
+        once to fp32 (no float64 temporary). While only the blocks on and above the diagonal are
+        filled (``add_``), only those are scaled and the blocks below mirror them in fp32: the
+        same values as scaling the mirrored sum (an entry-wise product), at half the float64 reads
+        and no float64 mirroring (a rank of a distributed GPTQ does this for every Hessian)."""
+        s, scale = self._sum, 2.0 / max(self.n_tokens, 1)
+        H = torch.empty(s.shape, dtype=torch.float32, device=s.device)
+        if not self._half:
+            return torch.mul(s, scale, out=H)
+        k, b = s.shape[0], self.BLOCK
+        for i in range(0, k, b):  # block row i: the diagonal block and right of it
+            torch.mul(s[i:i + b, i:], scale, out=H[i:i + b, i:])
+        for i in range(b, k, b):  # lower block rows <- transposed upper block columns (as ``xtx``)
+            H[i:i + b, :i] = H[:i, i:i + b].t()
+        return H
 
 
 @dataclass
