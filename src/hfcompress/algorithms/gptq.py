@@ -128,18 +128,22 @@ def _column_loop_(W, U, codes, scales, zeros, col_group, perm, static, spec, g, 
     """Algorithm 1's loop over column blocks of ``B`` (W [N, K] permuted, U [K, K] upper Cholesky
     of H^-1); fills ``codes``, ``scales``, ``zeros``, ``col_group`` in place.
 
-    A column is nine small operations whatever ``N``, each on contiguous memory: the block is
-    worked on transposed (``W1t [b, N]``: a column of W is a row there), its codes are rounded in
-    place in ``Q1t`` and its errors computed in place in ``E1t`` (both allocated once); every
-    column's views come from one ``unbind`` per block. The arithmetic is the readable one's
-    (``q = clamp(round(w / scale) + zero)``, ``err = (w - (q - zero) * scale) / U[i, i]``,
-    ``W[:, j] -= err * U[i, j]`` for the block's later columns ``j``), in the same order."""
+    A column is seven small operations whatever ``N`` (nine with float zeros), each on contiguous
+    memory: the block is worked on transposed (``W1t [b, N]``: a column of W is a row there), its
+    codes are rounded in place in ``Q1t`` and its errors computed in place in ``E1t`` (both
+    allocated once); every column's views come from one ``unbind`` per block. The arithmetic is
+    the readable one's (``q = clamp(round(w / scale) + zero)``, ``err = (w - (q - zero) * scale) /
+    U[i, i]``, ``W[:, j] -= err * U[i, j]`` for the block's later columns ``j``), in the same order.
+    With integer zeros the loop keeps the level ``q - zero = clamp(round(w / scale), -zero, maxq -
+    zero)`` (small integers, exact in fp32: the same level, so the same error) and adds the zeros
+    back once per block."""
     n, k = W.shape
     maxq = (1 << spec.bits) - 1
     float_zero = spec.zero_point == "float"
     if static is not None:  # natural group of each (permuted) column
         groups = [0] * k if spec.group_size == -1 else [p // g for p in perm.tolist()]
         col_group.copy_(torch.tensor(groups))
+        bounds = [(-z, maxq - z) for _, z in static]  # the levels each grid allows
     else:  # a new group starts every g columns (blocks divide g): its grid is fitted there
         col_group.copy_(torch.arange(k, device=W.device) // g)
     Qt = torch.empty(min(B, k), n, dtype=W.dtype, device=W.device)   # [B, N] codes (float) of a block
@@ -150,22 +154,29 @@ def _column_loop_(W, U, codes, scales, zeros, col_group, perm, static, spec, g, 
         W1t = W[:, i1:i2].t().contiguous()    # [b, N] columns of this block (as rows), updated in place
         Q1t, E1t = Qt[:b], Et[:b]
         U1 = U[i1:i2, i1:i2]                  # [b, b]
+        block_zeros = []                      # static groups: the zero of each column (for the codes)
         cols = zip(W1t.unbind(0), Q1t.unbind(0), E1t.unbind(0), U1.diagonal().unbind(0))
         for i, (w, q, err, u_ii) in enumerate(cols):                # w, q, err [N]; u_ii = U1[i, i]
             col = i1 + i
             if static is not None:
                 scale, zero = static[groups[col]]
+                lo, hi = bounds[groups[col]]
+                block_zeros.append(zero)
             elif col % g == 0:                # a new group starts (i == 0): fit its grid on current values
                 grp = col // g
                 scale, zero = group_grid(W[:, col:col + g], U.diagonal()[col:col + g], spec, mse_clip)
                 scales[:, grp], zeros[:, grp] = scale, zero
+                lo, hi = -zero, maxq - zero
             if float_zero:                                           # q = clamp(round(w / scale + zero))
                 torch.div(w, scale, out=q).add_(zero).round_().clamp_(0, maxq)
-            else:                                                    # q = clamp(round(w / scale) + zero)
-                torch.div(w, scale, out=q).round_().add_(zero).clamp_(0, maxq)
-            torch.sub(q, zero, out=err).mul_(scale)                  # err = (w - (q - zero) * scale) / U1[i, i]:
+                torch.sub(q, zero, out=err).mul_(scale)              # err = (w - (q - zero) * scale) / U1[i, i]
+            else:                                                    # q - zero = clamp(round(w / scale), -zero, maxq - zero)
+                torch.div(w, scale, out=q).round_().clamp_(lo, hi)
+                torch.mul(q, scale, out=err)                         # err = (w - (q - zero) * scale) / U1[i, i]
             torch.sub(w, err, out=err).div_(u_ii)                    # the rounding error, scaled
             W1t[i:].addr_(U1[i, i:], err, alpha=-1)                  # spread it over the block's rest
+        if not float_zero:                                           # codes = levels + zero
+            Q1t.add_(torch.stack(block_zeros) if static is not None else zero)
         codes[:, i1:i2] = Q1t.t()
         W[:, i2:].addmm_(E1t.t().contiguous(), U[i1:i2, i2:], alpha=-1)   # lazy batch update of later columns
 
