@@ -3,8 +3,10 @@ WORLD_SIZE, MASTER_ADDR, MASTER_PORT set, as torchrun sets them).
 
     python distributed_worker.py SCENARIO OUT_DIR [SRC_DIR]
 
-``equal``: GPTQ (one, two, and three / two calibration batches per rank), SpQR and EoRA in memory; every
-rank saves what it ended with to OUT_DIR/rank{r}-*.safetensors; then a job whose config differs
+``equal``: GPTQ (one, two, and three / two calibration batches per rank; the first two with every
+factor's chunks shared out, the third with the narrow factors solved whole on each rank, as shipped),
+SpQR and EoRA in memory; every rank saves what it ended with to OUT_DIR/rank{r}-*.safetensors (and
+what the first and third GPTQ jobs sent, per kind, to rank{r}-sent-*.json); then a job whose config differs
 between the ranks, whose error each rank saves to OUT_DIR/rank{r}-mismatch.json. ``raise`` / ``die`` / ``hang``:
 GPTQ streaming SRC_DIR into OUT_DIR/model where rank 1 raises, exits or stops answering when it
 solves its first layer of block 1. Rank 0 reports the outcome in OUT_DIR/rank0.json.
@@ -84,14 +86,21 @@ def main() -> None:
     dist.init_process_group("gloo", timeout=timeout())
     rank = dist.get_rank()
     if scenario == "equal":
-        from hfcompress.distributed import current
+        from hfcompress.distributed import current, solve
 
-        before = dict(current().sent)
-        save_file(tensors(gptq_model(4, 2)), os.path.join(out, f"rank{rank}-gptq-1batch.safetensors"))
-        with open(os.path.join(out, f"rank{rank}-sent.json"), "w") as f:  # bytes one GPTQ job sent, per kind
-            json.dump({k: v - before.get(k, 0) for k, v in current().sent.items()}, f)
-        for name, result in (("gptq-2batches", lambda: gptq_model(8, 2)),
-                             ("gptq-5batches", lambda: gptq_model(10, 2)), ("spqr", spqr_model), ("eora", eora_adapter)):
+        def sent_by(job, name):  # bytes one GPTQ job sent, per kind
+            before = dict(current().sent)
+            save_file(tensors(job()), os.path.join(out, f"rank{rank}-{name}.safetensors"))
+            with open(os.path.join(out, f"rank{rank}-sent-{name}.json"), "w") as f:
+                json.dump({k: v - before.get(k, 0) for k, v in current().sent.items()}, f)
+
+        wide = solve.FACTOR_SHARE_MIN_K
+        solve.FACTOR_SHARE_MIN_K = 0  # the tiny model's factors are narrow: share them out all the same
+        sent_by(lambda: gptq_model(4, 2), "gptq-1batch")
+        save_file(tensors(gptq_model(8, 2)), os.path.join(out, f"rank{rank}-gptq-2batches.safetensors"))
+        solve.FACTOR_SHARE_MIN_K = wide  # as shipped: every rank solves these factors whole
+        sent_by(lambda: gptq_model(10, 2), "gptq-5batches")
+        for name, result in (("spqr", spqr_model), ("eora", eora_adapter)):
             save_file(tensors(result()), os.path.join(out, f"rank{rank}-{name}.safetensors"))
         try:  # ranks that disagree on the job (here: the group size) are refused before any work
             hfcompress.quantize_(llama_gqa(), hfcompress.GPTQConfig(bits=4, group_size=32 if rank == 0 else 16),

@@ -248,11 +248,27 @@ def test_each_rank_solves_half_of_every_inverse_and_sends_packed_codes(two_ranks
     widest = {k: max(sum(b * (b - a) for a, b in s) for s in inverse_shares(k, 2)) for k in ks}
     assert all(widest[k] < k * (k + 1) / 2 for k in ks if k > 64), widest  # shared out, not solved by one rank
     for rank in (0, 1):
-        sent = json.loads((two_ranks / f"rank{rank}-sent.json").read_text())
+        sent = json.loads((two_ranks / f"rank{rank}-sent-gptq-1batch.json").read_text())
         assert sent["factor"] == sum(widest[k] * 4 for k in ks), sent
         # both ranks' rows (each rank counts what it sends and receives): per weight 4 bits of code and its
         # fp32 dequantized value, plus per group of 32 an fp16 scale and a uint8 zero, plus headers
         assert n_weights * 4.5 < sent["rows"] < n_weights * 4.5 * 1.1, (sent, n_weights)
+
+
+def test_narrow_factors_are_solved_whole_on_every_rank(two_ranks):
+    """Below FACTOR_SHARE_MIN_K (as shipped; the tiny model's widths are 64-256) no rank sends any of
+    a factor: each solves it whole, as a single process does, and the checkpoint is the same bit for
+    bit (``test_two_ranks_equal_single_process_bit_for_bit[gptq-5batches]``); the X^T X sums and the
+    rows travel as when the chunks are shared (same job shape: the same bytes)."""
+    from hfcompress.distributed.solve import FACTOR_SHARE_MIN_K
+
+    model = llama_gqa()
+    assert max(m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)) < FACTOR_SHARE_MIN_K
+    for rank in (0, 1):
+        whole = json.loads((two_ranks / f"rank{rank}-sent-gptq-5batches.json").read_text())
+        shared = json.loads((two_ranks / f"rank{rank}-sent-gptq-1batch.json").read_text())
+        assert whole.get("factor", 0) == 0 and shared["factor"] > 0, (whole, shared)
+        assert whole["xtx"] == shared["xtx"] and whole["rows"] == shared["rows"], (whole, shared)
 
 
 def test_ranks_with_different_jobs_are_refused_on_every_rank(two_ranks):

@@ -7,9 +7,10 @@ no part of it is done twice where it can be shared:
 - ``X^T X`` is summed over the ranks (float64: exact, so every rank's ``H`` is the single process's; only
   the blocks on and above its diagonal travel);
 - GPTQ's factor ``U = R^-1`` (``H = R R^T``, :func:`~hfcompress.algorithms.gptq.inverse_hessian_cholesky`)
-  is solved in fixed column chunks, independent solves: each rank solves its share of the chunks and
-  the shares are gathered (each chunk is the single process's own call: the same ``U`` bit for bit);
-  only the one Cholesky factorization of ``H`` is done by every rank;
+  is solved in fixed column chunks, independent solves: for a wide ``H`` (:data:`FACTOR_SHARE_MIN_K`)
+  each rank solves its share of the chunks and the shares are gathered (each chunk is the single
+  process's own call: the same ``U`` bit for bit), then only the one Cholesky factorization of ``H``
+  is done by every rank; a narrow one every rank solves whole (the gather would cost more);
 - each rank runs GPTQ's column loop on its contiguous share of the stacked rows, then packs its
   rows (4-bit codes in int32 words, fp16 scales) and dequantizes them (the float weight the block
   computes with); the packed rows and the dequantized rows are exchanged: nobody packs or
@@ -27,6 +28,15 @@ import torch
 
 from ..modules import is_conv1d, linear_weight
 from .plan import assign, gptq_cost
+
+#: GPTQ factors ``U = R^-1 [K, K]`` of at least this width have their column chunks shared out over
+#: the ranks (:func:`split_inverse`); narrower ones are solved whole by every rank, as a single process
+#: does (the same ``U`` either way). Sharing saves ``(1 - 1/P)`` of the chunks' ``K^3 / 3`` and costs a
+#: gather of ``~2 K^2`` bytes and one more point where the ranks wait for each other: on SmolLM2
+#: (K = 576 and 1536; gloo, one CPU thread per rank) the ranks finished 0.5-2.0 s sooner without it
+#: (27.3 / 27.1 s vs 29.3 / 27.6 s, 64x256, benchmarks/README.md); at 2048 the chunks cost ~2.4x
+#: those of 1536 for ~1.8x the bytes
+FACTOR_SHARE_MIN_K = 2048
 
 
 def solve_group(dist, step, config, stats: dict, units: list[list[str]], run_load: list[float]) -> dict:
@@ -116,7 +126,8 @@ def _solve_rows(dist, step, config, stats, names: list[str], run_load: list[floa
         if b == a:
             return {}
         full = {f"{step.name}.{n}": m for n, m in modules.items()}
-        res = gptq_rows(full, H, config, where, slice(a, b), solve_inverse=split_inverse(dist, where))
+        share = k >= FACTOR_SHARE_MIN_K
+        res = gptq_rows(full, H, config, where, slice(a, b), solve_inverse=split_inverse(dist, where) if share else None)
         mine, row = {}, 0
         for n, w in weights.items():  # this rank's rows of each layer: packed, and dequantized
             lo, hi = max(a, row), min(b, row + w.shape[0])
