@@ -92,7 +92,7 @@ PHASES = [
     ("hfcompress.distributed.context", "reduce_", "DistContext", "comm: X^T X"),
     ("hfcompress.distributed.context", "gather_columns", "DistContext", "comm: factor"),
     ("hfcompress.distributed.context", "exchange", "DistContext", "comm: results"),
-    ("hfcompress.distributed.context", "check", "DistContext", "comm: checks"),
+    ("hfcompress.distributed.context", "check", "DistContext", "comm: check"),  # by site: _check_site
     ("hfcompress.distributed.context", "all_sum", "DistContext", "comm: checks"),
     ("hfcompress.distributed.context", "same_everywhere", "DistContext", "comm: checks"),
 ]
@@ -111,13 +111,18 @@ def _install_phase_timers() -> dict:
         @functools.wraps(fn)
         def timed(*a, **kw):
             w0, c0 = time.perf_counter(), time.process_time()
-            stack.append([0.0, 0.0, phase])
+            name = phase
+            if fn.__name__ == "check":  # where the ranks wait: the check's site (and the sums it runs)
+                name = _check_site(a, kw)
+            elif stack and stack[-1][2].startswith("comm: check, "):
+                name = stack[-1][2]
+            stack.append([0.0, 0.0, name])
             try:
                 return fn(*a, **kw)
             finally:
-                child_w, child_c, _ = stack.pop()
+                child_w, child_c, name = stack.pop()
                 w, c = time.perf_counter() - w0, time.process_time() - c0
-                t = totals.setdefault(phase, [0.0, 0.0, 0])
+                t = totals.setdefault(name, [0.0, 0.0, 0])
                 t[0] += w - child_w
                 t[1] += c - child_c
                 t[2] += 1
@@ -139,6 +144,18 @@ def _install_phase_timers() -> dict:
 
 
 _STACK = "_stack"  # key of the timers' stack in the dict _install_phase_timers returns
+
+
+def _check_site(args: tuple, kwargs: dict) -> str:
+    """``DistContext.check(error, where)``'s phase: "comm: check, <step>" with the block's and the
+    layers' names dropped (``model.layers.3: calibration forward`` -> ``calibration forward``; the
+    factor's check, named by its layers, -> ``factor``): where the ranks wait for each other."""
+    where = str(kwargs.get("where", args[2] if len(args) > 2 else ""))
+    if ": " in where:
+        site = where.rpartition(": ")[2]
+    else:  # the factor's check names only its layers; the job's own checks are sentences
+        site = "factor" if " " not in where else where
+    return f"comm: check, {site}"
 
 
 def _sample_rss(phases: dict, every_s: float = 0.01) -> dict:
@@ -193,6 +210,7 @@ def rank_main(args) -> None:
         dist = current()
         dist.barrier()  # a common start: every rank has imported, read its tokens and joined
     rss0, cpu0, t0 = _rss_mb(), _cpu_s(), time.perf_counter()
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
     cfg = hfcompress.GPTQConfig(**gptq_options(args.zero_point, args.static_groups), n_samples=n_samples,
                                 seq_len=seq_len)
     device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if args.device == "cuda" else None
@@ -200,7 +218,10 @@ def rank_main(args) -> None:
     if device is not None:
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     report = {"rank": dist.rank if dist else 0, "device": device or "cpu", "wall_s": round(wall, 2), "cpu_s": round(_cpu_s() - cpu0, 2),
+              "user_s": round(usage.ru_utime - usage0.ru_utime, 2), "sys_s": round(usage.ru_stime - usage0.ru_stime, 2),
+              "minor_faults": usage.ru_minflt - usage0.ru_minflt,
               "peak_rss_mb": round(_rss_mb(), 1), "rss_before_mb": round(rss0, 1),
               "torch_threads": torch.get_num_threads(), "sent_bytes": dict(dist.sent) if dist else {}}
     if phases is not None:
