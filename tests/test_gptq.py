@@ -109,11 +109,12 @@ def _column_loop_readable(W, U, codes, scales, zeros, col_group, perm, static, s
         W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1)
 
 
-@pytest.mark.parametrize("static_groups,zero_point,group_size,mse_clip", [
-    (False, "int", 32, True), (True, "int", 32, True), (False, "float", 32, True), (True, "float", 32, False),
-    (False, "int", -1, True), (False, "int", 32, False)])
+@pytest.mark.parametrize("static_groups,zero_point,group_size,mse_clip,sym", [
+    (False, "int", 32, True, False), (True, "int", 32, True, False), (False, "float", 32, True, False),
+    (True, "float", 32, False, False), (False, "int", -1, True, False), (False, "int", 32, False, False),
+    (False, "int", 32, False, True), (True, "int", 16, True, True)])
 def test_gptq_column_loop_is_the_readable_algorithm_bit_for_bit(monkeypatch, static_groups, zero_point, group_size,
-                                                               mse_clip):
+                                                               mse_clip, sym):
     """The trimmed column loop computes Algorithm 1's very numbers (codes, grids, g_idx), on a ragged
     width with a dead input."""
     import hfcompress.algorithms.gptq as G
@@ -124,7 +125,7 @@ def test_gptq_column_loop_is_the_readable_algorithm_bit_for_bit(monkeypatch, sta
     X[:, 9] = 0
     H = 2 * X.t() @ X / 400
     W = torch.randn(n, k, generator=g)
-    spec = IntGroupSpec(bits=4, group_size=group_size, act_order=True, zero_point=zero_point)
+    spec = IntGroupSpec(bits=4, group_size=group_size, act_order=True, zero_point=zero_point, sym=sym)
     fast = G.gptq(W, H, spec, static_groups=static_groups, mse_clip=mse_clip)
     monkeypatch.setattr(G, "_column_loop_", _column_loop_readable)
     ref = G.gptq(W, H, spec, static_groups=static_groups, mse_clip=mse_clip)
