@@ -143,6 +143,9 @@ for _bits in (3, 4):
     # samples itself (hfcompress.calibration.generate; cached under benchmarks/.cache): same token count
     ENTRIES[f"gptq-w{_bits}-g64+eora-mixgen-r32"] = (
         "compensate", {"base": f"gptq-w{_bits}-g64", "method": "eora", "rank": 32, "calibration": "mixed+generated"})
+    # EoRA calibrated on all the default windows plus half as many sampled from the float model (48 windows)
+    ENTRIES[f"gptq-w{_bits}-g64+eora-mixgen48-r32"] = (
+        "compensate", {"base": f"gptq-w{_bits}-g64", "method": "eora", "rank": 32, "calibration": "mixed+generated48"})
 CACHE = os.path.join(HERE, ".cache")
 
 
@@ -314,15 +317,15 @@ def run_entry(name: str) -> dict:
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
         out["bits_per_weight"] = _linear_bits(model, linears)
         calib = torch.cat(batches)  # [n, seq]
-        if opts.get("calibration") == "mixed+generated":
+        if opts.get("calibration") in ("mixed+generated", "mixed+generated48"):
             from hfcompress.calibration.generate import cached_generated_ids
 
             t0 = time.perf_counter()
             gen = cached_generated_ids(float_model, tok, calib.shape[0] // 2, calib.shape[1], CACHE, seed=0)
             out["generate_s"] = round(time.perf_counter() - t0, 1)  # 0 when cached
-            calib = torch.cat([calib[::2], gen])
+            calib = torch.cat([calib[::2] if opts["calibration"] == "mixed+generated" else calib, gen])
         cfg = hfcompress.EoRAConfig(rank=opts["rank"], method=opts["method"], dataset=calib,
-                                    n_samples=CALIB["n_samples"], seq_len=CALIB["seq_len"], batch_size=8,
+                                    n_samples=calib.shape[0], seq_len=CALIB["seq_len"], batch_size=8,
                                     **{k: opts[k] for k in ("shrinkage",) if k in opts})
         t0, c0 = time.perf_counter(), time.process_time()
         model = hfcompress.compensate(model, float_model, cfg)
@@ -653,7 +656,7 @@ def eora_table(data: dict) -> str:
         lines.append(f"| gptq-w{bits}-g64 | 0 | 0 | none | "
                      + " | ".join(_fmt(base.get(f"ppl_{d}"), 3) for d in cols) + " | | | |")
         for rank in EORA_RANKS:
-            got = {m: rows.get(f"gptq-w{bits}-g64+{m}-r{rank}") for m in ("eora", "eora-cv", "eora-mixgen", "svd")}
+            got = {m: rows.get(f"gptq-w{bits}-g64+{m}-r{rank}") for m in ("eora", "eora-cv", "eora-mixgen", "eora-mixgen48", "svd")}
             for method, r in got.items():
                 if not r:
                     continue
