@@ -107,6 +107,10 @@ ENTRIES = {
     "spqr-mixed-3.6r0.18-t0.5-damp0.1": ("hfcompress", {"method": "spqr", "bits": 3, "group_size": 16,
                                                         "stat_group_size": 64, "outlier_threshold": 0.5, "damp": 0.1,
                                                         "module_formats_from": "results/spqr_mixed_3.6_r0.18.json"}),
+    # 4-bit levels in the natural column order (spqr_mixed.py --natural-order-4bit)
+    "spqr-mixed-3.6nat-t0.6-damp0.1": ("hfcompress", {"method": "spqr", "bits": 3, "group_size": 16,
+                                                      "stat_group_size": 64, "outlier_threshold": 0.6, "damp": 0.1,
+                                                      "module_formats_from": "results/spqr_mixed_3.6_nat.json"}),
     # the same without outliers: the whole budget for the levels (table of --outlier-reserve 0)
     "spqr-mixed-3.6-noout-damp0.1": ("hfcompress", {"method": "spqr", "bits": 3, "group_size": 16,
                                                     "stat_group_size": 64, "outlier_threshold": None, "damp": 0.1,

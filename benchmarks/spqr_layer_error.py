@@ -68,6 +68,9 @@ CONFIGS = {
     "spqr-w4-g32-sg64-t0.5-damp0.1": (dict(bits=4, group_size=32, stat_group_size=64), 0.5, 0.1, {}),
     "spqr-w4-g32-sg64-t0.5-damp0.1-noact": (dict(bits=4, group_size=32, stat_group_size=64, act_order=False), 0.5,
                                             0.1, {}),
+    "spqr-w4-g32-s4-sg64-t0.5-damp0.1": (dict(bits=4, group_size=32, stat_bits=4, stat_group_size=64), 0.5, 0.1, {}),
+    "spqr-w4-g32-s4-sg64-t0.5-damp0.1-noact": (dict(bits=4, group_size=32, stat_bits=4, stat_group_size=64,
+                                                 act_order=False), 0.5, 0.1, {}),
 }
 GPTQ = {"gptq-w4-g128": (4, 128), "gptq-w3-g64": (3, 64)}
 
