@@ -99,36 +99,41 @@ PHASES = [
 
 
 def _install_phase_timers() -> dict:
-    """Wrap the functions of :data:`PHASES`; returns ``{phase: [wall s, cpu s, calls]}`` (exclusive
+    """Wrap the functions of :data:`PHASES`; returns ``{phase: [wall s, cpu s, calls, minor page faults]}`` (exclusive
     of the timed functions they call), filled as the job runs."""
     import functools
     import importlib
 
     totals: dict[str, list] = {}
-    stack: list[list] = []  # [wall of timed children, cpu of timed children, phase]
+    stack: list[list] = []  # [wall of timed children, cpu of timed children, phase, faults of timed children]
+
+    def faults() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
     def wrap(fn, phase):
         @functools.wraps(fn)
         def timed(*a, **kw):
-            w0, c0 = time.perf_counter(), time.process_time()
+            w0, c0, f0 = time.perf_counter(), time.process_time(), faults()
             name = phase
             if fn.__name__ == "check":  # where the ranks wait: the check's site (and the sums it runs)
                 name = _check_site(a, kw)
             elif stack and stack[-1][2].startswith("comm: check, "):
                 name = stack[-1][2]
-            stack.append([0.0, 0.0, name])
+            stack.append([0.0, 0.0, name, 0])
             try:
                 return fn(*a, **kw)
             finally:
-                child_w, child_c, name = stack.pop()
-                w, c = time.perf_counter() - w0, time.process_time() - c0
-                t = totals.setdefault(name, [0.0, 0.0, 0])
+                child_w, child_c, name, child_f = stack.pop()
+                w, c, f = time.perf_counter() - w0, time.process_time() - c0, faults() - f0
+                t = totals.setdefault(name, [0.0, 0.0, 0, 0])
                 t[0] += w - child_w
                 t[1] += c - child_c
                 t[2] += 1
+                t[3] += f - child_f
                 if stack:
                     stack[-1][0] += w
                     stack[-1][1] += c
+                    stack[-1][3] += f
         return timed
 
     for mod_name, attr, cls, phase in PHASES:
@@ -226,8 +231,8 @@ def rank_main(args) -> None:
               "torch_threads": torch.get_num_threads(), "sent_bytes": dict(dist.sent) if dist else {}}
     if phases is not None:
         phases.pop(_STACK)
-        report["phases"] = {k: {"wall_s": round(w, 3), "cpu_s": round(c, 3), "calls": n}
-                            for k, (w, c, n) in sorted(phases.items(), key=lambda kv: -kv[1][0])}
+        report["phases"] = {k: {"wall_s": round(w, 3), "cpu_s": round(c, 3), "calls": n, "minor_faults": f}
+                            for k, (w, c, n, f) in sorted(phases.items(), key=lambda kv: -kv[1][0])}
         report["peak_rss_mb_by_phase"] = {k: round(v, 1) for k, v in sorted(rss_by_phase.items(), key=lambda kv: -kv[1])}
     with open(args.report, "w") as f:
         json.dump(report, f)
