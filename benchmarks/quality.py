@@ -41,6 +41,15 @@ CALIB = dict(n_samples=32, seq_len=256)
 CALIBRATED_DOMAINS = ["hamlet"]
 EVAL = dict(window=512, stride=256, max_tokens=2048)
 
+
+def _spqr_mixed(threshold, table: str):
+    """SpQR w3 g16, statistics in groups of 64, damp 0.1, on the per-layer bit widths of
+    ``results/<table>.json`` (benchmarks/spqr_mixed.py), outlier threshold ``threshold``."""
+    return ("hfcompress", {"method": "spqr", "bits": 3, "group_size": 16, "stat_group_size": 64,
+                           "outlier_threshold": threshold, "damp": 0.1,
+                           "module_formats_from": f"results/{table}.json"})
+
+
 ENTRIES = {
     "fp32": ("float", {}),
     "bf16": ("float", {"dtype": "bfloat16"}),
@@ -94,27 +103,15 @@ ENTRIES = {
                                                      "stat_group_size": 64, "outlier_threshold": 0.5, "damp": 0.1}),
     # per-layer bit widths under the 3.6-bit budget (benchmarks/spqr_mixed.py: the module_formats table chosen
     # from calibration statistics, Fisher-weighted rounding error); the other layers as the entry above
-    "spqr-mixed-3.6-t0.5-damp0.1": ("hfcompress", {"method": "spqr", "bits": 3, "group_size": 16,
-                                                   "stat_group_size": 64, "outlier_threshold": 0.5, "damp": 0.1,
-                                                   "module_formats_from": "results/spqr_mixed_3.6.json"}),
+    "spqr-mixed-3.6-t0.5-damp0.1": _spqr_mixed(0.5, "spqr_mixed_3.6"),
     # the same table with fewer outliers (a larger threshold), and a table with more bits set aside for them
-    "spqr-mixed-3.6-t0.6-damp0.1": ("hfcompress", {"method": "spqr", "bits": 3, "group_size": 16,
-                                                   "stat_group_size": 64, "outlier_threshold": 0.6, "damp": 0.1,
-                                                   "module_formats_from": "results/spqr_mixed_3.6.json"}),
-    "spqr-mixed-3.6-t0.7-damp0.1": ("hfcompress", {"method": "spqr", "bits": 3, "group_size": 16,
-                                                   "stat_group_size": 64, "outlier_threshold": 0.7, "damp": 0.1,
-                                                   "module_formats_from": "results/spqr_mixed_3.6.json"}),
-    "spqr-mixed-3.6r0.18-t0.5-damp0.1": ("hfcompress", {"method": "spqr", "bits": 3, "group_size": 16,
-                                                        "stat_group_size": 64, "outlier_threshold": 0.5, "damp": 0.1,
-                                                        "module_formats_from": "results/spqr_mixed_3.6_r0.18.json"}),
+    "spqr-mixed-3.6-t0.6-damp0.1": _spqr_mixed(0.6, "spqr_mixed_3.6"),
+    "spqr-mixed-3.6-t0.7-damp0.1": _spqr_mixed(0.7, "spqr_mixed_3.6"),
+    "spqr-mixed-3.6r0.18-t0.5-damp0.1": _spqr_mixed(0.5, "spqr_mixed_3.6_r0.18"),
     # 4-bit levels in the natural column order (spqr_mixed.py --natural-order-4bit)
-    "spqr-mixed-3.6nat-t0.6-damp0.1": ("hfcompress", {"method": "spqr", "bits": 3, "group_size": 16,
-                                                      "stat_group_size": 64, "outlier_threshold": 0.6, "damp": 0.1,
-                                                      "module_formats_from": "results/spqr_mixed_3.6_nat.json"}),
+    "spqr-mixed-3.6nat-t0.6-damp0.1": _spqr_mixed(0.6, "spqr_mixed_3.6_nat"),
     # the same without outliers: the whole budget for the levels (table of --outlier-reserve 0)
-    "spqr-mixed-3.6-noout-damp0.1": ("hfcompress", {"method": "spqr", "bits": 3, "group_size": 16,
-                                                    "stat_group_size": 64, "outlier_threshold": None, "damp": 0.1,
-                                                    "module_formats_from": "results/spqr_mixed_3.6_r0.json"}),
+    "spqr-mixed-3.6-noout-damp0.1": _spqr_mixed(None, "spqr_mixed_3.6_r0"),
     "gptqmodel-w4-g64": ("gptqmodel", {"bits": 4, "group_size": 64}),
     "gptqmodel-w3-g64": ("gptqmodel", {"bits": 3, "group_size": 64}),
     "hqq-w4-g64": ("hqq", {"bits": 4, "group_size": 64}),
