@@ -67,11 +67,12 @@ def sequential_compensate_(model: nn.Module, targets: list[str], batches: list[t
     from .eora import set_lora_
 
     dist = current() if dist == "auto" else dist
+    n_windows = sum(b.shape[0] for b in batches)
     if folds and dist is not None:
         raise ConfigError("EoRAConfig.shrinkage='cv' (cross-validation) does not run distributed; use a fixed "
                           "shrinkage, or calibrate in one process")
-    if folds and folds > sum(b.shape[0] for b in batches):
-        raise ConfigError(f"EoRAConfig.cv_folds={folds} is more than the {sum(b.shape[0] for b in batches)} "
+    if folds and folds > n_windows:
+        raise ConfigError(f"EoRAConfig.cv_folds={folds} is more than the {n_windows} "
                           "calibration windows")
     if dist is not None:
         from ..calibration.apply import job_fingerprint
@@ -91,7 +92,7 @@ def sequential_compensate_(model: nn.Module, targets: list[str], batches: list[t
         for group in guarded(dist, step.sequential_groups, f"{step.name}: grouping"):
             # XᵀX with earlier groups already compensated
             if folds:
-                stats, by_fold = _collect_with_folds(step, group, folds, sum(b.shape[0] for b in batches))
+                stats, by_fold = _collect_with_folds(step, group, folds, n_windows)
                 fold_solve = {f"{step.name}.{rel}": by_fold[rel] for rel in group}
                 layer_solve = lambda n, xtx: solve(n, xtx, fold_solve[n])  # noqa: E731
             else:
@@ -127,7 +128,7 @@ def _collect_with_folds(step, group: list[str], folds: int, n_windows: int):
     """``step.collect_input_stats(group)`` plus ``XᵀX`` of each of ``folds`` contiguous folds of the
     calibration windows (window ``i`` of ``n_windows`` in fold ``i * folds // n_windows``), per layer
     of ``group`` (layers reading one tensor share one list): ``(stats, {layer: [XᵀX_f [K, K] fp64]})``."""
-    acc: dict[str, list[torch.Tensor]] = {}
+    acc: dict[str, list[InputStats]] = {}
     rows = {}  # windows seen so far, per owning layer
     last: list = [None, None]  # (layer, input) of the hook that fired last: q/k/v read one tensor
 
@@ -138,14 +139,12 @@ def _collect_with_folds(step, group: list[str], folds: int, n_windows: int):
                 return  # the same tensor as the previous layer's: counted there
             last[:] = [rel, x]
             if rel not in acc:
-                acc[rel] = [torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
-                            for _ in range(folds)]
+                acc[rel] = [InputStats.zeros(x.shape[-1], device=x.device) for _ in range(folds)]
                 rows[rel] = 0
             x3 = x.reshape(x.shape[0], -1, x.shape[-1]) if x.ndim == 3 else x.reshape(1, -1, x.shape[-1])
             fold = [(rows[rel] + j) * folds // n_windows for j in range(x3.shape[0])]
             for f in sorted(set(fold)):
-                xf = x3[[j for j, g in enumerate(fold) if g == f]].reshape(-1, x.shape[-1]).to(torch.float32)
-                acc[rel][f].add_(torch.mm(xf.t(), xf))  # fp32 product, fp64 sum (as InputStats)
+                acc[rel][f].add_(x3[[j for j, g in enumerate(fold) if g == f]])
             rows[rel] += x3.shape[0]
         return pre_hook
 
@@ -160,11 +159,12 @@ def _collect_with_folds(step, group: list[str], folds: int, n_windows: int):
         owner = next((o for o in acc if stats[o] is stats[rel]), None)
         if owner is None:
             raise RuntimeError(f"{step.name}.{rel}: its input was never seen by the cross-validation hooks")
-        total, xtx = sum(acc[owner]), stats[rel].xtx
+        fold_xtx = [s.xtx for s in acc[owner]]
+        total, xtx = sum(fold_xtx), stats[rel].xtx
         if not torch.allclose(total, xtx.to(total.dtype), rtol=1e-4, atol=1e-6 * float(xtx.diagonal().max())):
             raise RuntimeError(f"{step.name}.{rel}: the folds' XᵀX do not add up to the layer's ({rows[owner]} "
                                "windows seen); the calibration engine ran this layer differently than expected")
-        by_fold[rel] = acc[owner]
+        by_fold[rel] = fold_xtx
     return stats, by_fold
 
 
