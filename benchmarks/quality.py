@@ -170,9 +170,21 @@ def _setup():
     tok = AutoTokenizer.from_pretrained(src)
     t0 = time.perf_counter()
     batches = get_calibration_batches(tok, None, batch_size=8, **CALIB)  # the default calibration set
+    shift = _calibration_shift()
+    if shift:  # --calibration-shift: the same corpus, every window moved by that fraction of their spacing
+        from hfcompress.calibration.data import load_texts
+
+        ids = tokenize_text(tok, load_texts(None))                    # [T]
+        cut = round(shift * (ids.numel() - CALIB["seq_len"]) / (CALIB["n_samples"] - 1))
+        # the corpus rotated by ``cut`` tokens: the same evenly spaced windows, each ``cut`` later
+        batches = get_calibration_batches(None, torch.cat([ids[cut:], ids[:cut]]), batch_size=8, **CALIB)
     _setup.calibration_s = time.perf_counter() - t0
     evals = {domain: tokenize_text(tok, [text]) for domain, text in eval_texts().items()}
     return src, tok, batches, evals
+
+
+def _calibration_shift() -> float:
+    return float(os.environ.get("HFC_CALIBRATION_SHIFT", "0"))
 
 
 def _perplexities(model, evals):
@@ -250,6 +262,8 @@ def run_entry(name: str) -> dict:
                  "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                           cwd=HERE).stdout.strip(),
                  "loadavg_before": [round(v, 2) for v in os.getloadavg()]}
+    if _calibration_shift():
+        out["calibration_shift"] = _calibration_shift()
     if kind in ("gptqmodel", "compensate") or opts.get("method") in ("gptq", "spqr"):
         from hfcompress.calibration.data import BUNDLED
 
@@ -722,7 +736,13 @@ def main(argv=None) -> int:
     ap.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     ap.add_argument("--merge", nargs="*", default=None, metavar="JSON",
                     help="merge the entries of these results files (runs made in parallel, one --out each) into --out")
+    ap.add_argument("--calibration-shift", type=float, default=0.0,
+                    help="repeat runs on other calibration tokens: every window of the default set moved by this "
+                    "fraction (0-1) of the spacing between windows (0.5: disjoint from the default windows); "
+                    "write them to their own --out, so every ratio is to baselines on the same tokens")
     args = ap.parse_args(argv)
+    if not 0 <= args.calibration_shift < 1:
+        raise SystemExit(f"--calibration-shift={args.calibration_shift}: must be in [0, 1)")
     if args.merge:
         merged = {}
         for path in [args.out] * os.path.isfile(args.out) + args.merge:
@@ -751,7 +771,8 @@ def main(argv=None) -> int:
             print(f"skip {name}: its package is not installed in {sys.executable}", flush=True)
             continue
         print(f"== {name}", flush=True)
-        env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2", TOKENIZERS_PARALLELISM="false")
+        env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2", TOKENIZERS_PARALLELISM="false",
+                   HFC_CALIBRATION_SHIFT=str(args.calibration_shift))
         proc = subprocess.run([sys.executable, __file__, "--entry", name], capture_output=True, text=True, env=env)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not line:

@@ -87,3 +87,70 @@ def test_allocation_proxy_rounds_as_the_formats_data_free_path():
         spec = SpQRSpec(**fields, stat_group_size=32, act_order=False)
         expected = SpQRLinear.from_float(w, None, spec).dequantize()
         assert torch.equal(stored_grid_rounding(w, spec, torch.arange(96)), expected)
+
+
+def _bench_module():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    try:
+        import spqr_mixed
+    finally:
+        sys.path.pop(0)
+    return spqr_mixed
+
+
+def test_spqr_proxy_scores_spqrs_own_output_error_with_its_outliers():
+    """``--proxy spqr``: the estimate is ``1/2 sum_n g_n (dW H dW^T)_nn`` of SpQR's own result
+    (outliers included, counted), every ``row_sample``-th stat group scaled up to all rows."""
+    from hfcompress.algorithms.spqr import prepare_hessian, spqr
+
+    bench = _bench_module()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 64, generator=gen) * torch.linspace(0.2, 3, 64)
+    H = x.t() @ x                                                           # [64, 64]
+    w = torch.randn(96, 64, generator=gen) * 0.05
+    w[5, 7] = 1.0                                                           # an outlier
+    g = torch.rand(96, generator=gen)
+    spec = SpQRSpec(bits=3, group_size=16, stat_group_size=32)
+    res = spqr(w, prepare_hessian(H, 0.1, True), 3, 16, 3, 32, 0.6)
+    dw = SpQRLinear.from_codes(res, spec).dequantize() - w
+    expected = 0.5 * float(sum(g[n] * dw[n] @ H @ dw[n] for n in range(96)))
+    score, nnz = bench.spqr_estimate(w, H, g, spec, 0.6, 0.1, row_sample=1)
+    assert score == pytest.approx(expected, rel=1e-5)
+    assert nnz == res.outlier_rows.numel() and nnz >= 1
+    assert ((res.outlier_rows == 5) & (res.outlier_cols == int((res.perm == 7).nonzero()))).any()
+    # every other stat group of 32 rows (rows 0-31 and 64-95), scaled by 96 / 64
+    rows = torch.cat([torch.arange(32), torch.arange(64, 96)])
+    res2 = spqr(w[rows], prepare_hessian(H, 0.1, True), 3, 16, 3, 32, 0.6)
+    dw2 = SpQRLinear.from_codes(res2, spec).dequantize() - w[rows]
+    expected2 = 0.5 * float(sum(g[r] * dw2[i] @ H @ dw2[i] for i, r in enumerate(rows.tolist()))) * 1.5
+    score2, nnz2 = bench.spqr_estimate(w, H, g, spec, 0.6, 0.1, row_sample=2)
+    assert score2 == pytest.approx(expected2, rel=1e-5)
+    assert nnz2 == res2.outlier_rows.numel() * 1.5
+    # no outliers: none counted, and a larger estimate (the outlier's error stays)
+    score_inf, nnz_inf = bench.spqr_estimate(w, H, g, spec, float("inf"), 0.1, row_sample=1)
+    assert nnz_inf == 0 and score_inf > 1.1 * score
+
+
+def test_fisher_pass_collects_each_inputs_hessian_once():
+    bench = _bench_module()
+    model = llama_gqa(seed=1).float().eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]
+    windows = torch.cat([inputs(batch=2, seq=16, seed=s) for s in range(2)])   # [4, 16]
+    xs = {}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, inp, n=n: xs.setdefault(n, []).append(inp[0].detach().reshape(-1, inp[0].shape[-1])))
+        for n in names]
+    with torch.no_grad():
+        for row in windows:
+            model(input_ids=row[None])
+    for h in hooks:
+        h.remove()
+    fisher, energy, hess = bench.fisher_and_energy(model, windows, names, full=True)
+    assert sorted(hess) == sorted({bench.input_key(n) for n in names})
+    assert bench.input_key("model.layers.0.self_attn.v_proj") == "model.layers.0.self_attn.q_proj"
+    assert bench.input_key("model.layers.1.mlp.up_proj") == "model.layers.1.mlp.gate_proj"
+    for n in names:
+        x = torch.cat(xs[n])                                                  # [T, K]
+        torch.testing.assert_close(hess[bench.input_key(n)], x.t() @ x, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(energy[n], x.square().sum(0), rtol=1e-4, atol=1e-4)
+        assert fisher[n].shape == model.get_submodule(n).weight.shape and bool((fisher[n] > 0).any())
