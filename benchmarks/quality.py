@@ -112,6 +112,9 @@ ENTRIES = {
     "spqr-mixed-3.6nat-t0.6-damp0.1": _spqr_mixed(0.6, "spqr_mixed_3.6_nat"),
     # the same without outliers: the whole budget for the levels (table of --outlier-reserve 0)
     "spqr-mixed-3.6-noout-damp0.1": _spqr_mixed(None, "spqr_mixed_3.6_r0"),
+    # the table of the allocator that prices outliers (spqr_mixed.py --proxy spqr: SpQR run per layer and level on
+    # the calibration Hessians, its outliers counted in the layer's bits; the whole budget, no reserve)
+    "spqr-mixed-3.6priced-t0.6-damp0.1": _spqr_mixed(0.6, "spqr_mixed_3.6_priced"),
     "gptqmodel-w4-g64": ("gptqmodel", {"bits": 4, "group_size": 64}),
     "gptqmodel-w3-g64": ("gptqmodel", {"bits": 3, "group_size": 64}),
     "hqq-w4-g64": ("hqq", {"bits": 4, "group_size": 64}),

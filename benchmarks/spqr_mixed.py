@@ -193,7 +193,7 @@ def spqr_proxy(args, specs, t0) -> None:
                 raise SystemExit(f"{level_path(lv)}: written with other settings ({got['level']}, "
                                  f"{ {k: got[k] for k in settings} })")
             est[lv] = got["estimates"]
-    if len(est) < len(specs):
+    if todo or len(est) < len(specs):  # allocating is a run of its own (``--levels`` with none named)
         print(f"levels still to estimate: {[lv for lv in specs if lv not in est]}")
         return
     scores, cost, per_layer = [], [], {}
