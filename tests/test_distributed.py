@@ -100,8 +100,8 @@ def test_layers_travel_bit_for_bit(method):
            else hfcompress.SpQRConfig(bits=3, group_size=16, outlier_threshold=0.5))
     hfcompress.quantize_(model, cfg, batches=worker.batches(4, 2))
     layer = model.model.layers[1].mlp.down_proj
-    header, payload = _encode({"x": layer_item(layer)})
-    back = rebuild_layer(_decode(json.loads(header), payload)["x"], "cpu")
+    header, chunks = _encode({"x": layer_item(layer)})
+    back = rebuild_layer(_decode(json.loads(header), torch.cat(chunks))["x"], "cpu")
     assert type(back) is type(layer) and back.spec == layer.spec
     sd, sd2 = layer.state_dict(), back.state_dict()
     assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
@@ -177,8 +177,8 @@ def test_inverse_chunks_of_a_split_are_the_factor_of_the_whole(k, world):
     if k >= 576:
         assert max(cost) * world / sum(cost) < 1.15, cost
 
-    def split(R):  # as the ranks do: each its chunks, then assembled
-        return upper_inverse(R, {c: inverse_columns(R, *c).clone() for s in shares for c in s})
+    def split(L):  # as the ranks do: each its chunks, then assembled
+        return upper_inverse(L, {c: inverse_columns(L, *c).clone() for s in shares for c in s})
 
     whole = inverse_hessian_cholesky(H, 0.01)
     assert torch.equal(inverse_hessian_cholesky(H, 0.01, solve_inverse=split), whole)

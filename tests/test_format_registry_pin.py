@@ -64,7 +64,7 @@ def checkpoint_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def _identity_factor(H, damp, solve_inverse=None):
+def _identity_factor(H, damp, solve_inverse=None, flipped=False):
     return torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
 
 

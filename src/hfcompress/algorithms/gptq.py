@@ -23,21 +23,31 @@ from .grid import fit_grid, hqq_float_grid, search_float_grid, search_grid
 INVERSE_CHUNK = 64
 
 
-def inverse_hessian_cholesky(H: torch.Tensor, damp: float, solve_inverse=None) -> torch.Tensor:
+def inverse_hessian_cholesky(H: torch.Tensor, damp: float, solve_inverse=None, flipped: bool = False) -> torch.Tensor:
     """Upper Cholesky factor ``U`` of ``(H + λI)^-1`` (``U^T U = (H + λI)^-1``), ``λ = damp * mean(diag H)``.
-    ``H [K, K]`` fp32.
+    ``H [K, K]`` fp32, symmetric (every ``X^T X`` the library builds is, exactly): LAPACK reads one
+    triangle of it, its lower one.
 
-    One Cholesky factorization: that of ``H`` with its rows and columns reversed (``J H J = M M^T``)
-    gives ``H = R R^T`` with ``R = J M J`` upper triangular, so ``(H + λI)^-1 = R^-T R^-1`` and
+    One Cholesky factorization: that of ``H`` with its rows and columns reversed (``J H J = L L^T``)
+    gives ``H = R R^T`` with ``R = J L J`` upper triangular, so ``(H + λI)^-1 = R^-T R^-1`` and
     ``U = R^-1`` (upper, positive diagonal: the unique Cholesky factor). No inverse is formed and
     factored again (GPTQ's reference: Cholesky, ``cholesky_inverse``, Cholesky: ~2.5x the time on
-    CPU, and less accurate). ``solve_inverse(R)`` -> ``R^-1`` may solve its column chunks
-    elsewhere (a distributed run splits them over ranks: :func:`inverse_columns`)."""
-    lam = damp * torch.mean(torch.diag(H))
-    Hf = H.flip(0, 1)                                               # a copy: H itself is left as it is
-    Hf.diagonal().add_(lam)                                         # J (H + λI) J
-    R = torch.linalg.cholesky(Hf).flip(0, 1)                        # H + λI = R R^T, R upper
-    return (solve_inverse or upper_inverse)(R)  # [K, K] upper
+    CPU, and less accurate). Two ``K x K`` buffers in all: the reversed copy of ``H``, factored in
+    place into ``L`` (``R`` is never formed: each chunk of :func:`inverse_columns` reads its corner of
+    ``L``), and ``U``; one with ``flipped``: ``H`` is then given reversed (``J H J``, as :func:`gptq`
+    permutes it: straight into that order) and is factored in place. ``solve_inverse(L)`` -> ``R^-1``
+    may solve its column chunks elsewhere (a distributed run splits them over ranks:
+    :func:`inverse_columns`)."""
+    if flipped:
+        lam = damp * torch.mean(torch.diag(H).flip(0))              # diag(H) in H's own order, as below
+        Hf = H
+    else:
+        lam = damp * torch.mean(torch.diag(H))
+        Hf = H.flip(0, 1)                                           # a copy: H itself is left as it is
+    Hf.diagonal().add_(lam)                                         # J (H + λI) J: symmetric, so Hf.mT is the
+    L = Hf.mT                                                       # same matrix, column-major as LAPACK wants
+    torch.linalg.cholesky(L, out=L)                                 # J (H + λI) J = L L^T, in place
+    return (solve_inverse or upper_inverse)(L)  # [K, K] upper
 
 
 def inverse_chunks(k: int) -> list[tuple[int, int]]:
@@ -45,23 +55,27 @@ def inverse_chunks(k: int) -> list[tuple[int, int]]:
     return [(a, min(a + INVERSE_CHUNK, k)) for a in range(0, k, INVERSE_CHUNK)]
 
 
-def inverse_columns(R: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    """Columns ``a:b`` of ``R^-1`` (``R [K, K]`` upper triangular) down to row ``b``: ``[b, b - a]``
-    (the rows below are 0). Column ``j`` solves ``R x = e_j``, whose entries below ``j`` are 0, so
-    the chunk needs only ``R[:b, :b]`` (``b^2 (b - a)`` multiply-adds, ``K^3 / 3`` over every
-    chunk: a third of a full triangular solve)."""
-    eye = torch.zeros(b, b - a, dtype=R.dtype, device=R.device)   # columns a:b of the identity [b, b]
+def inverse_columns(L: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """Columns ``a:b`` of ``R^-1`` (``R = J L J [K, K]`` upper triangular, ``L`` the lower Cholesky
+    factor of :func:`inverse_hessian_cholesky`) down to row ``b``: ``[b, b - a]`` (the rows below
+    are 0). Column ``j`` solves ``R x = e_j``, whose entries below ``j`` are 0, so the chunk needs
+    only ``R[:b, :b]`` (``b^2 (b - a)`` multiply-adds, ``K^3 / 3`` over every chunk: a third of a
+    full triangular solve): ``L``'s last ``b`` rows and columns reversed, copied column-major (the
+    layout the triangular solve reads without a copy of its own)."""
+    k = L.shape[0]
+    Rb = L.mT[k - b:, k - b:].flip(0, 1).mT                       # R[:b, :b], column-major [b, b]
+    eye = torch.zeros(b, b - a, dtype=L.dtype, device=L.device)   # columns a:b of the identity [b, b]
     eye[a:].fill_diagonal_(1.0)
-    return torch.linalg.solve_triangular(R[:b, :b], eye, upper=True)
+    return torch.linalg.solve_triangular(Rb, eye, upper=True)
 
 
-def upper_inverse(R: torch.Tensor, chunks: dict | None = None) -> torch.Tensor:
-    """``R^-1 [K, K]`` of an upper triangular ``R``, chunk by chunk (:func:`inverse_chunks`);
-    ``chunks`` ``{(a, b): inverse_columns(R, a, b)}`` already solved (elsewhere) are used as they are."""
-    k = R.shape[0]
-    U = torch.zeros_like(R)
+def upper_inverse(L: torch.Tensor, chunks: dict | None = None) -> torch.Tensor:
+    """``R^-1 [K, K]`` of ``R = J L J`` (upper triangular), chunk by chunk (:func:`inverse_chunks`);
+    ``chunks`` ``{(a, b): inverse_columns(L, a, b)}`` already solved (elsewhere) are used as they are."""
+    k = L.shape[0]
+    U = torch.zeros_like(L)
     for a, b in inverse_chunks(k):
-        U[:b, a:b] = chunks[(a, b)] if chunks is not None else inverse_columns(R, a, b)
+        U[:b, a:b] = chunks[(a, b)] if chunks is not None else inverse_columns(L, a, b)
     return U
 
 
@@ -78,7 +92,7 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, spec: IntGroupSpec, damp: float 
     ``g_idx [K]`` (int32 or None). ``solve_inverse``: see :func:`inverse_hessian_cholesky`.
     """
     W = weight.detach().to(torch.float32, copy=True)  # [N, K]
-    H = H.detach().to(device=W.device, dtype=torch.float32)  # [K, K] (not changed: the permuted copy is)
+    H = H.detach().to(device=W.device, dtype=torch.float32)  # [K, K] (not changed: its permuted copy is)
     n, k = W.shape
     g = spec.effective_group_size(k)
     n_groups = spec.n_groups(k)
@@ -104,9 +118,14 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, spec: IntGroupSpec, damp: float 
 
     # act-order: quantize the columns with the largest Hessian diagonal first
     perm = torch.argsort(h_diag, descending=True) if act_order else torch.arange(k, device=W.device)
-    W, H = W.index_select(1, perm), H.index_select(0, perm).index_select(1, perm)  # (3-7x faster than H[perm][:, perm])
-    H.diagonal()[dead[perm]] = 1.0
-    U = inverse_hessian_cholesky(H, damp, solve_inverse)  # [K, K] upper Cholesky of H^-1
+    W = W.index_select(1, perm)
+    # H in the order the columns are quantized, reversed (J H[perm][:, perm] J: what the factor factors,
+    # in place), permuted straight into that order (index_select twice: 3-7x faster than H[rev][:, rev])
+    rev = perm.flip(0)
+    Hf = H.index_select(0, rev).index_select(1, rev)
+    Hf.diagonal()[dead[rev]] = 1.0
+    U = inverse_hessian_cholesky(Hf, damp, solve_inverse, flipped=True)  # [K, K] upper Cholesky of H^-1
+    del Hf  # (factored in place)
 
     codes = torch.zeros(n, k, dtype=torch.uint8, device=W.device)
     col_group = torch.zeros(k, dtype=torch.long, device=W.device)  # group of permuted column i

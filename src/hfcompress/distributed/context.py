@@ -139,15 +139,20 @@ class DistContext:
         buffer per rank, in two ``all_gather`` calls (the sizes, then the buffers): no pickle.
         Received tensors are on the CPU; a rank's own items are returned as they are."""
         dist = _dist()
-        header, payload = _encode(mine)
-        blob = torch.cat([torch.frombuffer(bytearray(header), dtype=torch.uint8), payload])
-        sizes = torch.tensor([len(header), payload.numel()], dtype=torch.int64, device=self.device)
+        header, chunks = _encode(mine)
+        parts = [torch.frombuffer(bytearray(header), dtype=torch.uint8), *chunks]
+        size = sum(p.numel() for p in parts)
+        sizes = torch.tensor([len(header), size - len(header)], dtype=torch.int64, device=self.device)
         every = [torch.empty_like(sizes) for _ in range(self.world)]
         self._c(dist.all_gather, every, sizes)
         every = [tuple(int(v) for v in t.tolist()) for t in every]
         width = max(h + p for h, p in every)
-        buf = torch.zeros(width, dtype=torch.uint8, device=self.device)
-        buf[:blob.numel()] = blob.to(self.device)
+        buf = torch.empty(width, dtype=torch.uint8, device=self.device)
+        if self.device.type == "cpu":  # header and tensors copied once, straight into what is sent
+            torch.cat(parts, out=buf[:size])
+        else:
+            buf[:size] = torch.cat(parts).to(self.device)
+        buf[size:].zero_()
         bufs = [torch.empty_like(buf) for _ in range(self.world)]
         self._c(dist.all_gather, bufs, buf)
         self._count(kind, torch.empty(width * self.world, dtype=torch.uint8, device="meta"))
@@ -220,7 +225,8 @@ def agree(dist: DistContext | None, job, where: str, run_here: bool = True) -> N
     dist.finish(err, where)
 
 
-def _encode(items: dict[str, dict]) -> tuple[bytes, torch.Tensor]:
+def _encode(items: dict[str, dict]) -> tuple[bytes, list[torch.Tensor]]:
+    """The JSON header of ``items`` and their tensors' bytes (flat uint8, in the header's order)."""
     header: dict[str, dict] = {}
     chunks: list[torch.Tensor] = []
     for key, item in items.items():
@@ -230,8 +236,7 @@ def _encode(items: dict[str, dict]) -> tuple[bytes, torch.Tensor]:
             tensors.append((name, str(t.dtype).removeprefix("torch."), list(t.shape), flat.numel()))
             chunks.append(flat)
         header[key] = {"meta": item.get("meta"), "tensors": tensors}
-    payload = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8)
-    return json.dumps(header).encode(), payload
+    return json.dumps(header).encode(), chunks
 
 
 def _decode(header: dict[str, dict], payload: torch.Tensor) -> dict[str, dict]:

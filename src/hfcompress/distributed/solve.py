@@ -87,17 +87,17 @@ def split_inverse(dist, where: str):
     process makes: the assembled ``U`` is bit for bit its ``U``."""
     from ..algorithms.gptq import inverse_columns, upper_inverse
 
-    def solve(R: torch.Tensor) -> torch.Tensor:
-        shares = inverse_shares(R.shape[0], dist.world)
-        mine = [inverse_columns(R, a, b).reshape(1, -1) for a, b in shares[dist.rank]]  # [1, b (b - a)] each
-        part = torch.cat(mine, dim=1) if mine else R.new_zeros(1, 0)
+    def solve(L: torch.Tensor) -> torch.Tensor:  # H's reversed Cholesky factor: R = J L J
+        shares = inverse_shares(L.shape[0], dist.world)
+        mine = [inverse_columns(L, a, b).reshape(1, -1) for a, b in shares[dist.rank]]  # [1, b (b - a)] each
+        part = torch.cat(mine, dim=1) if mine else L.new_zeros(1, 0)
         dist.check(None, where)  # a rank that failed before this point ends every rank here, not in the gather
         flat = dist.gather_columns(part, [sum(b * (b - a) for a, b in s) for s in shares], "factor")[0]
         chunks, at = {}, 0
         for a, b in (c for s in shares for c in s):
             chunks[(a, b)] = flat[at:at + b * (b - a)].view(b, b - a)
             at += b * (b - a)
-        return upper_inverse(R, chunks)
+        return upper_inverse(L, chunks)
     return solve
 
 
