@@ -342,11 +342,15 @@ def run_entry(name: str) -> dict:
             gen = cached_generated_ids(float_model, tok, calib.shape[0] // 2, calib.shape[1], CACHE, seed=0)
             out["generate_s"] = round(time.perf_counter() - t0, 1)  # 0 when cached
             calib = torch.cat([calib[::2] if opts["calibration"] == "mixed+generated" else calib, gen])
-        cfg = hfcompress.EoRAConfig(rank=opts["rank"], method=opts["method"], dataset=calib,
+        # EoRA on the default calibration text (dataset=None) with GPTQ's n_samples / seq_len: it cuts its own
+        # windows, EoRAConfig.window_offset of a spacing past GPTQ's (`batches`); the generated-text entries
+        # pass their token windows as they are
+        text = "calibration" not in opts
+        cfg = hfcompress.EoRAConfig(rank=opts["rank"], method=opts["method"], dataset=None if text else calib,
                                     n_samples=calib.shape[0], seq_len=CALIB["seq_len"], batch_size=8,
                                     **{k: opts[k] for k in ("shrinkage",) if k in opts})
         t0, c0 = time.perf_counter(), time.process_time()
-        model = hfcompress.compensate(model, float_model, cfg)
+        model = hfcompress.compensate(model, float_model, cfg, tokenizer=tok if text else None)
         out["compensate_s"] = time.perf_counter() - t0
         out["compensate_cpu_s"] = time.process_time() - c0
         out["quantize_s"] = None  # the base's own time is the gptq entry's
@@ -356,6 +360,8 @@ def run_entry(name: str) -> dict:
         rec = model.peft_config["default"].auto_mapping[hfcompress.adapters.eora.RECORD_KEY]
         out["added_bits_per_weight"] = rec["added_bits_per_weight_fp16"]
         out["shrinkage"] = rec["config"].get("shrinkage")
+        if opts["method"] == "eora":
+            out["window_offset"] = cfg.window_offset if text else None
         if "cv_choices" in rec:  # per layer kind: how often each candidate was chosen
             counts: dict = {}
             for layer, c in rec["cv_choices"].items():
@@ -674,7 +680,8 @@ def eora_table(data: dict) -> str:
         lines.append(f"| gptq-w{bits}-g64 | 0 | 0 | none | "
                      + " | ".join(_fmt(base.get(f"ppl_{d}"), 3) for d in cols) + " | | | |")
         for rank in EORA_RANKS:
-            got = {m: rows.get(f"gptq-w{bits}-g64+{m}-r{rank}") for m in ("eora", "eora-cv", "eora-mixgen", "eora-mixgen48", "svd")}
+            got = {m: rows.get(f"gptq-w{bits}-g64+{m}-r{rank}") for m in ("eora", "eora-cv", "eora-mixgen",
+                                                                     "eora-mixgen48", "svd")}
             for method, r in got.items():
                 if not r:
                     continue

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import hfcompress
-from hfcompress.adapters.eora import DEFAULT_SHRINKAGE, RECORD_KEY, compressed_weight, delta_weight, find_targets
+from hfcompress.adapters.eora import DEFAULT_SHRINKAGE, DEFAULT_WINDOW_OFFSET, RECORD_KEY, compressed_weight, delta_weight, find_targets
 from hfcompress.algorithms.eora import (activation_eigenbasis, eora_compensation, output_error, shrink_to_diagonal,
                                        svd_compensation)
 from hfcompress.config import ConfigError
@@ -337,6 +337,36 @@ def test_eora_shrinkage_in_compensate(llama_rtn3, llama_compensated):
     assert e_paper > e_svd + 1.0 and e_default > e_svd + 0.5, (e_paper, e_default, e_svd)
 
 
+def test_eora_windows_lie_between_a_quantizers_windows():
+    """EoRAConfig.window_offset (default 0.5): text and token streams are cut half-way between the
+    windows get_calibration_batches cuts for the same n_samples / seq_len (offset 0: those very windows);
+    token windows [n, seq] are used as given."""
+    from hfcompress.adapters.eora_blocks import calibration_batches, cut_windows
+    from hfcompress.calibration import get_calibration_batches
+
+    assert hfcompress.EoRAConfig().window_offset == DEFAULT_WINDOW_OFFSET == 0.5
+    stream = inputs(batch=1, seq=1000, seed=3)[0]  # [1000]
+    quantizer = torch.cat(get_calibration_batches(None, stream, n_samples=4, seq_len=50))  # starts 0, 317, 633, 950
+    same = torch.cat(calibration_batches(hfcompress.EoRAConfig(dataset=[stream], n_samples=4, seq_len=50,
+                                                               window_offset=0)))
+    assert torch.equal(same, quantizer)
+    between = calibration_batches(hfcompress.EoRAConfig(dataset=[stream], n_samples=4, seq_len=50, batch_size=3))
+    assert [b.shape for b in between] == [(3, 50), (1, 50)]
+    for row, s in zip(torch.cat(between), (158, 475, 792, 950)):  # + 158.33 (half a spacing); the last clamped
+        assert torch.equal(row, stream[s:s + 50])
+    assert torch.equal(cut_windows(stream, 1, 50, 0.5)[0], stream[475:525])  # one window: half the range
+    assert torch.equal(torch.cat(calibration_batches(hfcompress.EoRAConfig(dataset=CALIB, n_samples=3, seq_len=20))),
+                       CALIB[:3, :20])  # windows given as they are
+    # text: the same windows from the tokenized text
+    tok = _char_tokenizer()
+    text = "".join(chr(33 + (i * 7) % 60) for i in range(600))
+    ids = torch.tensor(tok(text)["input_ids"])
+    got = torch.cat(calibration_batches(hfcompress.EoRAConfig(dataset=[text], n_samples=3, seq_len=40), tok))
+    assert torch.equal(got, cut_windows(ids, 3, 40, 0.5)) and not torch.equal(got, cut_windows(ids, 3, 40, 0.0))
+    with pytest.raises(ConfigError, match="fewer than seq_len=4000"):
+        calibration_batches(hfcompress.EoRAConfig(dataset=[text], seq_len=4000), tok)
+
+
 def test_eora_rank_pattern_and_capping(llama_rtn3):
     orig, q = llama_rtn3
     cfg = hfcompress.EoRAConfig(rank=40, method="svd", rank_pattern={"q_proj": 4},
@@ -362,6 +392,9 @@ def test_eora_rank_pattern_and_capping(llama_rtn3):
     (dict(shrinkage=float("nan")), "shrinkage"),
     (dict(shrinkage="0.1"), "shrinkage"),
     (dict(shrinkage=True), "shrinkage"),
+    (dict(window_offset=1.0), "window_offset"),
+    (dict(window_offset=-0.25), "window_offset"),
+    (dict(window_offset="half"), "window_offset"),
 ])
 def test_eora_config_errors(kwargs, match):
     with pytest.raises(ConfigError, match=f"EoRAConfig.{match}"):
@@ -410,6 +443,7 @@ def test_eora_cli(llama_rtn3, tmp_path, capsys):
     assert cfg["auto_mapping"][RECORD_KEY]["original_model"] == str(tmp_path / "float")
     assert cfg["auto_mapping"][RECORD_KEY]["config"]["n_samples"] == 4
     assert cfg["auto_mapping"][RECORD_KEY]["config"]["shrinkage"] == 0.25
+    assert cfg["auto_mapping"][RECORD_KEY]["config"]["window_offset"] == 0.5  # the default
     saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert saved and all(t.dtype == torch.float16 for t in saved.values())  # --save-dtype float16 (default)
     capsys.readouterr()

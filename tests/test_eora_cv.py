@@ -151,3 +151,5 @@ def test_cli_shrinkage_cv():
                                       "--out", "a"]).shrinkage == 0.3
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compensate", "q", "--original", "f", "--shrinkage", "half", "--out", "a"])
+    assert build_parser().parse_args(["compensate", "q", "--original", "f", "--window-offset", "0",
+                                      "--out", "a"]).window_offset == 0.0

@@ -17,17 +17,21 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..calibration import InputStats, get_calibration_batches, iterate_blocks
+from ..calibration import InputStats, iterate_blocks
 from ..config import ConfigError
 
 
 def calibration_batches(config, tokenizer=None) -> list[torch.Tensor]:
     """``config.dataset`` -> token batches ``[b, seq_len]``.
 
-    Token ids (a LongTensor ``[n, seq]``, or a list of 1-D token tensors cut into windows) are
-    used as given; text (``None`` = the bundled calibration text, a file path, a list of
-    strings, a ``datasets.Dataset``) goes through the calibration engine and needs a tokenizer.
+    Token windows (a LongTensor ``[n, seq]``) are used as given. Text (``None`` = the bundled
+    calibration text, a file path, a list of strings, a ``datasets.Dataset``; it needs a tokenizer)
+    and token streams (a list of 1-D token tensors) are cut into ``n_samples`` windows by
+    :func:`cut_windows`, ``config.window_offset`` of a spacing past the windows a quantizer
+    calibrated on the same text, ``n_samples`` and ``seq_len`` saw.
     """
+    from ..calibration.data import load_texts, token_ids, tokenize_text
+
     data = config.dataset
     if isinstance(data, torch.Tensor) and data.ndim == 2:
         if data.dtype.is_floating_point:
@@ -38,13 +42,30 @@ def calibration_batches(config, tokenizer=None) -> list[torch.Tensor]:
         stream = torch.cat([t.reshape(-1).long() for t in data])  # [T]
         seq = min(config.seq_len, stream.numel())
         n = min(config.n_samples, stream.numel() - seq + 1)
-        starts = torch.linspace(0, stream.numel() - seq, n).round().long().tolist()
-        return list(torch.stack([stream[s: s + seq] for s in starts]).split(config.batch_size))
-    if tokenizer is None:
-        raise ConfigError("EoRAConfig.dataset is text (None means the bundled calibration text): pass "
-                          "tokenizer= to compensate(), or give token ids as a LongTensor [n, seq]")
-    return get_calibration_batches(tokenizer, data, n_samples=config.n_samples, seq_len=config.seq_len,
-                                   batch_size=config.batch_size)
+        return list(cut_windows(stream, n, seq, config.window_offset).split(config.batch_size))
+    ids = token_ids(data)
+    if ids is None:
+        if tokenizer is None:
+            raise ConfigError("EoRAConfig.dataset is text (None means the bundled calibration text): pass "
+                              "tokenizer= to compensate(), or give token ids as a LongTensor [n, seq]")
+        ids = tokenize_text(tokenizer, load_texts(data))
+    if ids.numel() < config.seq_len:
+        raise ConfigError(f"EoRAConfig.dataset: the calibration text has {ids.numel()} tokens, fewer than "
+                          f"seq_len={config.seq_len}; give more text or a smaller seq_len")
+    return list(cut_windows(ids, config.n_samples, config.seq_len, config.window_offset).split(config.batch_size))
+
+
+def cut_windows(ids: torch.Tensor, n: int, seq: int, offset: float = 0.0) -> torch.Tensor:
+    """``n`` windows ``[n, seq]`` of the token stream ``ids [T]``: at the evenly spaced starts of
+    :func:`hfcompress.calibration.get_calibration_batches` (``offset = 0``: the very same windows), each
+    moved ``offset`` of a spacing (of the whole range when ``n = 1``) toward the end; a start past the
+    last possible one is clamped to it."""
+    last = ids.numel() - seq
+    starts = torch.linspace(0, last, n)  # [n]
+    if offset:
+        starts = starts + offset * (float(starts[1] - starts[0]) if n > 1 else last)
+    starts = starts.round().long().clamp_max(last)
+    return torch.stack([ids[s: s + seq] for s in starts.tolist()])
 
 
 def _in_features(module: nn.Module) -> int:

@@ -21,6 +21,10 @@ def add_parser(sub) -> None:
     p.add_argument("--n-samples", type=int, default=32, help="eora: calibration windows")
     p.add_argument("--seq-len", type=int, default=512, help="eora: tokens per calibration window")
     p.add_argument("--batch-size", type=int, default=4, help="eora: calibration windows per forward")
+    p.add_argument("--window-offset", type=float, default=None,
+                   help="eora: cut the calibration windows this fraction of a spacing past the windows a quantizer "
+                        "calibrated on the same text with the same --n-samples / --seq-len used, in [0, 1) "
+                        "(default: EoRAConfig's, 0.5: half-way between them; 0: the same windows)")
     p.add_argument("--shrinkage", type=_shrinkage, default=None,
                    help="eora: solve on (1 - SHRINKAGE)·XᵀX + SHRINKAGE·diag(XᵀX), in [0, 1] (0: the paper's "
                         "EoRA; default: EoRAConfig's, 0.5), or 'cv': chosen per layer by cross-validation "
@@ -68,7 +72,8 @@ def _run(args: argparse.Namespace) -> int:
     config = hfcompress.EoRAConfig(rank=args.rank, method=args.method, dataset=args.dataset,
                                    n_samples=args.n_samples, seq_len=args.seq_len, batch_size=args.batch_size,
                                    target_modules=args.target_modules,
-                                   **({} if args.shrinkage is None else {"shrinkage": args.shrinkage}))
+                                   **({} if args.shrinkage is None else {"shrinkage": args.shrinkage}),
+                                   **({} if args.window_offset is None else {"window_offset": args.window_offset}))
     model = load_model(args.model, dtype=torch.float32)
     peft_model = hfcompress.compensate(model, args.original, config, tokenizer=tokenizer, progress=True,
                                        save_dtype=getattr(torch, args.save_dtype))
