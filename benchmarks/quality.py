@@ -140,6 +140,13 @@ for _bits in (3, 4):
         for _method in ("eora", "svd"):
             ENTRIES[f"gptq-w{_bits}-g64+{_method}-r{_rank}"] = (
                 "compensate", {"base": f"gptq-w{_bits}-g64", "method": _method, "rank": _rank})
+    # EoRA on GPTQ's very windows (window_offset 0: the default before EoRAConfig.window_offset)
+    ENTRIES[f"gptq-w{_bits}-g64+eora-same-r32"] = (
+        "compensate", {"base": f"gptq-w{_bits}-g64", "method": "eora", "rank": 32, "window_offset": 0.0})
+    # EoRA at EoRAConfig's own calibration defaults (n_samples x seq_len = 32 x 512 of the default text, half-way
+    # between windows of that size: disjoint from GPTQ's 32 x 256 windows), not GPTQ's window size
+    ENTRIES[f"gptq-w{_bits}-g64+eora-defaults-r32"] = (
+        "compensate", {"base": f"gptq-w{_bits}-g64", "method": "eora", "rank": 32, "eora_windows": "defaults"})
     # EoRAConfig(shrinkage="cv"): the shrinkage chosen per layer by cross-validation on the calibration windows
     ENTRIES[f"gptq-w{_bits}-g64+eora-cv-r32"] = (
         "compensate", {"base": f"gptq-w{_bits}-g64", "method": "eora", "rank": 32, "shrinkage": "cv"})
@@ -173,6 +180,7 @@ def _setup():
     tok = AutoTokenizer.from_pretrained(src)
     t0 = time.perf_counter()
     batches = get_calibration_batches(tok, None, batch_size=8, **CALIB)  # the default calibration set
+    _setup.stream = None  # the token stream the windows were cut from, when it is not the default text itself
     shift = _calibration_shift()
     if shift:  # --calibration-shift: the same corpus, every window moved by that fraction of their spacing
         from hfcompress.calibration.data import load_texts
@@ -180,7 +188,8 @@ def _setup():
         ids = tokenize_text(tok, load_texts(None))                    # [T]
         cut = round(shift * (ids.numel() - CALIB["seq_len"]) / (CALIB["n_samples"] - 1))
         # the corpus rotated by ``cut`` tokens: the same evenly spaced windows, each ``cut`` later
-        batches = get_calibration_batches(None, torch.cat([ids[cut:], ids[:cut]]), batch_size=8, **CALIB)
+        _setup.stream = torch.cat([ids[cut:], ids[:cut]])
+        batches = get_calibration_batches(None, _setup.stream, batch_size=8, **CALIB)
     _setup.calibration_s = time.perf_counter() - t0
     evals = {domain: tokenize_text(tok, [text]) for domain, text in eval_texts().items()}
     return src, tok, batches, evals
@@ -342,13 +351,17 @@ def run_entry(name: str) -> dict:
             gen = cached_generated_ids(float_model, tok, calib.shape[0] // 2, calib.shape[1], CACHE, seed=0)
             out["generate_s"] = round(time.perf_counter() - t0, 1)  # 0 when cached
             calib = torch.cat([calib[::2] if opts["calibration"] == "mixed+generated" else calib, gen])
-        # EoRA on the default calibration text (dataset=None) with GPTQ's n_samples / seq_len: it cuts its own
-        # windows, EoRAConfig.window_offset of a spacing past GPTQ's (`batches`); the generated-text entries
-        # pass their token windows as they are
+        # EoRA on the default calibration text (dataset=None; with --calibration-shift the rotated token stream
+        # GPTQ's windows came from) with GPTQ's n_samples / seq_len: it cuts its own windows,
+        # EoRAConfig.window_offset of a spacing past GPTQ's (`batches`); the generated-text entries pass their
+        # token windows as they are
         text = "calibration" not in opts
-        cfg = hfcompress.EoRAConfig(rank=opts["rank"], method=opts["method"], dataset=None if text else calib,
-                                    n_samples=calib.shape[0], seq_len=CALIB["seq_len"], batch_size=8,
-                                    **{k: opts[k] for k in ("shrinkage",) if k in opts})
+        source = None if _setup.stream is None else [_setup.stream]
+        windows = ({} if opts.get("eora_windows") == "defaults"
+                   else dict(n_samples=calib.shape[0], seq_len=CALIB["seq_len"]))
+        cfg = hfcompress.EoRAConfig(rank=opts["rank"], method=opts["method"], dataset=source if text else calib,
+                                    batch_size=8, **windows,
+                                    **{k: opts[k] for k in ("shrinkage", "window_offset") if k in opts})
         t0, c0 = time.perf_counter(), time.process_time()
         model = hfcompress.compensate(model, float_model, cfg, tokenizer=tok if text else None)
         out["compensate_s"] = time.perf_counter() - t0
@@ -362,6 +375,7 @@ def run_entry(name: str) -> dict:
         out["shrinkage"] = rec["config"].get("shrinkage")
         if opts["method"] == "eora":
             out["window_offset"] = cfg.window_offset if text else None
+            out["eora_windows"] = [cfg.n_samples, cfg.seq_len]
         if "cv_choices" in rec:  # per layer kind: how often each candidate was chosen
             counts: dict = {}
             for layer, c in rec["cv_choices"].items():
@@ -680,8 +694,8 @@ def eora_table(data: dict) -> str:
         lines.append(f"| gptq-w{bits}-g64 | 0 | 0 | none | "
                      + " | ".join(_fmt(base.get(f"ppl_{d}"), 3) for d in cols) + " | | | |")
         for rank in EORA_RANKS:
-            got = {m: rows.get(f"gptq-w{bits}-g64+{m}-r{rank}") for m in ("eora", "eora-cv", "eora-mixgen",
-                                                                     "eora-mixgen48", "svd")}
+            got = {m: rows.get(f"gptq-w{bits}-g64+{m}-r{rank}") for m in ("eora", "eora-same", "eora-defaults", "eora-cv",
+                                                                     "eora-mixgen", "eora-mixgen48", "svd")}
             for method, r in got.items():
                 if not r:
                     continue
