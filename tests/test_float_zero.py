@@ -137,6 +137,53 @@ def test_float_grids_never_worse_than_their_candidates(bits):
     assert not ((z != 0) & (z.abs() < G.zero_flush(bits))).any()
 
 
+def _hqq_plain(w, bits, mask=None, p=0.7, beta=10.0, iters=20, round_start=True, stop="row", importance=None):
+    """HQQ's half-quadratic loop as the paper writes it: every step recomputes the codes, the
+    residual and (separately) the error of its new zero; never stops early unless hqq's tensor rule."""
+    maxq = (1 << bits) - 1
+    scale, zero = G.minmax_float_grid(w, bits, mask)
+    if round_start:
+        zero = G.round_zero(zero.round(), bits)
+    d = G._entry_weights(w, importance, mask)
+    best_z, best_e = zero.clone(), G._float_grid_error(w, scale, zero, bits, d, p)
+    s, tensor_e = scale[:, None], float("inf")
+    for _ in range(iters):
+        q = torch.clamp(torch.round(w / s + zero[:, None]), 0, maxq)
+        r = w - (q - zero[:, None]) * s
+        a = r.abs()
+        e = torch.sign(r) * (a - a.pow(p - 1) / beta).clamp(min=0)
+        t = q - (w - e) / s
+        zero = G.round_zero(t.mean(1) if d is None else (t * d).sum(1) / d.sum(1), bits)
+        if stop == "tensor":
+            e_t = float(r.abs().mean()) if d is None else float((r.abs() * d).sum() / d.sum())
+            if e_t >= tensor_e:
+                break
+            tensor_e, best_z = e_t, zero
+            continue
+        err = G._float_grid_error(w, scale, zero, bits, d, p)
+        best_e, best_z = torch.where(err < best_e, err, best_e), torch.where(err < best_e, zero, best_z)
+    return scale, best_z
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_hqq_float_grid_fused_loop_equals_the_plain_loop_bit_for_bit(bits):
+    # the solver reuses each step's codes and residual for its error and the next step, divides
+    # w / s once and stops at a fixed point: the same grids as the plain loop, bit for bit
+    g = torch.Generator().manual_seed(10 + bits)
+    w = torch.randn(257, 64, generator=g) * torch.rand(257, 1, generator=g)
+    w[:, 3] += 2 * torch.randn(257, generator=g)  # outliers
+    w[7] = 0.0  # a constant row
+    imp = torch.rand(64, generator=g)[None, :] * 3 + 0.1
+    mask = torch.rand(257, 64, generator=g) > 0.1
+    for kw in ({}, {"importance": imp}, {"mask": mask, "p": 2.0}, {"stop": "tensor", "round_start": False},
+               {"stop": "tensor", "importance": imp, "mask": mask, "iters": 50}, {"iters": 60}, {"p": 1.0, "beta": 1.0}):
+        s, z = G.hqq_float_grid(w, bits, **kw)
+        s0, z0 = _hqq_plain(w, bits, **kw)
+        assert torch.equal(s, s0) and torch.equal(z, z0), kw
+    # the loop moves zeros (the test compares more than the start)
+    assert not torch.equal(G.hqq_float_grid(w, bits)[1], G.round_zero(G.minmax_float_grid(w, bits)[1].round(), bits))
+
+
 def test_float_grid_refinds_a_q4_1_lattice():
     """Weights that are ``d * q + m`` per group (a dequantized Q4_1 GGUF): a float zero puts the
     grid on them (up to fp16 rounding of the scale); an integer zero cannot."""

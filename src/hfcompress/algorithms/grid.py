@@ -202,36 +202,62 @@ def hqq_float_grid(w: torch.Tensor, bits: int, mask: torch.Tensor | None = None,
     the rest. ``round_start``: start from min-max's integer zero (hqq's 4-bit default).
     ``stop="row"``: a row keeps its best iterate; ``"tensor"``: as hqq, every row stops at the
     first iterate whose mean absolute error over all of ``w`` rises. ``importance [R, g]`` (or
-    ``[g]``) weights each entry's error and its share of the zero update."""
+    ``[g]``) weights each entry's error and its share of the zero update.
+
+    Each step computes the codes and residual of its zero once: they are the next step's start
+    and, in absolute value, the error :func:`_float_grid_error` computes (``|fl(x - w)| = |fl(w - x)|``),
+    so the result is that of evaluating them separately, bit for bit. The scale never changes:
+    ``w / s`` is divided once. A zero that maps to itself ends the loop (every later step would
+    repeat it)."""
     w = w.to(torch.float32)
     maxq = (1 << bits) - 1
     scale, zero = minmax_float_grid(w, bits, mask)
     if round_start:
         zero = round_zero(zero.round(), bits)
     d = _entry_weights(w, importance, mask)
-    best_z = zero.clone()
-    best_e = _float_grid_error(w, scale, zero, bits, d, p)
+    d_sum = None if d is None else d.sum(1)
     s = scale[:, None]
+    ws = w / s
+
+    def codes_residual(z):  # codes q, residual r = w - (q - z) s, |r| of zero z [R]
+        q = torch.add(ws, z[:, None]).round_().clamp_(0, maxq)
+        r = torch.sub(q, z[:, None]).mul_(s)
+        torch.sub(w, r, out=r)
+        return q, r, r.abs()
+
+    def error(a):  # sum_j d_j |r_j|^p per row
+        e = a.pow(p)
+        if d is not None:
+            e.mul_(d)
+        return e.sum(dim=-1)
+
+    q, r, a = codes_residual(zero)
+    best_z = zero.clone()
+    best_e = error(a)
     if stop == "tensor":
         tensor_e = float("inf")
     for _ in range(iters):
-        q = torch.clamp(torch.round(w / s + zero[:, None]), 0, maxq)
-        r = w - (q - zero[:, None]) * s
-        a = r.abs()
-        e = torch.sign(r) * (a - a.pow(p - 1) / beta).clamp(min=0)       # shrink_lp of the residual
-        t = q - (w - e) / s
-        zero = (t.mean(1) if d is None else (t * d).sum(1) / d.sum(1))
-        zero = round_zero(zero, bits)
+        e = (a - a.pow(p - 1) / beta).clamp_(min=0)
+        e = torch.copysign(e, r, out=e)                                  # shrink_lp of the residual
+        t = torch.sub(w, e, out=e).div_(s)
+        t = torch.sub(q, t, out=t)                                       # q - (w - e) / s
+        new = t.mean(1) if d is None else t.mul_(d).sum(1) / d_sum
+        new = round_zero(new, bits)
         if stop == "tensor":  # hqq: the error of the codes this step chose, mean |r| over the tensor
-            e_t = float(r.abs().mean()) if d is None else float((r.abs() * d).sum() / d.sum())
+            e_t = float(a.mean()) if d is None else float((a * d).sum() / d.sum())
             if e_t >= tensor_e:
                 break
-            tensor_e, best_z = e_t, zero
-            continue
-        err = _float_grid_error(w, scale, zero, bits, d, p)
-        better = err < best_e
-        best_e = torch.where(better, err, best_e)
-        best_z = torch.where(better, zero, best_z)
+            tensor_e, best_z = e_t, new
+        fixed = torch.equal(new, zero)
+        zero = new
+        if fixed:  # every later step repeats this one: nothing can change
+            break
+        q, r, a = codes_residual(zero)
+        if stop == "row":
+            err = error(a)
+            better = err < best_e
+            best_e = torch.where(better, err, best_e)
+            best_z = torch.where(better, zero, best_z)
     return scale, best_z
 
 
