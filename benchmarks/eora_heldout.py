@@ -40,13 +40,14 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import eora_shrink  # noqa: E402  (its row loop)
 import quality  # noqa: E402  (same setup, bases, calibration and evaluation as the quality table)
 
 
 def heldout_windows(tok, n: int, seq: int) -> torch.Tensor:
     """``[n, seq]`` windows of the default corpus half-way between ``get_calibration_batches``' windows
-    (what ``EoRAConfig.window_offset=0.5`` became: :func:`hfcompress.adapters.eora_blocks.cut_windows`)."""
-    from hfcompress.adapters.eora_blocks import cut_windows
+    (what ``EoRAConfig.window_offset=0.5`` became: :func:`hfcompress.calibration.data.cut_windows`)."""
+    from hfcompress.calibration.data import cut_windows
     from hfcompress.calibration.data import load_texts, tokenize_text
 
     return cut_windows(tokenize_text(tok, load_texts(None)), n, seq, 0.5)
@@ -224,11 +225,7 @@ def main(argv=None) -> int:
     def as_t(c):
         return c if c == "svd" else float(c)
 
-    for row in args.rows:
-        if time.perf_counter() - t_start > args.budget_s:
-            out["skipped"] = args.rows[args.rows.index(row):]
-            break
-        t1 = time.perf_counter()
+    def apply(row):
         if row == "svd":
             choice = lambda n: ("fit", "svd")  # noqa: E731
         elif row == "chosen":
@@ -239,17 +236,8 @@ def main(argv=None) -> int:
             which, _, t = row.partition(":")
             choice = (lambda w, v: lambda n: (w, v))(which, as_t(t))
         resolve_(peft_model, float_model, stats, choice)
-        r = {"row": row, **{f"ppl_{k}": v for k, v in quality._perplexities(peft_model, evals).items()},
-             "seconds": round(time.perf_counter() - t1, 1)}
-        out["rows"].append(r)
-        print(json.dumps(r), flush=True)
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
-    svd = next((r for r in out["rows"] if r["row"] == "svd"), None)
-    for r in out["rows"] if svd else []:
-        r["vs_svd"] = {k[4:]: round(r[k] / svd[k], 4) for k in r if k.startswith("ppl_")}
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+
+    eora_shrink.measure_rows(out, "row", list(args.rows), apply, peft_model, evals, args.out, t_start + args.budget_s)
     return 0
 
 

@@ -139,24 +139,33 @@ def main(argv=None) -> int:
            "compensate_s": round(time.perf_counter() - t0, 1),
            **{f"base_{k}": v for k, v in base_meta.items() if k.startswith("ppl_")}, "rows": []}
     todo = ([] if args.no_svd else ["svd"]) + list(args.shrinkage) + list(args.variants)
-    for s in todo:
-        if time.perf_counter() - t_start > args.budget_s:
-            out["skipped"] = todo[todo.index(s):]
+    measure_rows(out, "shrinkage", todo, lambda s: resolve_(peft_model, float_model, stats, s), peft_model, evals,
+                 args.out, t_start + args.budget_s)
+    return 0
+
+
+def measure_rows(out: dict, key: str, todo: list, apply, peft_model, evals, path: str, deadline: float) -> None:
+    """For each ``todo`` label: ``apply(label)`` (sets the adapters), the perplexities of ``peft_model``
+    on ``evals`` as a row of ``out["rows"]`` (``{key: label, ppl_*, seconds}``), ``out`` rewritten to
+    ``path`` after every row; labels not reached by ``deadline`` (``time.perf_counter()``) go to
+    ``out["skipped"]``. Then each row's perplexities over the ``"svd"`` row's (``vs_svd``)."""
+    for label in todo:
+        if time.perf_counter() > deadline:
+            out["skipped"] = todo[todo.index(label):]
             break
         t1 = time.perf_counter()
-        resolve_(peft_model, float_model, stats, s)
-        row = {"shrinkage": s, **{f"ppl_{k}": v for k, v in quality._perplexities(peft_model, evals).items()},
+        apply(label)
+        row = {key: label, **{f"ppl_{k}": v for k, v in quality._perplexities(peft_model, evals).items()},
                "seconds": round(time.perf_counter() - t1, 1)}
         out["rows"].append(row)
         print(json.dumps(row), flush=True)
-        with open(args.out, "w") as f:
+        with open(path, "w") as f:
             json.dump(out, f, indent=1)
-    svd = next((r for r in out["rows"] if r["shrinkage"] == "svd"), None)
+    svd = next((r for r in out["rows"] if r[key] == "svd"), None)
     for r in out["rows"] if svd else []:
         r["vs_svd"] = {k[4:]: round(r[k] / svd[k], 4) for k in r if k.startswith("ppl_")}
-    with open(args.out, "w") as f:
+    with open(path, "w") as f:
         json.dump(out, f, indent=1)
-    return 0
 
 
 if __name__ == "__main__":

@@ -341,7 +341,8 @@ def test_eora_windows_lie_between_a_quantizers_windows():
     """EoRAConfig.window_offset (default 0.5): text and token streams are cut half-way between the
     windows get_calibration_batches cuts for the same n_samples / seq_len (offset 0: those very windows);
     token windows [n, seq] are used as given."""
-    from hfcompress.adapters.eora_blocks import calibration_batches, cut_windows
+    from hfcompress.adapters.eora_blocks import calibration_batches
+    from hfcompress.calibration.data import cut_windows
     from hfcompress.calibration import get_calibration_batches
 
     assert hfcompress.EoRAConfig().window_offset == DEFAULT_WINDOW_OFFSET == 0.5

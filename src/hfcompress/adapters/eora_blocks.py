@@ -27,10 +27,10 @@ def calibration_batches(config, tokenizer=None) -> list[torch.Tensor]:
     Token windows (a LongTensor ``[n, seq]``) are used as given. Text (``None`` = the bundled
     calibration text, a file path, a list of strings, a ``datasets.Dataset``; it needs a tokenizer)
     and token streams (a list of 1-D token tensors) are cut into ``n_samples`` windows by
-    :func:`cut_windows`, ``config.window_offset`` of a spacing past the windows a quantizer
+    :func:`~hfcompress.calibration.data.cut_windows`, ``config.window_offset`` of a spacing past the windows a quantizer
     calibrated on the same text, ``n_samples`` and ``seq_len`` saw.
     """
-    from ..calibration.data import load_texts, token_ids, tokenize_text
+    from ..calibration.data import cut_windows, load_texts, token_ids, tokenize_text
 
     data = config.dataset
     if isinstance(data, torch.Tensor) and data.ndim == 2:
@@ -53,19 +53,6 @@ def calibration_batches(config, tokenizer=None) -> list[torch.Tensor]:
         raise ConfigError(f"EoRAConfig.dataset: the calibration text has {ids.numel()} tokens, fewer than "
                           f"seq_len={config.seq_len}; give more text or a smaller seq_len")
     return list(cut_windows(ids, config.n_samples, config.seq_len, config.window_offset).split(config.batch_size))
-
-
-def cut_windows(ids: torch.Tensor, n: int, seq: int, offset: float = 0.0) -> torch.Tensor:
-    """``n`` windows ``[n, seq]`` of the token stream ``ids [T]``: at the evenly spaced starts of
-    :func:`hfcompress.calibration.get_calibration_batches` (``offset = 0``: the very same windows), each
-    moved ``offset`` of a spacing (of the whole range when ``n = 1``) toward the end; a start past the
-    last possible one is clamped to it."""
-    last = ids.numel() - seq
-    starts = torch.linspace(0, last, n)  # [n]
-    if offset:
-        starts = starts + offset * (float(starts[1] - starts[0]) if n > 1 else last)
-    starts = starts.round().long().clamp_max(last)
-    return torch.stack([ids[s: s + seq] for s in starts.tolist()])
 
 
 def _in_features(module: nn.Module) -> int:

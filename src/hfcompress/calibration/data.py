@@ -152,6 +152,17 @@ def get_calibration_batches(tokenizer, dataset: Any = None, n_samples: int = 128
     if ids.numel() < seq_len:
         raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}; "
                          "give more text or a smaller seq_len")
-    starts = torch.linspace(0, ids.numel() - seq_len, n_samples).round().long()
-    windows = torch.stack([ids[s:s + seq_len] for s in starts.tolist()])  # [n_samples, seq_len]
-    return list(windows.split(batch_size))
+    return list(cut_windows(ids, n_samples, seq_len).split(batch_size))  # [n_samples, seq_len] in all
+
+
+def cut_windows(ids: torch.Tensor, n: int, seq: int, offset: float = 0.0) -> torch.Tensor:
+    """``n`` windows ``[n, seq]`` of the token stream ``ids [T]`` at evenly spaced starts (``offset = 0``:
+    the windows :func:`get_calibration_batches` calibrates on), each moved ``offset`` of a spacing (of
+    the whole range when ``n = 1``) toward the end; a start past the last possible one is clamped to it
+    (EoRA's held-out windows: ``EoRAConfig.window_offset``)."""
+    last = ids.numel() - seq
+    starts = torch.linspace(0, last, n)  # [n]
+    if offset:
+        starts = starts + offset * (float(starts[1] - starts[0]) if n > 1 else last)
+    starts = starts.round().long().clamp_max(last)
+    return torch.stack([ids[s: s + seq] for s in starts.tolist()])
